@@ -1,0 +1,182 @@
+"""Typed, validated view of params.yaml: every stage loads it once, in main(), through `load_params`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Framework = Literal["tf", "torch"]
+FRAMEWORKS: tuple[Framework, ...] = ("tf", "torch")
+Scheme = Literal["scale", "symmetric", "standardize"]
+Init = Literal["framework", "glorot", "shared"]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message says which key and how to fix it."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MlflowConfig(_Frozen):
+    experiment_name: Annotated[str, Field(min_length=1)] = "tf-vs-torch"
+
+
+class DataConfig(_Frozen):
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+
+
+class NormalizeConfig(_Frozen):
+    scheme: Scheme = "scale"
+    val_size: Annotated[int, Field(ge=0, le=30000)] = 5000
+    seed: Annotated[int, Field(ge=0)] = 0
+
+
+class ModelConfig(_Frozen):
+    hidden_units: Annotated[list[Annotated[int, Field(ge=1, le=8192)]], Field(min_length=1)] = [128]
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"
+    dropout_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    init: Init = "glorot"
+    num_classes: Literal[10] = 10
+
+
+class OptimizerConfig(_Frozen):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    beta_1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    beta_2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    epsilon: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-7
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    nesterov: bool = False
+
+
+class TrainConfig(_Frozen):
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 5
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
+    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    optimizer: OptimizerConfig = OptimizerConfig()
+    seeds: Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)] = [0, 1, 2]
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = True
+    allow_tf32: bool = False
+    dropout_at_test: bool = False
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be distinct, e.g. [0, 1, 2]")
+        return seeds
+
+
+class FrameworkOverrides(_Frozen):
+    """Departures from the shared settings for one framework; None keeps the shared value."""
+
+    batch_size: Annotated[int, Field(ge=1, le=65536)] | None = None
+    scheme: Scheme | None = None
+    init: Init | None = None
+    epsilon: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    dropout_at_test: bool | None = None
+
+
+class Overrides(_Frozen):
+    tf: FrameworkOverrides = FrameworkOverrides()
+    torch: FrameworkOverrides = FrameworkOverrides()
+
+
+class Params(_Frozen):
+    mlflow: MlflowConfig = MlflowConfig()
+    data: DataConfig = DataConfig()
+    normalize: NormalizeConfig = NormalizeConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    overrides: Overrides = Overrides()
+
+    def schemes(self) -> list[Scheme]:
+        """Return every normalization scheme some trainer reads, the shared one first."""
+        wanted = [self.normalize.scheme] + [self.run_config(f).scheme for f in FRAMEWORKS]
+        return list(dict.fromkeys(wanted))
+
+    def run_config(self, framework: Framework) -> RunConfig:
+        """Return the resolved settings one trainer uses: shared values with its overrides applied."""
+        extra = getattr(self.overrides, framework)
+        optimizer = self.train.optimizer
+        if extra.epsilon is not None:
+            optimizer = optimizer.model_copy(update={"epsilon": extra.epsilon})
+        model = self.model
+        if extra.init is not None:
+            model = model.model_copy(update={"init": extra.init})
+        train = self.train.model_copy(
+            update={
+                "optimizer": optimizer,
+                "batch_size": extra.batch_size or self.train.batch_size,
+                "dropout_at_test": (
+                    self.train.dropout_at_test
+                    if extra.dropout_at_test is None
+                    else extra.dropout_at_test
+                ),
+            }
+        )
+        return RunConfig(
+            framework=framework,
+            scheme=extra.scheme or self.normalize.scheme,
+            model=model,
+            train=train,
+        )
+
+
+class RunConfig(_Frozen):
+    """Everything one trainer needs, already resolved for its framework."""
+
+    framework: Framework
+    scheme: Scheme
+    model: ModelConfig
+    train: TrainConfig
+
+    def flat(self) -> dict[str, object]:
+        """Return the settings as flat `section.key` pairs, the same keys for both frameworks."""
+        flat: dict[str, object] = {"scheme": self.scheme}
+        for section in ("model", "train"):
+            for key, value in getattr(self, section).model_dump().items():
+                if isinstance(value, dict):
+                    flat.update({f"{section}.{key}.{k}": v for k, v in value.items()})
+                else:
+                    flat[f"{section}.{key}"] = value
+        return flat
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'; remove it or fix its spelling (see params.yaml's comments)"
+    value = error.get("input")
+    return f"'{key}' = {value!r} is invalid: {error['msg']}"
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    """Return validated Params from the parsed YAML mapping, or raise ParamsError naming each bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source} must be a mapping of sections, found {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(e) for e in exc.errors())
+        raise ParamsError(f"{source} is invalid:\n  {problems}") from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Return the validated params read from `path`, or raise ParamsError."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found; run from the repository root or pass --params") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw, str(path))

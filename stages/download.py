@@ -1,0 +1,245 @@
+"""Stage `download`: fetch the four IDX files of the dataset, verified by checksum, from mirrors.
+
+Sources are tried in order: `$DATASET_MIRROR` (a folder or URL holding the files under their usual
+names), then the public mirrors. Each file is verified by the SHA-256 of its *decompressed* bytes,
+so a mirror that recompresses still verifies.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import requests
+import typer
+from requests.adapters import HTTPAdapter
+from tqdm import tqdm
+from urllib3.util.retry import Retry
+
+from .common import StageError, run_cli, staged_outputs, write_json
+from .config import load_params
+from .idx import IdxError, decompress, parse_idx, sha256
+
+SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    mirrors: tuple[str, ...]
+    sha256: dict[str, str]  # file stem -> SHA-256 of the decompressed bytes
+
+
+DATASETS = {
+    "mnist": Dataset(
+        mirrors=(  # the two torchvision uses, then the CVDF mirror TensorFlow's tutorials used
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+        sha256={
+            "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        },
+    ),
+    "fashion-mnist": Dataset(
+        mirrors=(  # Zalando's own bucket (torchvision's), then Keras's copy
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+        ),
+        sha256={
+            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Network:
+    """How hard to try each HTTP source."""
+
+    timeout_seconds: float = 30.0
+    retries: int = 3
+    backoff_seconds: float = 1.0
+
+
+class SourceFailed(Exception):
+    """One source could not deliver one file; the message is the reason."""
+
+
+def sources_for(dataset: str, mirror: str | None) -> list[str]:
+    """Return the sources to try in order: the user's mirror first, then the public ones."""
+    return ([mirror] if mirror else []) + list(DATASETS[dataset].mirrors)
+
+
+def _session(network: Network) -> requests.Session:
+    retry = Retry(
+        total=network.retries,
+        connect=network.retries,
+        read=network.retries,
+        status=network.retries,
+        backoff_factor=network.backoff_seconds,
+        status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=frozenset({"GET"}),
+        raise_on_status=False,
+    )
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    return session
+
+
+def _local_path(source: str) -> Path | None:
+    parsed = urlparse(source)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    if parsed.scheme in ("http", "https"):
+        return None
+    return Path(source).expanduser()
+
+
+def fetch_one(source: str, filename: str, dest: Path, session: requests.Session,
+              network: Network) -> None:
+    """Copy or download `source`/`filename` to `dest`, or raise SourceFailed with the reason."""
+    folder = _local_path(source)
+    if folder is not None:
+        try:
+            shutil.copyfile(folder / filename, dest)
+        except OSError as exc:
+            raise SourceFailed(f"{exc.strerror or exc}: {folder / filename}") from None
+        return
+    url = source.rstrip("/") + "/" + filename
+    try:
+        with session.get(url, stream=True, timeout=network.timeout_seconds) as response:
+            if response.status_code != 200:
+                raise SourceFailed(f"HTTP {response.status_code} {response.reason} for {url}")
+            total = int(response.headers.get("content-length", 0)) or None
+            with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                               desc=filename, disable=None, leave=False) as bar:
+                for chunk in response.iter_content(chunk_size=1 << 16):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except requests.RequestException as exc:
+        raise SourceFailed(f"{type(exc).__name__} for {url}: {_short(exc)}") from None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+def verify(path: Path, stem: str, expected_sha256: str) -> int:
+    """Return the item count of a downloaded IDX file; raise IdxError if it is not the right one."""
+    data = decompress(path)
+    items = parse_idx(data, path.name).shape[0]
+    actual = sha256(data)
+    if actual != expected_sha256:
+        raise IdxError(
+            f"{path.name}: checksum mismatch, SHA-256 of the decompressed file is {actual}, "
+            f"expected {expected_sha256} for {stem}"
+        )
+    return items
+
+
+def fetch_dataset(dataset: Dataset, out_dir: Path, sources: list[str], network: Network,
+                  reuse_dir: Path | None = None) -> dict[str, dict[str, object]]:
+    """Fill `out_dir` with the dataset's verified .gz files; return per-file source and checksum.
+
+    Files already verified in `reuse_dir` are reused rather than fetched again.
+    """
+    session = _session(network)
+    manifest: dict[str, dict[str, object]] = {}
+    for stem, expected in dataset.sha256.items():
+        filename = f"{stem}.gz"
+        dest = out_dir / filename
+        previous = reuse_dir / filename if reuse_dir else None
+        if previous is not None and previous.exists():
+            try:
+                items = verify(previous, stem, expected)
+                shutil.copyfile(previous, dest)
+                manifest[stem] = {"source": "already present", "sha256": expected, "items": items}
+                continue
+            except IdxError:
+                pass  # fetch it again below
+        manifest[stem] = _fetch_verified(stem, expected, dest, sources, session, network)
+    for split, (images, labels) in SPLITS.items():
+        if manifest[images]["items"] != manifest[labels]["items"]:
+            raise IdxError(
+                f"{split} split: {images} has {manifest[images]['items']} images but {labels} "
+                f"has {manifest[labels]['items']} labels"
+            )
+    return manifest
+
+
+def _fetch_verified(stem: str, expected: str, dest: Path, sources: list[str],
+                    session: requests.Session, network: Network) -> dict[str, object]:
+    filename = f"{stem}.gz"
+    partial = dest.with_name(filename + ".part")
+    failures: list[str] = []
+    for source in sources:
+        try:
+            fetch_one(source, filename, partial, session, network)
+        except SourceFailed as exc:
+            partial.unlink(missing_ok=True)
+            failures.append(f"{source}: {exc}")
+            continue
+        try:
+            items = verify(partial, stem, expected)
+        except IdxError as exc:
+            partial.unlink(missing_ok=True)
+            raise IdxError(f"{exc} (from {source})") from None
+        partial.replace(dest)
+        return {"source": source, "sha256": expected, "items": items}
+    tried = "\n  ".join(failures)
+    raise StageError(
+        f"could not fetch {filename} from any source:\n  {tried}\n"
+        "Offline? Put the four .gz files in a folder (or serve them over HTTP) and set "
+        "DATASET_MIRROR to it, e.g. DATASET_MIRROR=/usr/share/datasets/fashion-mnist "
+        "for Debian's dataset-fashion-mnist package."
+    )
+
+
+def main(
+    out: Path = typer.Option(Path("data/raw"), help="Folder for the .gz files and manifest.json."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+    timeout_seconds: float = typer.Option(30.0, help="Per-request HTTP timeout."),
+    retries: int = typer.Option(3, help="HTTP retries per source, with exponential backoff."),
+) -> None:
+    """Download and verify the dataset named by data.dataset in params.yaml."""
+    config = load_params(params)
+    from .tracking import stage_run  # mlflow is slow to import; only load it once params are valid
+
+    dataset = DATASETS[config.data.dataset]
+    sources = sources_for(config.data.dataset, os.environ.get("DATASET_MIRROR"))
+    network = Network(timeout_seconds=timeout_seconds, retries=retries)
+    with stage_run("download", config.mlflow.experiment_name) as run, \
+            staged_outputs(out) as (tmp_out,):
+        import mlflow
+
+        started = time.perf_counter()
+        tmp_out.mkdir(parents=True)
+        files = fetch_dataset(dataset, tmp_out, sources, network, reuse_dir=out)
+        manifest = {"dataset": config.data.dataset, "files": files,
+                    "mlflow_run_id": run.info.run_id}
+        write_json(tmp_out / "manifest.json", manifest)
+        mlflow.log_params({"dataset": config.data.dataset, "sources": ", ".join(sources)})
+        mlflow.log_params({f"source.{stem}": info["source"] for stem, info in files.items()})
+        mlflow.log_params({f"sha256.{stem}": info["sha256"] for stem, info in files.items()})
+        mlflow.log_metric("download_seconds", time.perf_counter() - started)
+        mlflow.log_dict(manifest, "manifest.json")
+    for stem, info in files.items():
+        print(f"{stem}: {info['items']} items, verified, from {info['source']}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
