@@ -59,7 +59,7 @@ def staged_outputs(*finals: Path) -> Iterator[list[Path]]:
     leaves nothing half-written for DVC or the next stage to pick up.
     """
     tag = uuid.uuid4().hex[:8]
-    temps = [p.with_name(f".{p.name}.tmp-{tag}") for p in finals]
+    temps = [p.with_name(f".tmp-{tag}-{p.name}") for p in finals]  # keeps the suffix
     for temp in temps:
         temp.parent.mkdir(parents=True, exist_ok=True)
     try:
