@@ -41,7 +41,7 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     is_images = "images" in name
     expected_magic, ndim = (IMAGE_MAGIC, 3) if is_images else (LABEL_MAGIC, 1)
     header_size = 4 + 4 * ndim
-    if len(data) < header_size:
+    if len(data) < 4:
         raise IdxError(f"{name}: only {len(data)} bytes, too short for an IDX header")
     (magic,) = struct.unpack(">I", data[:4])
     if magic != expected_magic:
@@ -49,6 +49,8 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
             f"{name}: wrong IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x} "
             f"({'images' if is_images else 'labels'} file)"
         )
+    if len(data) < header_size:
+        raise IdxError(f"{name}: only {len(data)} bytes, too short for an IDX header")
     shape = struct.unpack(f">{ndim}I", data[4:header_size])
     if is_images and shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
         raise IdxError(
@@ -69,9 +71,3 @@ def read_idx(path: Path) -> np.ndarray:
     path = Path(path)
     return parse_idx(decompress(path), path.name)
 
-
-def encode_idx(array: np.ndarray) -> bytes:
-    """Return the uncompressed IDX bytes of a uint8 array with 1 or 3 dimensions."""
-    magic = IMAGE_MAGIC if array.ndim == 3 else LABEL_MAGIC
-    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()

@@ -1,0 +1,70 @@
+"""Statistics for the comparison, from scipy: intervals over seeds and McNemar's exact test."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def half_width(self) -> float:
+        """Return half the interval's width (nan when it is undefined)."""
+        return (self.high - self.low) / 2
+
+
+def mean_interval(samples: list[float], confidence: float = 0.95) -> Interval:
+    """Return the mean with its Student-t confidence interval (nan bounds for one sample)."""
+    values = np.asarray(samples, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return Interval(mean, math.nan, math.nan)
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=stats.sem(values))
+    if not np.isfinite(low):  # zero spread: every seed gave the same value
+        low = high = mean
+    return Interval(mean, float(low), float(high))
+
+
+@dataclass(frozen=True)
+class Difference:
+    interval: Interval  # of mean(a) - mean(b)
+    p_value: float
+    significant: bool
+
+
+def difference(a: list[float], b: list[float], confidence: float = 0.95) -> Difference:
+    """Return mean(a) - mean(b) with Welch's interval and p-value; significant if 0 is outside."""
+    a_values, b_values = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    delta = float(a_values.mean() - b_values.mean())
+    if len(a_values) < 2 or len(b_values) < 2:
+        return Difference(Interval(delta, math.nan, math.nan), math.nan, False)
+    if a_values.std() == 0 and b_values.std() == 0:
+        return Difference(Interval(delta, delta, delta), 0.0 if delta else 1.0, delta != 0)
+    result = stats.ttest_ind(a_values, b_values, equal_var=False)
+    ci = result.confidence_interval(confidence)
+    low, high = float(ci.low), float(ci.high)
+    return Difference(Interval(delta, low, high), float(result.pvalue), not low <= 0.0 <= high)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    only_a_right: int
+    only_b_right: int
+    p_value: float
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
+    """Return McNemar's exact test on paired correctness: a binomial test on the discordant pairs."""
+    only_a = int(np.sum(correct_a & ~correct_b))
+    only_b = int(np.sum(~correct_a & correct_b))
+    discordant = only_a + only_b
+    p_value = 1.0 if discordant == 0 else stats.binomtest(only_a, discordant, 0.5).pvalue
+    return McNemar(only_a, only_b, float(p_value))

@@ -1,0 +1,115 @@
+"""Shared fixtures: the real params.yaml shrunk, tiny IDX datasets, a throwaway MLflow store."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stages.download import Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """Return uncompressed IDX bytes for a uint8 array of 1 or 3 dimensions."""
+    magic = 0x803 if array.ndim == 3 else 0x801
+    return struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def tiny_arrays(num_train: int = 400, num_test: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
+    """Return learnable fake digits: each class lights up its own band of rows."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for prefix, count in (("train", num_train), ("t10k", num_test)):
+        labels = np.arange(count) % 10
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, size=(count, 28, 28))
+        for index, label in enumerate(labels):
+            images[index, 2 + 2 * label: 4 + 2 * label, 4:24] = 255
+        arrays[f"{prefix}-images-idx3-ubyte"] = images.astype(np.uint8)
+        arrays[f"{prefix}-labels-idx1-ubyte"] = labels.astype(np.uint8)
+    return arrays
+
+
+def write_idx_folder(folder: Path, arrays: dict[str, np.ndarray]) -> Dataset:
+    """Write each array as `<stem>.gz`; return a Dataset whose checksums match them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    checksums = {}
+    for stem, array in arrays.items():
+        raw = encode_idx(array)
+        (folder / f"{stem}.gz").write_bytes(gzip.compress(raw))
+        checksums[stem] = hashlib.sha256(raw).hexdigest()
+    return Dataset(mirrors=(), sha256=checksums)
+
+
+@pytest.fixture
+def tiny_idx(tmp_path: Path) -> tuple[Path, Dataset]:
+    """A folder holding a tiny, valid IDX dataset, and its checksums."""
+    folder = tmp_path / "mirror"
+    return folder, write_idx_folder(folder, tiny_arrays())
+
+
+@pytest.fixture
+def params_dict() -> dict:
+    """The real params.yaml, shrunk to run in seconds."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["normalize"]["val_size"] = 100
+    params["train"]["epochs"] = 2
+    params["train"]["seeds"] = [0]
+    params["train"]["batch_size"] = 32
+    params["train"]["device"] = "cpu"
+    return params
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A throwaway MLflow tracking store; the tests' working directory is tmp_path."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, params_dict: dict, tiny_idx, mlflow_store: str) -> Path:
+    """tmp_path laid out like the repository: params.yaml, and the tiny dataset as mirror."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    return tmp_path
+
+
+def run_stage(main, **options) -> None:
+    """Call a stage's typer command in-process, as DVC would on the command line."""
+    from typer.testing import CliRunner
+    import typer
+
+    app = typer.Typer()
+    app.command()(main)
+    args = []
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def copy_repo(destination: Path) -> Path:
+    """Copy the repository's tracked sources (no data, no store) to `destination`."""
+    ignore = shutil.ignore_patterns(".venv", ".git", "data", "models", "predictions", "metrics",
+                                    "reports", "mlruns", "mlflow.db*", "__pycache__", "tmp",
+                                    "cache", ".pytest_cache", ".ruff_cache", "dvc.lock")
+    shutil.copytree(ROOT, destination, ignore=ignore)
+    return destination
