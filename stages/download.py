@@ -158,6 +158,7 @@ def fetch_dataset(dataset: Dataset, out_dir: Path, sources: list[str], network: 
     Files already verified in `reuse_dir` are reused rather than fetched again.
     """
     session = _session(network)
+    out_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, dict[str, object]] = {}
     for stem, expected in dataset.sha256.items():
         filename = f"{stem}.gz"
@@ -172,6 +173,7 @@ def fetch_dataset(dataset: Dataset, out_dir: Path, sources: list[str], network: 
             except IdxError:
                 pass  # fetch it again below
         manifest[stem] = _fetch_verified(stem, expected, dest, sources, session, network)
+    shutil.rmtree(out_dir / ".partial", ignore_errors=True)
     for split, (images, labels) in SPLITS.items():
         if manifest[images]["items"] != manifest[labels]["items"]:
             raise IdxError(
@@ -184,7 +186,8 @@ def fetch_dataset(dataset: Dataset, out_dir: Path, sources: list[str], network: 
 def _fetch_verified(stem: str, expected: str, dest: Path, sources: list[str],
                     session: requests.Session, network: Network) -> dict[str, object]:
     filename = f"{stem}.gz"
-    partial = dest.with_name(filename + ".part")
+    partial = dest.parent / ".partial" / filename  # same name, so errors name the real file
+    partial.parent.mkdir(exist_ok=True)
     failures: list[str] = []
     for source in sources:
         try:
@@ -196,10 +199,11 @@ def _fetch_verified(stem: str, expected: str, dest: Path, sources: list[str],
         try:
             items = verify(partial, stem, expected)
         except IdxError as exc:
-            partial.unlink(missing_ok=True)
+            shutil.rmtree(partial.parent, ignore_errors=True)
             raise IdxError(f"{exc} (from {source})") from None
         partial.replace(dest)
         return {"source": source, "sha256": expected, "items": items}
+    shutil.rmtree(partial.parent, ignore_errors=True)
     tried = "\n  ".join(failures)
     raise StageError(
         f"could not fetch {filename} from any source:\n  {tried}\n"
