@@ -90,8 +90,23 @@ def stage_run(
     use_experiment(experiment_name, root)
     tags = {**run_tags(stage, environ, cwd), **(extra_tags or {})}
     run = _start_run_retrying(stage, tags)
-    try:
+    with _ended(run):
         yield run
+
+
+@contextmanager
+def child_run(name: str, tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
+    """Start a run nested under the active one, ended like a stage run."""
+    run = mlflow.start_run(run_name=name, nested=True, tags=dict(tags))
+    with _ended(run):
+        yield run
+
+
+@contextmanager
+def _ended(run: mlflow.ActiveRun) -> Iterator[None]:
+    # mlflow.start_run's own context manager marks every exception FAILED; Ctrl-C is KILLED.
+    try:
+        yield
     except (KeyboardInterrupt, Terminated):
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise

@@ -208,7 +208,7 @@ def train_stage(backend: ModuleType, framework: Framework, data: Path, model_dir
     splits = load_splits(data, config.scheme)
     import mlflow
 
-    from .tracking import stage_run
+    from .tracking import child_run, stage_run
 
     tags = {"framework": framework, "normalize_run_id": meta.get("mlflow_run_id", ""),
             "device": device["device"]}
@@ -219,8 +219,7 @@ def train_stage(backend: ModuleType, framework: Framework, data: Path, model_dir
         tmp_model.mkdir()
         results = []
         for seed in config.train.seeds:
-            with mlflow.start_run(run_name=f"train-{framework}-seed-{seed}", nested=True,
-                                  tags={**tags, "seed": str(seed)}):
+            with child_run(f"train-{framework}-seed-{seed}", {**tags, "seed": str(seed)}):
                 mlflow.log_params({**config.flat(), "seed": seed})
 
                 def log_epoch(row: dict[str, float]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch._inductor  # noqa: F401  before TensorFlow: triton segfaults if loaded after TF's LLVM
 import yaml
 
 from stages.download import Dataset
