@@ -353,7 +353,8 @@ def main(
                            tmp_report / "disagreements.png")
         plot_speed_memory(result, tmp_report / "speed_memory.png")
         (tmp_report / "comparison.md").write_text(markdown_report(result, meta["dataset"]))
-        write_json(tmp_metrics, result | {"mlflow_run_id": run.info.run_id})
+        write_json(tmp_metrics, result | {"dataset": meta["dataset"],
+                                          "mlflow_run_id": run.info.run_id})
         mlflow.log_metrics({
             **{f"{fw}_{k}": v for fw in FRAMEWORKS for k, v in result[fw].items()
                if isinstance(v, int | float) and v is not None and not isinstance(v, bool)},

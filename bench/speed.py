@@ -1,0 +1,266 @@
+"""Training-speed benchmark: the blog's two scripts against our trainers, and what each knob does.
+
+    python bench/speed.py --raw data/raw --repeats 3
+
+Every configuration trains the blog's network for 5 epochs on the full 60,000 training images, in
+a fresh process of its own (so imports, caches and peak memory don't leak between them), and
+reports wall-clock training seconds and the process's peak RSS. Results: bench/results.json and
+the table in bench/results.md, medians over --repeats, ratios against baselines of the same run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EPOCHS = 5
+FLOPS_PER_SAMPLE = 6 * 101_770  # forward 2 + backward 4 multiply-adds per weight, per sample
+CONFIGS = {
+    # name: (what it is, batch size)
+    "blog-torch": ("blog's PyTorch: DataLoader over torchvision's dataset, ToTensor+Normalize", 64),
+    "blog-keras": ("blog's Keras: model.fit on numpy arrays", 32),
+    "ours-torch": ("train-torch: whole tensors, index batches, fused Adam", 64),
+    "ours-tf": ("train-tf: whole tensors, index batches, one graph per epoch", 64),
+    "torch-foreach-adam": ("train-torch with foreach Adam instead of fused", 64),
+    "torch-1-thread": ("train-torch with torch.set_num_threads(1)", 64),
+    "torch-compile": ("train-torch with torch.compile(model) (compile time excluded)", 64),
+    "tf-step-per-call": ("train-tf with one tf.function call per step", 64),
+    "tf-jit-compile": ("train-tf with jit_compile=True (XLA)", 64),
+    "keras-fit-b64": ("model.fit at batch 64", 64),
+    "keras-fit-b64-spe": ("model.fit at batch 64, steps_per_execution=100", 64),
+    "keras-fit-b64-spe-jit": ("model.fit at batch 64, steps_per_execution=100, jit_compile", 64),
+}
+
+
+def load(raw: Path) -> tuple[np.ndarray, np.ndarray]:
+    from stages.idx import read_idx
+
+    return (read_idx(raw / "train-images-idx3-ubyte.gz"), read_idx(raw / "train-labels-idx1-ubyte.gz"))
+
+
+def blog_torch(raw: Path) -> float:
+    import torch
+    from torch import nn
+    from torchvision import datasets, transforms
+
+    folder = Path(tempfile.mkdtemp())
+    dataset_class = datasets.MNIST
+    (folder / "MNIST" / "raw").mkdir(parents=True)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (folder / "MNIST" / "raw" / stem).write_bytes(gzip.decompress((raw / f"{stem}.gz").read_bytes()))
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    train = dataset_class(str(folder), train=True, download=False, transform=transform)
+    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Dropout(0.2),
+                          nn.Linear(128, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for _ in range(EPOCHS):
+        for images, labels in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - start
+
+
+def keras_fit(raw: Path, batch_size: int, steps_per_execution: int = 1, jit: bool = False) -> float:
+    import tensorflow as tf
+
+    x, y = load(raw)
+    x = x / 255.0  # float64, as the blog's script
+    model = tf.keras.Sequential([tf.keras.Input((28, 28)), tf.keras.layers.Flatten(),
+                                 tf.keras.layers.Dense(128, activation="relu"),
+                                 tf.keras.layers.Dropout(0.2), tf.keras.layers.Dense(10)])
+    model.compile(optimizer="adam",
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], steps_per_execution=steps_per_execution, jit_compile=jit)
+    start = time.perf_counter()
+    model.fit(x, y, epochs=EPOCHS, batch_size=batch_size, verbose=0)
+    return time.perf_counter() - start
+
+
+def ours(raw: Path, framework: str, variant: str = "") -> float:
+    from stages.config import Params
+    from stages.normalize import apply_scheme
+
+    if framework == "tf":
+        from stages import train_tf as backend
+    else:
+        from stages import train_torch as backend
+    config = Params().run_config(framework)
+    x, y = load(raw)
+    x, y = apply_scheme(x, 0.0, 1.0), y.astype(np.int64)
+    backend.seed_everything(0, True)
+    model = backend.build_model(config.model)
+    optimizer = backend.make_optimizer(config.train, model)
+    if variant == "foreach":
+        import torch
+
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7, foreach=True)
+    if variant == "1-thread":
+        import torch
+
+        torch.set_num_threads(1)
+    if variant == "jit":
+        backend.JIT_COMPILE = True
+    xs, ys = backend.to_device(x, "cpu"), backend.to_device(y, "cpu")
+    train_epoch = backend.train_epoch
+    if variant == "compile":
+        import torch
+
+        model = torch.compile(model)
+        train_epoch(model, optimizer, xs, ys, np.arange(640), 64)  # compile outside the timing
+    if variant == "step-per-call":
+        train_epoch = _tf_step_per_call
+    start = time.perf_counter()
+    for epoch in range(1, EPOCHS + 1):
+        from stages.training import batch_order
+
+        train_epoch(model, optimizer, xs, ys, batch_order(len(y), 0, epoch), config.train.batch_size)
+    return time.perf_counter() - start
+
+
+def _tf_step_per_call(model, optimizer, x, y, order, batch_size):
+    import tensorflow as tf
+
+    if not hasattr(_tf_step_per_call, "step"):
+        @tf.function(reduce_retracing=True)
+        def step(x, y, index):
+            with tf.GradientTape() as tape:
+                logits = model(tf.gather(x, index), training=True)
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    tf.gather(y, index), logits))
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+            return loss
+
+        _tf_step_per_call.step = step
+    for start in range(0, len(order), batch_size):
+        float(_tf_step_per_call.step(x, y, tf.constant(order[start:start + batch_size])))
+
+
+def run_config(name: str, raw: Path) -> float:
+    if name == "blog-torch":
+        return blog_torch(raw)
+    if name == "blog-keras":
+        return keras_fit(raw, 32)
+    if name.startswith("keras-fit-b64"):
+        return keras_fit(raw, 64, 100 if "spe" in name else 1, name.endswith("jit"))
+    framework = "tf" if name.startswith(("tf-", "ours-tf")) else "torch"
+    variant = {"torch-foreach-adam": "foreach", "torch-1-thread": "1-thread",
+               "torch-compile": "compile", "tf-step-per-call": "step-per-call",
+               "tf-jit-compile": "jit"}.get(name, "")
+    return ours(raw, framework, variant)
+
+
+def matmul_gflops() -> float:
+    """Return this machine's float32 matrix-multiply rate (2048^3, all cores), in GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        rates.append(5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def child(name: str, raw: Path) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if name == "matmul":
+        print(json.dumps({"gflops": matmul_gflops()}))
+        return
+    seconds = run_config(name, raw)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": rss}))
+
+
+def measure(name: str, raw: Path) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", name, "--raw", str(raw)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(
+    raw: Path = typer.Option(Path("data/raw"), help="Folder with the four IDX .gz files."),
+    repeats: int = typer.Option(3, help="Runs per configuration; medians are reported."),
+    only: str = typer.Option("", help="Comma-separated configurations (default: all)."),
+    out: Path = typer.Option(ROOT / "bench", help="Where results.json and results.md go."),
+    child_name: str = typer.Option("", "--child", hidden=True),
+) -> None:
+    """Run every configuration --repeats times and write the table."""
+    if child_name:
+        child(child_name, raw)
+        return
+    names = [n for n in CONFIGS if not only or n in only.split(",")]
+    gflops = measure("matmul", raw)["gflops"]
+    samples = 60_000 * EPOCHS
+    floor = samples * FLOPS_PER_SAMPLE / (gflops * 1e9)
+    results = {}
+    for repeat in range(repeats):
+        for name in names:  # interleaved, so drift in the machine hits every configuration alike
+            measured = measure(name, raw)
+            results.setdefault(name, []).append(measured)
+            print(f"[{repeat + 1}/{repeats}] {name}: {measured['seconds']:.1f} s, "
+                  f"{measured['peak_rss_mb']:.0f} MiB", flush=True)
+    summary = {name: {"seconds": statistics.median(r["seconds"] for r in runs),
+                      "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+                      "runs": len(runs)} for name, runs in results.items()}
+    payload = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "matmul_gflops": gflops, "floor_seconds": floor, "epochs": EPOCHS,
+               "training_samples": 60_000, "configs": summary}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "results.md").write_text(table(payload))
+    print(table(payload))
+
+
+def table(payload: dict) -> str:
+    """Return the results as a markdown table, with ratios against the blog baselines."""
+    configs = payload["configs"]
+    lines = [
+        f"Measured by `python bench/speed.py` on {payload['machine']}: 5 epochs over 60,000 "
+        f"images, median of {max(c['runs'] for c in configs.values())} runs each. Matrix-multiply "
+        f"rate {payload['matmul_gflops']:.0f} GFLOP/s, so the arithmetic floor "
+        f"(6 x 101,770 FLOPs per sample) is {payload['floor_seconds']:.1f} s.",
+        "",
+        "| configuration | batch | seconds | vs blog (same framework) | x floor | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, (description, batch) in CONFIGS.items():
+        if name not in configs:
+            continue
+        result = configs[name]
+        baseline = configs.get("blog-keras" if "tf" in name or "keras" in name else "blog-torch")
+        speedup = f"{baseline['seconds'] / result['seconds']:.1f}x faster" if baseline else ""
+        lines.append(f"| `{name}`: {description} | {batch} | {result['seconds']:.1f} | {speedup} | "
+                     f"{result['seconds'] / payload['floor_seconds']:.1f} | "
+                     f"{result['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    typer.run(main)
