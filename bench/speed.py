@@ -26,6 +26,7 @@ import numpy as np
 import typer
 
 ROOT = Path(__file__).resolve().parents[1]
+ARRAYS = ROOT / "bench" / ".arrays"  # full-size normalized arrays, as `normalize` writes them
 sys.path.insert(0, str(ROOT))
 
 EPOCHS = 5
@@ -50,7 +51,10 @@ CONFIGS = {
 def load(raw: Path) -> tuple[np.ndarray, np.ndarray]:
     from stages.idx import read_idx
 
-    return (read_idx(raw / "train-images-idx3-ubyte.gz"), read_idx(raw / "train-labels-idx1-ubyte.gz"))
+    return (
+        read_idx(raw / "train-images-idx3-ubyte.gz"),
+        read_idx(raw / "train-labels-idx1-ubyte.gz"),
+    )
 
 
 def blog_torch(raw: Path) -> float:
@@ -61,14 +65,21 @@ def blog_torch(raw: Path) -> float:
     folder = Path(tempfile.mkdtemp())
     dataset_class = datasets.MNIST
     (folder / "MNIST" / "raw").mkdir(parents=True)
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        (folder / "MNIST" / "raw" / stem).write_bytes(gzip.decompress((raw / f"{stem}.gz").read_bytes()))
+    for stem in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (folder / "MNIST" / "raw" / stem).write_bytes(
+            gzip.decompress((raw / f"{stem}.gz").read_bytes())
+        )
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
     train = dataset_class(str(folder), train=True, download=False, transform=transform)
     loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Dropout(0.2),
-                          nn.Linear(128, 10))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 10)
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
@@ -86,12 +97,22 @@ def keras_fit(raw: Path, batch_size: int, steps_per_execution: int = 1, jit: boo
 
     x, y = load(raw)
     x = x / 255.0  # float64, as the blog's script
-    model = tf.keras.Sequential([tf.keras.Input((28, 28)), tf.keras.layers.Flatten(),
-                                 tf.keras.layers.Dense(128, activation="relu"),
-                                 tf.keras.layers.Dropout(0.2), tf.keras.layers.Dense(10)])
-    model.compile(optimizer="adam",
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], steps_per_execution=steps_per_execution, jit_compile=jit)
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((28, 28)),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(128, activation="relu"),
+            tf.keras.layers.Dropout(0.2),
+            tf.keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer="adam",
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+        jit_compile=jit,
+    )
     start = time.perf_counter()
     model.fit(x, y, epochs=EPOCHS, batch_size=batch_size, verbose=0)
     return time.perf_counter() - start
@@ -99,15 +120,13 @@ def keras_fit(raw: Path, batch_size: int, steps_per_execution: int = 1, jit: boo
 
 def ours(raw: Path, framework: str, variant: str = "") -> float:
     from stages.config import Params
-    from stages.normalize import apply_scheme
 
     if framework == "tf":
         from stages import train_tf as backend
     else:
         from stages import train_torch as backend
     config = Params().run_config(framework)
-    x, y = load(raw)
-    x, y = apply_scheme(x, 0.0, 1.0), y.astype(np.int64)
+    x, y = np.load(ARRAYS / "x.npy"), np.load(ARRAYS / "y.npy")  # as the stage loads them
     backend.seed_everything(0, True)
     model = backend.build_model(config.model)
     optimizer = backend.make_optimizer(config.train, model)
@@ -134,7 +153,9 @@ def ours(raw: Path, framework: str, variant: str = "") -> float:
     for epoch in range(1, EPOCHS + 1):
         from stages.training import batch_order
 
-        train_epoch(model, optimizer, xs, ys, batch_order(len(y), 0, epoch), config.train.batch_size)
+        train_epoch(
+            model, optimizer, xs, ys, batch_order(len(y), 0, epoch), config.train.batch_size
+        )
     return time.perf_counter() - start
 
 
@@ -142,19 +163,21 @@ def _tf_step_per_call(model, optimizer, x, y, order, batch_size):
     import tensorflow as tf
 
     if not hasattr(_tf_step_per_call, "step"):
+
         @tf.function(reduce_retracing=True)
         def step(x, y, index):
             with tf.GradientTape() as tape:
                 logits = model(tf.gather(x, index), training=True)
-                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    tf.gather(y, index), logits))
+                loss = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(tf.gather(y, index), logits)
+                )
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
             return loss
 
         _tf_step_per_call.step = step
     for start in range(0, len(order), batch_size):
-        float(_tf_step_per_call.step(x, y, tf.constant(order[start:start + batch_size])))
+        float(_tf_step_per_call.step(x, y, tf.constant(order[start : start + batch_size])))
 
 
 def run_config(name: str, raw: Path) -> float:
@@ -165,9 +188,13 @@ def run_config(name: str, raw: Path) -> float:
     if name.startswith("keras-fit-b64"):
         return keras_fit(raw, 64, 100 if "spe" in name else 1, name.endswith("jit"))
     framework = "tf" if name.startswith(("tf-", "ours-tf")) else "torch"
-    variant = {"torch-foreach-adam": "foreach", "torch-1-thread": "1-thread",
-               "torch-compile": "compile", "tf-step-per-call": "step-per-call",
-               "tf-jit-compile": "jit"}.get(name, "")
+    variant = {
+        "torch-foreach-adam": "foreach",
+        "torch-1-thread": "1-thread",
+        "torch-compile": "compile",
+        "tf-step-per-call": "step-per-call",
+        "tf-jit-compile": "jit",
+    }.get(name, "")
     return ours(raw, framework, variant)
 
 
@@ -198,8 +225,12 @@ def child(name: str, raw: Path) -> None:
 
 
 def measure(name: str, raw: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", name, "--raw", str(raw)],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", name, "--raw", str(raw)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -217,6 +248,12 @@ def main(
         child(child_name, raw)
         return
     names = [n for n in CONFIGS if not only or n in only.split(",")]
+    from stages.normalize import apply_scheme
+
+    images, labels = load(raw)
+    ARRAYS.mkdir(exist_ok=True)
+    np.save(ARRAYS / "x.npy", apply_scheme(images, 0.0, 1.0))  # what `normalize` would write
+    np.save(ARRAYS / "y.npy", labels.astype(np.int64))
     gflops = measure("matmul", raw)["gflops"]
     samples = 60_000 * EPOCHS
     floor = samples * FLOPS_PER_SAMPLE / (gflops * 1e9)
@@ -225,14 +262,27 @@ def main(
         for name in names:  # interleaved, so drift in the machine hits every configuration alike
             measured = measure(name, raw)
             results.setdefault(name, []).append(measured)
-            print(f"[{repeat + 1}/{repeats}] {name}: {measured['seconds']:.1f} s, "
-                  f"{measured['peak_rss_mb']:.0f} MiB", flush=True)
-    summary = {name: {"seconds": statistics.median(r["seconds"] for r in runs),
-                      "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
-                      "runs": len(runs)} for name, runs in results.items()}
-    payload = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-               "matmul_gflops": gflops, "floor_seconds": floor, "epochs": EPOCHS,
-               "training_samples": 60_000, "configs": summary}
+            print(
+                f"[{repeat + 1}/{repeats}] {name}: {measured['seconds']:.1f} s, "
+                f"{measured['peak_rss_mb']:.0f} MiB",
+                flush=True,
+            )
+    summary = {
+        name: {
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+            "runs": len(runs),
+        }
+        for name, runs in results.items()
+    }
+    payload = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "matmul_gflops": gflops,
+        "floor_seconds": floor,
+        "epochs": EPOCHS,
+        "training_samples": 60_000,
+        "configs": summary,
+    }
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "results.md").write_text(table(payload))
     print(table(payload))
@@ -256,9 +306,11 @@ def table(payload: dict) -> str:
         result = configs[name]
         baseline = configs.get("blog-keras" if "tf" in name or "keras" in name else "blog-torch")
         speedup = f"{baseline['seconds'] / result['seconds']:.1f}x faster" if baseline else ""
-        lines.append(f"| `{name}`: {description} | {batch} | {result['seconds']:.1f} | {speedup} | "
-                     f"{result['seconds'] / payload['floor_seconds']:.1f} | "
-                     f"{result['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| `{name}`: {description} | {batch} | {result['seconds']:.1f} | {speedup} | "
+            f"{result['seconds'] / payload['floor_seconds']:.1f} | "
+            f"{result['peak_rss_mb']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -22,26 +22,45 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 
 BLOG = {  # the blog's two scripts, as overrides of the shared, fair settings
-    "overrides.tf.batch_size": "32", "overrides.tf.scheme": "scale",
-    "overrides.tf.init": "framework", "overrides.tf.epsilon": "1.0e-7",
-    "overrides.torch.batch_size": "64", "overrides.torch.scheme": "symmetric",
-    "overrides.torch.init": "framework", "overrides.torch.epsilon": "1.0e-8",
+    "overrides.tf.batch_size": "32",
+    "overrides.tf.scheme": "scale",
+    "overrides.tf.init": "framework",
+    "overrides.tf.epsilon": "1.0e-7",
+    "overrides.torch.batch_size": "64",
+    "overrides.torch.scheme": "symmetric",
+    "overrides.torch.init": "framework",
+    "overrides.torch.epsilon": "1.0e-8",
     "overrides.torch.dropout_at_test": "true",
-    "train.batch_size": "64", "normalize.scheme": "scale", "model.init": "glorot",
-    "train.optimizer.epsilon": "1.0e-7", "train.dropout_at_test": "false",
+    "train.batch_size": "64",
+    "normalize.scheme": "scale",
+    "model.init": "glorot",
+    "train.optimizer.epsilon": "1.0e-7",
+    "train.dropout_at_test": "false",
 }
 # Each step undoes one more of the blog's differences (null = use the shared setting).
 STEPS = [
     ("blog", "the blog's set-up, dropout left on at PyTorch test time (its mistake)", {}),
-    ("eval-mode", "PyTorch tests in eval mode (dropout off)",
-     {"overrides.torch.dropout_at_test": "null"}),
+    (
+        "eval-mode",
+        "PyTorch tests in eval mode (dropout off)",
+        {"overrides.torch.dropout_at_test": "null"},
+    ),
     ("same-epsilon", "same Adam epsilon (1e-7)", {"overrides.torch.epsilon": "null"}),
-    ("same-init", "same initialisation (Glorot-uniform, zero bias)",
-     {"overrides.torch.init": "null", "overrides.tf.init": "null"}),
-    ("same-inputs", "same inputs ([0, 1] for both)",
-     {"overrides.torch.scheme": "null", "overrides.tf.scheme": "null"}),
-    ("fair", "same batch size (64 for both): the fair default",
-     {"overrides.tf.batch_size": "null", "overrides.torch.batch_size": "null"}),
+    (
+        "same-init",
+        "same initialisation (Glorot-uniform, zero bias)",
+        {"overrides.torch.init": "null", "overrides.tf.init": "null"},
+    ),
+    (
+        "same-inputs",
+        "same inputs ([0, 1] for both)",
+        {"overrides.torch.scheme": "null", "overrides.tf.scheme": "null"},
+    ),
+    (
+        "fair",
+        "same batch size (64 for both): the fair default",
+        {"overrides.tf.batch_size": "null", "overrides.torch.batch_size": "null"},
+    ),
 ]
 
 
@@ -73,6 +92,7 @@ def find_experiment(node: Any, name: str) -> dict | None:
 
 def row(description: str, evaluation: dict) -> str:
     """Return one markdown row: accuracies with their intervals, and the difference."""
+
     def acc(fw: str) -> str:
         m = evaluation[fw]
         half = (m["test_accuracy_ci_high"] - m["test_accuracy_ci_low"]) / 2
@@ -87,8 +107,9 @@ def row(description: str, evaluation: dict) -> str:
 
 
 def dvc(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ROOT, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=ROOT, capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise SystemExit(f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout
@@ -104,8 +125,9 @@ def main(
     steps = step_params()
     if not collect_only:
         for name, _, params in steps:
-            subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", name], cwd=ROOT,
-                           capture_output=True)  # a rerun replaces the earlier result
+            subprocess.run(
+                [sys.executable, "-m", "dvc", "exp", "remove", name], cwd=ROOT, capture_output=True
+            )  # a rerun replaces the earlier result
             settings = [arg for key, value in params.items() for arg in ("-S", f"{key}={value}")]
             dvc("exp", "run", "--queue", "--name", name, "-S", f"data.dataset={dataset}", *settings)
         dvc("queue", "start", "-j", str(jobs))
@@ -122,8 +144,10 @@ def main(
     for name, description, _ in steps:
         data = find_experiment(shown, name)
         if data is None:
-            raise SystemExit(f"experiment {name} not found in `dvc exp show`; did it fail? "
-                             "See `dvc queue status` and `dvc queue logs`.")
+            raise SystemExit(
+                f"experiment {name} not found in `dvc exp show`; did it fail? "
+                "See `dvc queue status` and `dvc queue logs`."
+            )
         evaluation = data["metrics"]["metrics/evaluate.json"]["data"]
         lines.append(row(description, evaluation))
     out.write_text("\n".join(lines) + "\n")

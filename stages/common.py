@@ -88,7 +88,9 @@ def read_json(path: Path, produced_by: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise StageError(f"{path} not found; run `dvc repro {produced_by}` first") from None
     except json.JSONDecodeError as exc:
-        raise StageError(f"{path} is not valid JSON ({exc}); rerun `dvc repro {produced_by}`") from None
+        raise StageError(
+            f"{path} is not valid JSON ({exc}); rerun `dvc repro {produced_by}`"
+        ) from None
 
 
 def peak_rss_mb() -> int:

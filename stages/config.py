@@ -59,7 +59,12 @@ class TrainConfig(_Frozen):
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
     optimizer: OptimizerConfig = OptimizerConfig()
-    seeds: Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)] = [0, 1, 2]
+    seeds: Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)] = [
+        0,
+        1,
+        2,
+        3,
+    ]
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True
     allow_tf32: bool = False
@@ -176,7 +181,9 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ParamsError(f"{path} not found; run from the repository root or pass --params") from None
+        raise ParamsError(
+            f"{path} not found; run from the repository root or pass --params"
+        ) from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     return parse_params(raw, str(path))

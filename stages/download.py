@@ -25,8 +25,10 @@ from .common import StageError, run_cli, staged_outputs, write_json
 from .config import load_params
 from .idx import IdxError, decompress, parse_idx, sha256
 
-SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,9 @@ def _local_path(source: str) -> Path | None:
     return Path(source).expanduser()
 
 
-def fetch_one(source: str, filename: str, dest: Path, session: requests.Session,
-              network: Network) -> None:
+def fetch_one(
+    source: str, filename: str, dest: Path, session: requests.Session, network: Network
+) -> None:
     """Copy or download `source`/`filename` to `dest`, or raise SourceFailed with the reason."""
     folder = _local_path(source)
     if folder is not None:
@@ -124,8 +127,12 @@ def fetch_one(source: str, filename: str, dest: Path, session: requests.Session,
             if response.status_code != 200:
                 raise SourceFailed(f"HTTP {response.status_code} {response.reason} for {url}")
             total = int(response.headers.get("content-length", 0)) or None
-            with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
-                                               desc=filename, disable=None, leave=False) as bar:
+            with (
+                open(dest, "wb") as out,
+                tqdm(
+                    total=total, unit="B", unit_scale=True, desc=filename, disable=None, leave=False
+                ) as bar,
+            ):
                 for chunk in response.iter_content(chunk_size=1 << 16):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -151,8 +158,13 @@ def verify(path: Path, stem: str, expected_sha256: str) -> int:
     return items
 
 
-def fetch_dataset(dataset: Dataset, out_dir: Path, sources: list[str], network: Network,
-                  reuse_dir: Path | None = None) -> dict[str, dict[str, object]]:
+def fetch_dataset(
+    dataset: Dataset,
+    out_dir: Path,
+    sources: list[str],
+    network: Network,
+    reuse_dir: Path | None = None,
+) -> dict[str, dict[str, object]]:
     """Fill `out_dir` with the dataset's verified .gz files; return per-file source and checksum.
 
     Files already verified in `reuse_dir` are reused rather than fetched again.
@@ -183,8 +195,14 @@ def fetch_dataset(dataset: Dataset, out_dir: Path, sources: list[str], network: 
     return manifest
 
 
-def _fetch_verified(stem: str, expected: str, dest: Path, sources: list[str],
-                    session: requests.Session, network: Network) -> dict[str, object]:
+def _fetch_verified(
+    stem: str,
+    expected: str,
+    dest: Path,
+    sources: list[str],
+    session: requests.Session,
+    network: Network,
+) -> dict[str, object]:
     filename = f"{stem}.gz"
     partial = dest.parent / ".partial" / filename  # same name, so errors name the real file
     partial.parent.mkdir(exist_ok=True)
@@ -226,15 +244,20 @@ def main(
     dataset = DATASETS[config.data.dataset]
     sources = sources_for(config.data.dataset, os.environ.get("DATASET_MIRROR"))
     network = Network(timeout_seconds=timeout_seconds, retries=retries)
-    with stage_run("download", config.mlflow.experiment_name) as run, \
-            staged_outputs(out) as (tmp_out,):
+    with (
+        stage_run("download", config.mlflow.experiment_name) as run,
+        staged_outputs(out) as (tmp_out,),
+    ):
         import mlflow
 
         started = time.perf_counter()
         tmp_out.mkdir(parents=True)
         files = fetch_dataset(dataset, tmp_out, sources, network, reuse_dir=out)
-        manifest = {"dataset": config.data.dataset, "files": files,
-                    "mlflow_run_id": run.info.run_id}
+        manifest = {
+            "dataset": config.data.dataset,
+            "files": files,
+            "mlflow_run_id": run.info.run_id,
+        }
         write_json(tmp_out / "manifest.json", manifest)
         mlflow.log_params({"dataset": config.data.dataset, "sources": ", ".join(sources)})
         mlflow.log_params({f"source.{stem}": info["source"] for stem, info in files.items()})

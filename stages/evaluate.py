@@ -21,16 +21,31 @@ from .stats import difference, mcnemar_exact, mean_interval
 
 LABELS = {"tf": "TensorFlow/Keras", "torch": "PyTorch"}
 COLORS = {"tf": "#ff6f00", "torch": "#5c6bc0"}
-SPEED_KEYS = ("train_seconds", "samples_per_second", "seconds_to_first_step", "peak_rss_mb",
-              "parameters", "model_file_bytes", "latency_batch1_p50_ms", "latency_batch1_p95_ms",
-              "throughput_batch1000_samples_per_second")
-PLOTS = ("learning_curves.png", "confusion_matrices.png", "per_class_accuracy.png",
-         "disagreements.png", "speed_memory.png")
+SPEED_KEYS = (
+    "train_seconds",
+    "samples_per_second",
+    "seconds_to_first_step",
+    "peak_rss_mb",
+    "parameters",
+    "model_file_bytes",
+    "latency_batch1_p50_ms",
+    "latency_batch1_p95_ms",
+    "throughput_batch1000_samples_per_second",
+)
+PLOTS = (
+    "learning_curves.png",
+    "confusion_matrices.png",
+    "per_class_accuracy.png",
+    "disagreements.png",
+    "speed_memory.png",
+)
 
 
 def count_code_lines(source: str) -> int:
     """Return the number of lines that are neither blank nor only a comment."""
-    return sum(1 for line in source.splitlines() if line.strip() and not line.strip().startswith("#"))
+    return sum(
+        1 for line in source.splitlines() if line.strip() and not line.strip().startswith("#")
+    )
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -54,20 +69,31 @@ def load_predictions(path: Path, num_test: int) -> np.ndarray:
     return probabilities
 
 
-def compare(labels: np.ndarray, probabilities: dict[str, np.ndarray],
-            trainer_metrics: dict[str, dict[str, Any]], code_lines: dict[str, int],
-            model_bytes: dict[str, int]) -> dict[str, Any]:
+def compare(
+    labels: np.ndarray,
+    probabilities: dict[str, np.ndarray],
+    trainer_metrics: dict[str, dict[str, Any]],
+    code_lines: dict[str, int],
+) -> dict[str, Any]:
     """Return every number of the comparison: accuracy statistics, agreement, McNemar, speed."""
     predicted = {fw: p.argmax(axis=2) for fw, p in probabilities.items()}  # (seeds, N)
     accuracy = {fw: (predicted[fw] == labels).mean(axis=1).tolist() for fw in FRAMEWORKS}
-    losses = {fw: [float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1)).mean())
-                   for p in probabilities[fw]] for fw in FRAMEWORKS}
+    losses = {
+        fw: [
+            float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1)).mean())
+            for p in probabilities[fw]
+        ]
+        for fw in FRAMEWORKS
+    }
     per_framework: dict[str, Any] = {}
     for fw in FRAMEWORKS:
         interval = mean_interval(accuracy[fw])
-        scores = [precision_recall_fscore_support(labels, seed_predictions, labels=range(10),
-                                                  zero_division=0)
-                  for seed_predictions in predicted[fw]]
+        scores = [
+            precision_recall_fscore_support(
+                labels, seed_predictions, labels=range(10), zero_division=0
+            )
+            for seed_predictions in predicted[fw]
+        ]
         per_framework[fw] = {
             "test_accuracy": interval.mean,
             "test_accuracy_ci_low": interval.low,
@@ -78,13 +104,14 @@ def compare(labels: np.ndarray, probabilities: dict[str, np.ndarray],
             "recall_per_class": np.mean([s[1] for s in scores], axis=0).tolist(),
             "code_lines": code_lines[fw],
             **{key: trainer_metrics[fw].get(key) for key in SPEED_KEYS},
-            "model_file_bytes": model_bytes[fw],
             "device": trainer_metrics[fw].get("device"),
         }
     diff = difference(accuracy["tf"], accuracy["torch"])
     seeds = min(len(predicted["tf"]), len(predicted["torch"]))
-    paired = [mcnemar_exact(predicted["tf"][s] == labels, predicted["torch"][s] == labels)
-              for s in range(seeds)]
+    paired = [
+        mcnemar_exact(predicted["tf"][s] == labels, predicted["torch"][s] == labels)
+        for s in range(seeds)
+    ]
     agreement = [float((predicted["tf"][s] == predicted["torch"][s]).mean()) for s in range(seeds)]
     return {
         "tf": per_framework["tf"],
@@ -100,8 +127,9 @@ def compare(labels: np.ndarray, probabilities: dict[str, np.ndarray],
         "mcnemar_only_torch_right": paired[0].only_b_right,
         "mcnemar_p_value_per_seed": [m.p_value for m in paired],
         "seeds": seeds,
-        "speedup_torch_over_tf": _ratio(per_framework["tf"]["train_seconds"],
-                                        per_framework["torch"]["train_seconds"]),
+        "speedup_torch_over_tf": _ratio(
+            per_framework["tf"]["train_seconds"], per_framework["torch"]["train_seconds"]
+        ),
     }
 
 
@@ -112,22 +140,32 @@ def _ratio(a: float | None, b: float | None) -> float:
 def verdict(result: dict[str, Any]) -> str:
     """Return one sentence saying whether the accuracy difference is real."""
     points = 100 * result["accuracy_difference"]
-    low, high = 100 * result["accuracy_difference_ci_low"], 100 * result["accuracy_difference_ci_high"]
+    low, high = (
+        100 * result["accuracy_difference_ci_low"],
+        100 * result["accuracy_difference_ci_high"],
+    )
     if math.isnan(low):
-        return (f"TensorFlow minus PyTorch: {points:+.2f} points from one seed; "
-                "add seeds to train.seeds to test whether that is a difference at all.")
+        return (
+            f"TensorFlow minus PyTorch: {points:+.2f} points from one seed; "
+            "add seeds to train.seeds to test whether that is a difference at all."
+        )
     interval = f"{points:+.2f} points, 95% CI [{low:+.2f}, {high:+.2f}]"
     if result["significant"]:
         better = "TensorFlow/Keras" if points > 0 else "PyTorch"
-        return (f"{better} is more accurate: TensorFlow minus PyTorch is {interval} over "
-                f"{result['seeds']} seeds (Welch p = {result['accuracy_difference_p_value']:.3g}).")
-    return (f"No difference in accuracy: TensorFlow minus PyTorch is {interval} over "
-            f"{result['seeds']} seeds; the interval contains zero "
-            f"(Welch p = {result['accuracy_difference_p_value']:.3g}).")
+        return (
+            f"{better} is more accurate: TensorFlow minus PyTorch is {interval} over "
+            f"{result['seeds']} seeds (Welch p = {result['accuracy_difference_p_value']:.3g})."
+        )
+    return (
+        f"No difference in accuracy: TensorFlow minus PyTorch is {interval} over "
+        f"{result['seeds']} seeds; the interval contains zero "
+        f"(Welch p = {result['accuracy_difference_p_value']:.3g})."
+    )
 
 
 def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     """Return (measure, TensorFlow, PyTorch) rows for the terminal and the report."""
+
     def accuracy(fw: str) -> str:
         m = result[fw]
         half = (m["test_accuracy_ci_high"] - m["test_accuracy_ci_low"]) / 2
@@ -138,21 +176,30 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         values = [result[fw].get(key) for fw in FRAMEWORKS]
         return tuple("n/a" if v is None else pattern.format(v) for v in values)  # type: ignore
 
-    rows = [("Test accuracy (mean ± 95% CI)", accuracy("tf"), accuracy("torch")),
-            ("Test loss", *fmt("test_loss", "{:.4f}")),
-            ("Training time, 1 run (median)", *fmt("train_seconds", "{:.1f} s")),
-            ("Training throughput", *fmt("samples_per_second", "{:,.0f} samples/s")),
-            ("Time to first step", *fmt("seconds_to_first_step", "{:.1f} s")),
-            ("Peak memory (RSS)", *fmt("peak_rss_mb", "{:,} MiB")),
-            ("Parameters", *fmt("parameters", "{:,}")),
-            ("Model file", *fmt("model_file_bytes", "{:,} bytes")),
-            ("Inference, batch 1 (p50 / p95)",
-             *(f"{result[fw]['latency_batch1_p50_ms']:.3f} / "
-               f"{result[fw]['latency_batch1_p95_ms']:.3f} ms" for fw in FRAMEWORKS)),
-            ("Inference, batch 1000", *fmt("throughput_batch1000_samples_per_second",
-                                           "{:,.0f} samples/s")),
-            ("Trainer code (non-blank, non-comment lines)", *fmt("code_lines", "{}")),
-            ("Device", *fmt("device", "{}"))]
+    rows = [
+        ("Test accuracy (mean ± 95% CI)", accuracy("tf"), accuracy("torch")),
+        ("Test loss", *fmt("test_loss", "{:.4f}")),
+        ("Training time, 1 run (median)", *fmt("train_seconds", "{:.1f} s")),
+        ("Training throughput", *fmt("samples_per_second", "{:,.0f} samples/s")),
+        ("Time to first step", *fmt("seconds_to_first_step", "{:.1f} s")),
+        ("Peak memory (RSS)", *fmt("peak_rss_mb", "{:,} MiB")),
+        ("Parameters", *fmt("parameters", "{:,}")),
+        ("Model file", *fmt("model_file_bytes", "{:,} bytes")),
+        (
+            "Inference, batch 1 (p50 / p95)",
+            *(
+                f"{result[fw]['latency_batch1_p50_ms']:.3f} / "
+                f"{result[fw]['latency_batch1_p95_ms']:.3f} ms"
+                for fw in FRAMEWORKS
+            ),
+        ),
+        (
+            "Inference, batch 1000",
+            *fmt("throughput_batch1000_samples_per_second", "{:,.0f} samples/s"),
+        ),
+        ("Trainer code (non-blank, non-comment lines)", *fmt("code_lines", "{}")),
+        ("Device", *fmt("device", "{}")),
+    ]
     return rows
 
 
@@ -170,14 +217,22 @@ def print_table(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     console.print(verdict(result))
-    console.print(f"The two models agree on {100 * result['agreement']:.2f}% of test images; "
-                  f"McNemar's exact test (seed 1 pair): p = {result['mcnemar_p_value']:.3g}.")
+    console.print(
+        f"The two models agree on {100 * result['agreement']:.2f}% of test images; "
+        f"McNemar's exact test (seed 1 pair): p = {result['mcnemar_p_value']:.3g}."
+    )
 
 
 def markdown_report(result: dict[str, Any], dataset: str) -> str:
     """Return reports/comparison.md: the table, the verdict, and the plots."""
-    lines = [f"# TensorFlow vs PyTorch on {dataset}", "", verdict(result), "",
-             "| Measure | TensorFlow/Keras | PyTorch |", "|---|---:|---:|"]
+    lines = [
+        f"# TensorFlow vs PyTorch on {dataset}",
+        "",
+        verdict(result),
+        "",
+        "| Measure | TensorFlow/Keras | PyTorch |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in table_rows(result)]
     lines += [
         "",
@@ -187,11 +242,26 @@ def markdown_report(result: dict[str, Any], dataset: str) -> str:
         f"{result['mcnemar_only_torch_right']} times; McNemar's exact test gives "
         f"p = {result['mcnemar_p_value']:.3g}.",
         "",
-        "## Learning curves (mean over seeds)", "", "![](learning_curves.png)", "",
-        "## Confusion matrices (first seed)", "", "![](confusion_matrices.png)", "",
-        "## Accuracy per class (mean over seeds)", "", "![](per_class_accuracy.png)", "",
-        "## Test images the two models disagree on", "", "![](disagreements.png)", "",
-        "## Speed and memory", "", "![](speed_memory.png)", "",
+        "## Learning curves (mean over seeds)",
+        "",
+        "![](learning_curves.png)",
+        "",
+        "## Confusion matrices (first seed)",
+        "",
+        "![](confusion_matrices.png)",
+        "",
+        "## Accuracy per class (mean over seeds)",
+        "",
+        "![](per_class_accuracy.png)",
+        "",
+        "## Test images the two models disagree on",
+        "",
+        "![](disagreements.png)",
+        "",
+        "## Speed and memory",
+        "",
+        "![](speed_memory.png)",
+        "",
     ]
     return "\n".join(lines)
 
@@ -213,10 +283,20 @@ def plot_learning_curves(histories: dict[str, list[dict[str, float]]], path: Pat
         epochs = [r["epoch"] for r in rows]
         for split, style in (("train", "--"), ("val", "-")):
             if f"{split}_loss" in rows[0]:
-                loss_ax.plot(epochs, [r[f"{split}_loss"] for r in rows], style,
-                             color=COLORS[fw], label=f"{LABELS[fw]} {split}")
-                acc_ax.plot(epochs, [r[f"{split}_accuracy"] for r in rows], style,
-                            color=COLORS[fw], label=f"{LABELS[fw]} {split}")
+                loss_ax.plot(
+                    epochs,
+                    [r[f"{split}_loss"] for r in rows],
+                    style,
+                    color=COLORS[fw],
+                    label=f"{LABELS[fw]} {split}",
+                )
+                acc_ax.plot(
+                    epochs,
+                    [r[f"{split}_accuracy"] for r in rows],
+                    style,
+                    color=COLORS[fw],
+                    label=f"{LABELS[fw]} {split}",
+                )
     for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
@@ -227,8 +307,9 @@ def plot_learning_curves(histories: dict[str, list[dict[str, float]]], path: Pat
     plt.close(fig)
 
 
-def plot_confusions(labels: np.ndarray, predicted: dict[str, np.ndarray], class_names: list[str],
-                    path: Path) -> None:
+def plot_confusions(
+    labels: np.ndarray, predicted: dict[str, np.ndarray], class_names: list[str], path: Path
+) -> None:
     """Save the two confusion matrices side by side."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
@@ -236,8 +317,15 @@ def plot_confusions(labels: np.ndarray, predicted: dict[str, np.ndarray], class_
         matrix = confusion_matrix(labels, predicted[fw], labels=range(10))
         ax.imshow(np.log1p(matrix), cmap="Blues")
         for (row, col), count in np.ndenumerate(matrix):
-            ax.text(col, row, count, ha="center", va="center", fontsize=6,
-                    color="white" if row == col else "black")
+            ax.text(
+                col,
+                row,
+                count,
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if row == col else "black",
+            )
         ax.set_title(LABELS[fw])
         ax.set_xticks(range(10), class_names, rotation=60, fontsize=7)
         ax.set_yticks(range(10), class_names, fontsize=7)
@@ -254,8 +342,13 @@ def plot_per_class(result: dict[str, Any], class_names: list[str], path: Path) -
     fig, ax = plt.subplots(figsize=(10, 4))
     positions = np.arange(10)
     for offset, fw in ((-0.2, "tf"), (0.2, "torch")):
-        ax.bar(positions + offset, result[fw]["recall_per_class"], 0.4, color=COLORS[fw],
-               label=LABELS[fw])
+        ax.bar(
+            positions + offset,
+            result[fw]["recall_per_class"],
+            0.4,
+            color=COLORS[fw],
+            label=LABELS[fw],
+        )
     ax.set_xticks(positions, class_names, rotation=30, fontsize=8)
     lowest = min(min(result[fw]["recall_per_class"]) for fw in FRAMEWORKS)
     ax.set_ylim(max(0.0, lowest - 0.05), 1.0)
@@ -266,8 +359,14 @@ def plot_per_class(result: dict[str, Any], class_names: list[str], path: Path) -
     plt.close(fig)
 
 
-def plot_disagreements(images: np.ndarray, labels: np.ndarray, predicted: dict[str, np.ndarray],
-                       class_names: list[str], path: Path, limit: int = 24) -> None:
+def plot_disagreements(
+    images: np.ndarray,
+    labels: np.ndarray,
+    predicted: dict[str, np.ndarray],
+    class_names: list[str],
+    path: Path,
+    limit: int = 24,
+) -> None:
     """Save a grid of test images the two models classify differently."""
     plt = _pyplot()
     picks = np.flatnonzero(predicted["tf"] != predicted["torch"])[:limit]
@@ -278,8 +377,11 @@ def plot_disagreements(images: np.ndarray, labels: np.ndarray, predicted: dict[s
         ax.axis("off")
     for ax, index in zip(axes.flat, picks, strict=False):
         ax.imshow(images[index], cmap="gray_r")
-        ax.set_title(f"true {class_names[labels[index]]}\nTF {class_names[predicted['tf'][index]]}"
-                     f"\nPT {class_names[predicted['torch'][index]]}", fontsize=6)
+        ax.set_title(
+            f"true {class_names[labels[index]]}\nTF {class_names[predicted['tf'][index]]}"
+            f"\nPT {class_names[predicted['torch'][index]]}",
+            fontsize=6,
+        )
     if not len(picks):
         axes[0, 0].text(0, 0.5, "the two models agree on every test image")
     fig.tight_layout()
@@ -290,10 +392,12 @@ def plot_disagreements(images: np.ndarray, labels: np.ndarray, predicted: dict[s
 def plot_speed_memory(result: dict[str, Any], path: Path) -> None:
     """Save bar charts of training time, throughput, time to first step and peak memory."""
     plt = _pyplot()
-    panels = (("train_seconds", "training time per run (s)"),
-              ("seconds_to_first_step", "time to first step (s)"),
-              ("peak_rss_mb", "peak memory (MiB)"),
-              ("latency_batch1_p50_ms", "batch-1 latency p50 (ms)"))
+    panels = (
+        ("train_seconds", "training time per run (s)"),
+        ("seconds_to_first_step", "time to first step (s)"),
+        ("peak_rss_mb", "peak memory (MiB)"),
+        ("latency_batch1_p50_ms", "batch-1 latency p50 (ms)"),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(12, 3))
     for ax, (key, title) in zip(axes, panels, strict=True):
         values = [result[fw].get(key) or 0 for fw in FRAMEWORKS]
@@ -311,8 +415,6 @@ def main(
     predictions_torch: Path = typer.Option(Path("predictions/torch.npy")),
     metrics_tf: Path = typer.Option(Path("metrics/train_tf.json")),
     metrics_torch: Path = typer.Option(Path("metrics/train_torch.json")),
-    model_tf: Path = typer.Option(Path("models/tf")),
-    model_torch: Path = typer.Option(Path("models/torch")),
     history_tf: Path = typer.Option(Path("metrics/history_tf.csv")),
     history_torch: Path = typer.Option(Path("metrics/history_torch.csv")),
     code_tf: Path = typer.Option(Path("stages/train_tf.py")),
@@ -328,38 +430,52 @@ def main(
     meta = read_json(data / "meta.json", "normalize")
     labels = np.load(data / "y_test.npy")
     images = np.load(data / next(iter(meta["constants"])) / "x_test.npy", mmap_mode="r")
-    probabilities = {"tf": load_predictions(predictions_tf, len(labels)),
-                     "torch": load_predictions(predictions_torch, len(labels))}
-    trainer_metrics = {"tf": read_json(metrics_tf, "train-tf"),
-                       "torch": read_json(metrics_torch, "train-torch")}
+    probabilities = {
+        "tf": load_predictions(predictions_tf, len(labels)),
+        "torch": load_predictions(predictions_torch, len(labels)),
+    }
+    trainer_metrics = {
+        "tf": read_json(metrics_tf, "train-tf"),
+        "torch": read_json(metrics_torch, "train-torch"),
+    }
     histories = {"tf": read_history(history_tf), "torch": read_history(history_torch)}
-    code_lines = {"tf": count_code_lines(code_tf.read_text()),
-                  "torch": count_code_lines(code_torch.read_text())}
-    model_bytes = {fw: min(p.stat().st_size for p in folder.iterdir())
-                   for fw, folder in (("tf", model_tf), ("torch", model_torch))}
-    result = compare(labels, probabilities, trainer_metrics, code_lines, model_bytes)
+    code_lines = {
+        "tf": count_code_lines(code_tf.read_text()),
+        "torch": count_code_lines(code_torch.read_text()),
+    }
+    result = compare(labels, probabilities, trainer_metrics, code_lines)
     first = {fw: p[0].argmax(axis=1) for fw, p in probabilities.items()}
     tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
 
-    with stage_run("evaluate", config.mlflow.experiment_name, tags) as run, \
-            staged_outputs(metrics, report) as (tmp_metrics, tmp_report):
+    with (
+        stage_run("evaluate", config.mlflow.experiment_name, tags) as run,
+        staged_outputs(metrics, report) as (tmp_metrics, tmp_report),
+    ):
         import mlflow
 
         tmp_report.mkdir()
         plot_learning_curves(histories, tmp_report / "learning_curves.png")
         plot_confusions(labels, first, meta["class_names"], tmp_report / "confusion_matrices.png")
         plot_per_class(result, meta["class_names"], tmp_report / "per_class_accuracy.png")
-        plot_disagreements(images, labels, first, meta["class_names"],
-                           tmp_report / "disagreements.png")
+        plot_disagreements(
+            images, labels, first, meta["class_names"], tmp_report / "disagreements.png"
+        )
         plot_speed_memory(result, tmp_report / "speed_memory.png")
         (tmp_report / "comparison.md").write_text(markdown_report(result, meta["dataset"]))
-        write_json(tmp_metrics, result | {"dataset": meta["dataset"],
-                                          "mlflow_run_id": run.info.run_id})
-        mlflow.log_metrics({
-            **{f"{fw}_{k}": v for fw in FRAMEWORKS for k, v in result[fw].items()
-               if isinstance(v, int | float) and v is not None and not isinstance(v, bool)},
-            **{k: float(v) for k, v in result.items() if isinstance(v, int | float)},
-        })
+        write_json(
+            tmp_metrics, result | {"dataset": meta["dataset"], "mlflow_run_id": run.info.run_id}
+        )
+        mlflow.log_metrics(
+            {
+                **{
+                    f"{fw}_{k}": v
+                    for fw in FRAMEWORKS
+                    for k, v in result[fw].items()
+                    if isinstance(v, int | float) and v is not None and not isinstance(v, bool)
+                },
+                **{k: float(v) for k, v in result.items() if isinstance(v, int | float)},
+            }
+        )
         mlflow.log_artifacts(str(tmp_report), "report")
     print_table(result)
 

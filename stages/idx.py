@@ -70,4 +70,3 @@ def read_idx(path: Path) -> np.ndarray:
     """Return the array stored in a gzip IDX file."""
     path = Path(path)
     return parse_idx(decompress(path), path.name)
-

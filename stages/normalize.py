@@ -20,13 +20,24 @@ from .idx import read_idx
 SPLITS = ("train", "val", "test")
 CLASS_NAMES = {
     "mnist": [str(digit) for digit in range(10)],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "fashion-mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
 }
 
 
 def load_raw(raw_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Return {"train": (images, labels), "test": (images, labels)} as uint8 arrays."""
+
     def read(stem: str) -> np.ndarray:
         path = raw_dir / f"{stem}.gz"
         if not path.exists():
@@ -76,8 +87,9 @@ def class_counts(labels: np.ndarray, num_classes: int = 10) -> list[int]:
     return np.bincount(labels, minlength=num_classes).tolist()
 
 
-def sample_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path,
-                per_class: int = 8) -> None:
+def sample_grid(
+    images: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path, per_class: int = 8
+) -> None:
     """Save a PNG grid: one row per class, the first `per_class` images of it."""
     import matplotlib
 
@@ -116,16 +128,25 @@ def main(
     class_names = CLASS_NAMES[config.data.dataset]
     raw_splits = load_raw(raw)
     train_images, train_labels = raw_splits["train"]
-    train_idx, val_idx = split_validation(train_labels, config.normalize.val_size,
-                                          config.normalize.seed)
-    images = {"train": train_images[train_idx], "val": train_images[val_idx],
-              "test": raw_splits["test"][0]}
-    labels = {"train": train_labels[train_idx], "val": train_labels[val_idx],
-              "test": raw_splits["test"][1]}
+    train_idx, val_idx = split_validation(
+        train_labels, config.normalize.val_size, config.normalize.seed
+    )
+    images = {
+        "train": train_images[train_idx],
+        "val": train_images[val_idx],
+        "test": raw_splits["test"][0],
+    }
+    labels = {
+        "train": train_labels[train_idx],
+        "val": train_labels[val_idx],
+        "test": raw_splits["test"][1],
+    }
     tags = {"download_run_id": download.get("mlflow_run_id", "")}
 
-    with stage_run("normalize", config.mlflow.experiment_name, tags) as run, \
-            staged_outputs(out) as (tmp_out,):
+    with (
+        stage_run("normalize", config.mlflow.experiment_name, tags) as run,
+        staged_outputs(out) as (tmp_out,),
+    ):
         import mlflow
 
         constants = {}
@@ -142,7 +163,8 @@ def main(
         shared = config.normalize.scheme
         dataset = mlflow.data.from_numpy(
             np.load(tmp_out / shared / "x_train.npy", mmap_mode="r"),
-            targets=labels["train"], name=f"{config.data.dataset}-{shared}-train",
+            targets=labels["train"],
+            name=f"{config.data.dataset}-{shared}-train",
             source=str(raw.resolve()),
         )
         meta = {
@@ -157,10 +179,17 @@ def main(
         }
         write_json(tmp_out / "meta.json", meta)
 
-        mlflow.log_params({"dataset": config.data.dataset, "scheme": shared,
-                           "val_size": config.normalize.val_size, "seed": config.normalize.seed})
-        mlflow.log_params({f"{scheme}.{k}": v for scheme, c in constants.items()
-                           for k, v in c.items()})
+        mlflow.log_params(
+            {
+                "dataset": config.data.dataset,
+                "scheme": shared,
+                "val_size": config.normalize.val_size,
+                "seed": config.normalize.seed,
+            }
+        )
+        mlflow.log_params(
+            {f"{scheme}.{k}": v for scheme, c in constants.items() for k, v in c.items()}
+        )
         mlflow.log_metrics({f"{split}_size": n for split, n in meta["split_sizes"].items()})
         mlflow.log_input(dataset, context="training")
         mlflow.log_dict(meta, "meta.json")

@@ -12,14 +12,19 @@ from .evaluate import table_rows, verdict
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def results_section(result: dict[str, Any], dataset: str, bench: str | None,
-                    blog_gap: str | None) -> str:
+def results_section(
+    result: dict[str, Any], dataset: str, bench: str | None, blog_gap: str | None
+) -> str:
     """Return the markdown between the README's result markers."""
     lines = [
-        f"### The comparison (`dvc repro`, {dataset}, {result['seeds']} seeds, CPU)", "",
-        verdict(result), "",
-        "| Measure | TensorFlow/Keras | PyTorch |", "|---|---:|---:|",
-        *(f"| {a} | {b} | {c} |" for a, b, c in table_rows(result)), "",
+        f"### The comparison (`dvc repro`, {dataset}, {result['seeds']} seeds, CPU)",
+        "",
+        verdict(result),
+        "",
+        "| Measure | TensorFlow/Keras | PyTorch |",
+        "|---|---:|---:|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in table_rows(result)),
+        "",
         f"The two models agree on {100 * result['agreement']:.2f}% of test images; McNemar's "
         f"exact test on the first seed's paired predictions: p = {result['mcnemar_p_value']:.3g}.",
         "",
@@ -27,8 +32,12 @@ def results_section(result: dict[str, Any], dataset: str, bench: str | None,
     if bench:
         lines += ["### Training speed (`python bench/speed.py`)", "", bench.strip(), ""]
     if blog_gap:
-        lines += ["### The blog's gap, one change at a time (`python experiments/blog_gap.py`)",
-                  "", blog_gap.strip(), ""]
+        lines += [
+            "### The blog's gap, one change at a time (`python experiments/blog_gap.py`)",
+            "",
+            blog_gap.strip(),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -38,9 +47,12 @@ def update_readme(readme: Path, result: dict[str, Any], bench: Path, blog_gap: P
     if START not in text or END not in text:
         raise StageError(f"{readme} has no {START} ... {END} markers to fill")
     dataset = result.get("dataset", "the dataset in params.yaml")
-    section = results_section(result, dataset,
-                              bench.read_text() if bench.exists() else None,
-                              blog_gap.read_text() if blog_gap.exists() else None)
+    section = results_section(
+        result,
+        dataset,
+        bench.read_text() if bench.exists() else None,
+        blog_gap.read_text() if blog_gap.exists() else None,
+    )
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
     readme.write_text(f"{head}{START}\n{section}\n{END}{tail}")

@@ -6,7 +6,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
 
@@ -38,10 +38,8 @@ def use_experiment(name: str, root: Path) -> str:
     """Create (once, race-safe) and activate the experiment; artifacts go to `<root>/mlruns`."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        try:
+        with suppress(MlflowException):  # a parallel queued experiment may create it first
             mlflow.create_experiment(name, artifact_location=(root / "mlruns").as_uri())
-        except MlflowException:  # a parallel queued experiment created it first
-            pass
     return mlflow.set_experiment(name).experiment_id
 
 

@@ -11,6 +11,7 @@ import platform
 import random
 import sys
 import time
+import weakref
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter quiet
@@ -26,7 +27,10 @@ from .training import EpochResult, NonFiniteLoss, train_stage  # noqa: E402
 
 MODEL_SUFFIX = ".keras"
 JIT_COMPILE = False  # XLA made the training step slower on this CPU: see bench/README.md
-_compiled: dict[tuple[int, str], tf.types.experimental.PolymorphicFunction] = {}
+# Compiled functions per network (weak keys: a new model never reuses a dead model's graph).
+_compiled: weakref.WeakKeyDictionary[
+    keras.Model, dict[str, tf.types.experimental.PolymorphicFunction]
+] = weakref.WeakKeyDictionary()
 
 
 def describe_device(requested: str, allow_tf32: bool) -> dict[str, str]:
@@ -47,11 +51,18 @@ def describe_device(requested: str, allow_tf32: bool) -> dict[str, str]:
     tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
     device = "cuda" if gpus else "cpu"
     build = tf.sysconfig.get_build_info()
-    name = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "gpu")
-            if gpus else platform.processor() or "cpu")
-    return {"device": device, "name": name, "framework_version": tf.__version__,
-            "cuda_version": build.get("cuda_version", "none"),
-            "threads": str(os.cpu_count())}
+    name = (
+        tf.config.experimental.get_device_details(gpus[0]).get("device_name", "gpu")
+        if gpus
+        else platform.processor() or "cpu"
+    )
+    return {
+        "device": device,
+        "name": name,
+        "framework_version": tf.__version__,
+        "cuda_version": build.get("cuda_version", "none"),
+        "threads": str(os.cpu_count()),
+    }
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -68,8 +79,11 @@ def build_model(model: ModelConfig, initial_weights: list | None = None) -> kera
     # Keras's own default initialisation is Glorot-uniform with zero biases: `framework` == `glorot`
     layers: list[keras.Layer] = [keras.Input(shape=(28, 28)), keras.layers.Flatten()]
     for units in model.hidden_units:
-        layers += [keras.layers.Dense(units), keras.layers.Activation(model.activation),
-                   keras.layers.Dropout(model.dropout_rate)]
+        layers += [
+            keras.layers.Dense(units),
+            keras.layers.Activation(model.activation),
+            keras.layers.Dropout(model.dropout_rate),
+        ]
     layers.append(keras.layers.Dense(model.num_classes))
     network = keras.Sequential(layers)
     dense = [layer for layer in network.layers if isinstance(layer, keras.layers.Dense)]
@@ -83,18 +97,27 @@ def make_optimizer(train: TrainConfig, network: keras.Model) -> keras.optimizers
     """Return the optimizer named by train.optimizer with every setting given explicitly."""
     settings = train.optimizer
     if settings.name == "sgd":
-        optimizer = keras.optimizers.SGD(learning_rate=train.learning_rate,
-                                         momentum=settings.momentum, nesterov=settings.nesterov,
-                                         weight_decay=settings.weight_decay or None)
+        optimizer = keras.optimizers.SGD(
+            learning_rate=train.learning_rate,
+            momentum=settings.momentum,
+            nesterov=settings.nesterov,
+            weight_decay=settings.weight_decay or None,
+        )
     elif settings.name == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=train.learning_rate,
-                                           beta_1=settings.beta_1, beta_2=settings.beta_2,
-                                           epsilon=settings.epsilon,
-                                           weight_decay=settings.weight_decay)
+        optimizer = keras.optimizers.AdamW(
+            learning_rate=train.learning_rate,
+            beta_1=settings.beta_1,
+            beta_2=settings.beta_2,
+            epsilon=settings.epsilon,
+            weight_decay=settings.weight_decay,
+        )
     else:
-        optimizer = keras.optimizers.Adam(learning_rate=train.learning_rate,
-                                          beta_1=settings.beta_1, beta_2=settings.beta_2,
-                                          epsilon=settings.epsilon)
+        optimizer = keras.optimizers.Adam(
+            learning_rate=train.learning_rate,
+            beta_1=settings.beta_1,
+            beta_2=settings.beta_2,
+            epsilon=settings.epsilon,
+        )
     optimizer.build(network.trainable_variables)
     return optimizer
 
@@ -107,8 +130,9 @@ def to_device(array: np.ndarray, device: str) -> tf.Tensor:
 
 def _train_steps(network: keras.Model, optimizer: keras.optimizers.Optimizer):
     # One graph runs many steps (a whole epoch): per-step Python dispatch dominated otherwise.
-    key = (id(network), "train")
-    if key not in _compiled:
+    compiled = _compiled.setdefault(network, {})
+    if "train" not in compiled:
+
         @tf.function(jit_compile=JIT_COMPILE, reduce_retracing=True)
         def steps(x, y, batches):  # batches: (steps, batch_size) sample indices
             losses = tf.TensorArray(tf.float32, size=0, dynamic_size=True)
@@ -118,7 +142,8 @@ def _train_steps(network: keras.Model, optimizer: keras.optimizers.Optimizer):
                 with tf.GradientTape() as tape:
                     logits = network(x_batch, training=True)
                     loss = tf.reduce_mean(
-                        tf.nn.sparse_softmax_cross_entropy_with_logits(y_batch, logits))
+                        tf.nn.sparse_softmax_cross_entropy_with_logits(y_batch, logits)
+                    )
                 gradients = tape.gradient(loss, network.trainable_variables)
                 optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
                 losses = losses.write(i, loss)
@@ -127,12 +152,18 @@ def _train_steps(network: keras.Model, optimizer: keras.optimizers.Optimizer):
                     break
             return losses.stack(), correct
 
-        _compiled[key] = steps
-    return _compiled[key]
+        compiled["train"] = steps
+    return compiled["train"]
 
 
-def train_epoch(network: keras.Model, optimizer: keras.optimizers.Optimizer, x: tf.Tensor,
-                y: tf.Tensor, order: np.ndarray, batch_size: int) -> EpochResult:
+def train_epoch(
+    network: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    x: tf.Tensor,
+    y: tf.Tensor,
+    order: np.ndarray,
+    batch_size: int,
+) -> EpochResult:
     """Train one pass over `order`; return mean loss and accuracy; raise NonFiniteLoss at once."""
     run_steps = _train_steps(network, optimizer)
     full = len(order) // batch_size * batch_size
@@ -156,12 +187,13 @@ def train_epoch(network: keras.Model, optimizer: keras.optimizers.Optimizer, x: 
 
 def predict_proba(network: keras.Model, x: tf.Tensor, training: bool = False) -> np.ndarray:
     """Return softmax probabilities (N, 10) as numpy; training=True keeps dropout on."""
-    key = (id(network), f"predict-{training}")
-    if key not in _compiled:
-        _compiled[key] = tf.function(
-            lambda inputs: tf.nn.softmax(network(inputs, training=training)),
-            reduce_retracing=True)
-    return _compiled[key](x).numpy()
+    compiled = _compiled.setdefault(network, {})
+    key = f"predict-{training}"
+    if key not in compiled:
+        compiled[key] = tf.function(
+            lambda inputs: tf.nn.softmax(network(inputs, training=training)), reduce_retracing=True
+        )
+    return compiled[key](x).numpy()
 
 
 def save_model(network: keras.Model, path: Path) -> None:
@@ -186,10 +218,16 @@ def log_model(network: keras.Model, input_example: np.ndarray, registered_name: 
 
     output = network(input_example, training=False).numpy()
     mlflow.tensorflow.log_model(
-        network, name="model", input_example=input_example,
+        network,
+        name="model",
+        input_example=input_example,
         signature=infer_signature(input_example, output),
-        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
-                          f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
+        pip_requirements=[
+            f"tensorflow=={tf.__version__}",
+            f"keras=={keras.__version__}",
+            f"mlflow=={mlflow.__version__}",
+            f"numpy=={np.__version__}",
+        ],
         registered_model_name=registered_name,
     )
 
@@ -197,9 +235,13 @@ def log_model(network: keras.Model, input_example: np.ndarray, registered_name: 
 def main(
     data: Path = typer.Option(Path("data/processed"), help="Folder written by `normalize`."),
     model: Path = typer.Option(Path("models/tf"), help="Folder for one .keras model per seed."),
-    predictions: Path = typer.Option(Path("predictions/tf.npy"), help="(seeds, N, 10) test probabilities."),
+    predictions: Path = typer.Option(
+        Path("predictions/tf.npy"), help="(seeds, N, 10) test probabilities."
+    ),
     metrics: Path = typer.Option(Path("metrics/train_tf.json"), help="DVC metrics file."),
-    history: Path = typer.Option(Path("metrics/history_tf.csv"), help="Per-epoch history (DVC plot)."),
+    history: Path = typer.Option(
+        Path("metrics/history_tf.csv"), help="Per-epoch history (DVC plot)."
+    ),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Train the network in TensorFlow/Keras once per seed."""

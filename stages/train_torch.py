@@ -40,8 +40,13 @@ def describe_device(requested: str, allow_tf32: bool) -> dict[str, str]:
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
-    return {"device": device, "name": name, "framework_version": torch.__version__,
-            "cuda_version": torch.version.cuda or "none", "threads": str(torch.get_num_threads())}
+    return {
+        "device": device,
+        "name": name,
+        "framework_version": torch.__version__,
+        "cuda_version": torch.version.cuda or "none",
+        "threads": str(torch.get_num_threads()),
+    }
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -51,7 +56,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:  # cuBLAS needs a fixed workspace to be deterministic
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    # torch.use_deterministic_algorithms also imports torch._inductor (~180 MiB of RSS, and a
+    # segfault when TensorFlow is loaded first) only to set a torch.compile flag we never use.
+    torch._C._set_deterministic_algorithms(deterministic, warn_only=False)
 
 
 def build_model(model: ModelConfig, initial_weights: list | None = None) -> nn.Sequential:
@@ -59,8 +66,11 @@ def build_model(model: ModelConfig, initial_weights: list | None = None) -> nn.S
     layers: list[nn.Module] = [nn.Flatten()]
     fan_in = 28 * 28
     for units in model.hidden_units:
-        layers += [nn.Linear(fan_in, units), ACTIVATIONS[model.activation](),
-                   nn.Dropout(model.dropout_rate)]
+        layers += [
+            nn.Linear(fan_in, units),
+            ACTIVATIONS[model.activation](),
+            nn.Dropout(model.dropout_rate),
+        ]
         fan_in = units
     layers.append(nn.Linear(fan_in, model.num_classes))
     network = nn.Sequential(*layers)
@@ -82,12 +92,23 @@ def make_optimizer(train: TrainConfig, network: nn.Module) -> torch.optim.Optimi
     settings = train.optimizer
     parameters = network.parameters()
     if settings.name == "sgd":
-        return torch.optim.SGD(parameters, lr=train.learning_rate, momentum=settings.momentum,
-                               weight_decay=settings.weight_decay, nesterov=settings.nesterov,
-                               fused=True)
+        return torch.optim.SGD(
+            parameters,
+            lr=train.learning_rate,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+            nesterov=settings.nesterov,
+            fused=True,
+        )
     optimizer = torch.optim.AdamW if settings.name == "adamw" else torch.optim.Adam
-    return optimizer(parameters, lr=train.learning_rate, betas=(settings.beta_1, settings.beta_2),
-                     eps=settings.epsilon, weight_decay=settings.weight_decay, fused=True)
+    return optimizer(
+        parameters,
+        lr=train.learning_rate,
+        betas=(settings.beta_1, settings.beta_2),
+        eps=settings.epsilon,
+        weight_decay=settings.weight_decay,
+        fused=True,
+    )
     # fused: one kernel per step instead of ~10 per tensor; measured faster, see bench/README.md
 
 
@@ -96,8 +117,14 @@ def to_device(array: np.ndarray, device: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
 
-def train_epoch(network: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                y: torch.Tensor, order: np.ndarray, batch_size: int) -> EpochResult:
+def train_epoch(
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: np.ndarray,
+    batch_size: int,
+) -> EpochResult:
     """Train one pass over `order`; return mean loss and accuracy; raise NonFiniteLoss at once."""
     network.train()
     order_tensor = torch.from_numpy(order).to(x.device)
@@ -105,7 +132,7 @@ def train_epoch(network: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
     first_step_done = 0.0
     for step, start in enumerate(range(0, len(order), batch_size), start=1):
-        index = order_tensor[start:start + batch_size]
+        index = order_tensor[start : start + batch_size]
         x_batch, y_batch = x.index_select(0, index), y.index_select(0, index)
         logits = network(x_batch)
         loss = F.cross_entropy(logits, y_batch)
@@ -154,10 +181,15 @@ def log_model(network: nn.Module, input_example: np.ndarray, registered_name: st
     with torch.inference_mode():
         output = network(torch.from_numpy(input_example)).numpy()
     mlflow.pytorch.log_model(
-        network, name="model", input_example=input_example,
+        network,
+        name="model",
+        input_example=input_example,
         signature=infer_signature(input_example, output),
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}",
+            f"numpy=={np.__version__}",
+        ],
         registered_model_name=registered_name,
     )
 
@@ -165,14 +197,17 @@ def log_model(network: nn.Module, input_example: np.ndarray, registered_name: st
 def main(
     data: Path = typer.Option(Path("data/processed"), help="Folder written by `normalize`."),
     model: Path = typer.Option(Path("models/torch"), help="Folder for one state_dict per seed."),
-    predictions: Path = typer.Option(Path("predictions/torch.npy"), help="(seeds, N, 10) test probabilities."),
+    predictions: Path = typer.Option(
+        Path("predictions/torch.npy"), help="(seeds, N, 10) test probabilities."
+    ),
     metrics: Path = typer.Option(Path("metrics/train_torch.json"), help="DVC metrics file."),
-    history: Path = typer.Option(Path("metrics/history_torch.csv"), help="Per-epoch history (DVC plot)."),
+    history: Path = typer.Option(
+        Path("metrics/history_torch.csv"), help="Per-epoch history (DVC plot)."
+    ),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Train the network in PyTorch once per seed."""
-    train_stage(sys.modules[__name__], "torch", data, model, predictions, metrics,
-                history, params)
+    train_stage(sys.modules[__name__], "torch", data, model, predictions, metrics, history, params)
 
 
 if __name__ == "__main__":

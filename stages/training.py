@@ -63,11 +63,14 @@ def load_splits(data_dir: Path, scheme: str) -> dict[str, Split]:
 def count_parameters(model: ModelConfig, input_size: int = 28 * 28) -> int:
     """Return the number of trainable parameters of the network described by `model`."""
     sizes = [input_size, *model.hidden_units, model.num_classes]
-    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes, sizes[1:], strict=False))
+    return sum(
+        fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes, sizes[1:], strict=False)
+    )
 
 
-def shared_weights(model: ModelConfig, seed: int, input_size: int = 28 * 28
-                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+def shared_weights(
+    model: ModelConfig, seed: int, input_size: int = 28 * 28
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Return Glorot-uniform (kernel (fan_in, fan_out), zero bias) pairs drawn once with numpy."""
     rng = np.random.default_rng(seed)
     sizes = [input_size, *model.hidden_units, model.num_classes]
@@ -92,8 +95,9 @@ def loss_and_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> tuple[fl
     return loss, accuracy
 
 
-def latency(backend: ModuleType, model: Any, x: np.ndarray, device: str, repeats: int = 200
-            ) -> dict[str, float]:
+def latency(
+    backend: ModuleType, model: Any, x: np.ndarray, device: str, repeats: int = 200
+) -> dict[str, float]:
     """Return batch-1 p50/p95 latency in ms and batch-1000 throughput, measured after warm-up."""
     one = backend.to_device(x[:1], device)
     thousand = backend.to_device(x[:1000], device)
@@ -116,8 +120,14 @@ def latency(backend: ModuleType, model: Any, x: np.ndarray, device: str, repeats
     }
 
 
-def train_one_seed(backend: ModuleType, config: RunConfig, splits: dict[str, Split], seed: int,
-                   device: str, log_epoch: Any = None) -> dict[str, Any]:
+def train_one_seed(
+    backend: ModuleType,
+    config: RunConfig,
+    splits: dict[str, Split],
+    seed: int,
+    device: str,
+    log_epoch: Any = None,
+) -> dict[str, Any]:
     """Train one model from `seed`; return it with its history, test probabilities and timings."""
     model_config, train = config.model, config.train
     backend.seed_everything(seed, train.deterministic)
@@ -134,7 +144,9 @@ def train_one_seed(backend: ModuleType, config: RunConfig, splits: dict[str, Spl
         order = batch_order(len(splits["train"].y), seed, epoch)
         start = time.perf_counter()
         try:
-            result = backend.train_epoch(model, optimizer, x_train, y_train, order, train.batch_size)
+            result = backend.train_epoch(
+                model, optimizer, x_train, y_train, order, train.batch_size
+            )
         except NonFiniteLoss as exc:
             steps_per_epoch = -(-len(order) // train.batch_size)
             raise StageError(
@@ -146,23 +158,43 @@ def train_one_seed(backend: ModuleType, config: RunConfig, splits: dict[str, Spl
         seconds = time.perf_counter() - start
         train_seconds += seconds
         first_step_done = first_step_done or result.first_step_done
-        row = {"epoch": epoch, "train_loss": result.loss, "train_accuracy": result.accuracy,
-               "seconds": seconds}
+        row = {
+            "epoch": epoch,
+            "train_loss": result.loss,
+            "train_accuracy": result.accuracy,
+            "seconds": seconds,
+        }
         if len(splits["val"].y):
             val_probs = backend.predict_proba(model, x_val)
             row["val_loss"], row["val_accuracy"] = loss_and_accuracy(val_probs, splits["val"].y)
         history.append(row)
         if log_epoch:
             log_epoch(row)
-    test_probs = backend.predict_proba(model, backend.to_device(splits["test"].x, device),
-                                       training=train.dropout_at_test)
+    test_probs = backend.predict_proba(
+        model, backend.to_device(splits["test"].x, device), training=train.dropout_at_test
+    )
     test_loss, test_accuracy = loss_and_accuracy(test_probs, splits["test"].y)
     return {
-        "model": model, "history": history, "probabilities": test_probs,
-        "test_loss": test_loss, "test_accuracy": test_accuracy, "train_seconds": train_seconds,
+        "model": model,
+        "history": history,
+        "probabilities": test_probs,
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
+        "train_seconds": train_seconds,
         "first_step_done": first_step_done,
         "samples_per_second": train.epochs * len(splits["train"].y) / train_seconds,
     }
+
+
+def progress(framework: str, seed: int, epochs: int, row: dict[str, float]) -> str:
+    """Return the one console line printed after each epoch."""
+    line = (
+        f"[{framework}] seed {seed} epoch {int(row['epoch'])}/{epochs}: "
+        f"loss {row['train_loss']:.4f}, accuracy {row['train_accuracy']:.4f}"
+    )
+    if "val_accuracy" in row:
+        line += f", val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.4f}"
+    return f"{line} ({row['seconds']:.1f} s)"
 
 
 def mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
@@ -182,8 +214,14 @@ def write_history(path: Path, rows: list[dict[str, float]]) -> None:
         writer.writerows(rows)
 
 
-def check_reload(backend: ModuleType, path: Path, model: Any, model_config: ModelConfig,
-                 x: np.ndarray, device: str) -> None:
+def check_reload(
+    backend: ModuleType,
+    path: Path,
+    model: Any,
+    model_config: ModelConfig,
+    x: np.ndarray,
+    device: str,
+) -> None:
     """Reload a saved model and raise StageError unless it predicts the same classes."""
     reloaded = backend.load_model(path, model_config, device)
     x = backend.to_device(x, device)
@@ -196,8 +234,16 @@ def check_reload(backend: ModuleType, path: Path, model: Any, model_config: Mode
         )
 
 
-def train_stage(backend: ModuleType, framework: Framework, data: Path, model_dir: Path,
-                predictions: Path, metrics: Path, history: Path, params: Path) -> None:
+def train_stage(
+    backend: ModuleType,
+    framework: Framework,
+    data: Path,
+    model_dir: Path,
+    predictions: Path,
+    metrics: Path,
+    history: Path,
+    params: Path,
+) -> None:
     """Run one trainer stage: every seed, its outputs, its metrics and its MLflow runs."""
     started = time.time()
     process_start = psutil.Process().create_time()
@@ -210,11 +256,16 @@ def train_stage(backend: ModuleType, framework: Framework, data: Path, model_dir
 
     from .tracking import child_run, stage_run
 
-    tags = {"framework": framework, "normalize_run_id": meta.get("mlflow_run_id", ""),
-            "device": device["device"]}
+    tags = {
+        "framework": framework,
+        "normalize_run_id": meta.get("mlflow_run_id", ""),
+        "device": device["device"],
+    }
     outputs = (model_dir, predictions, metrics, history)
-    with stage_run(f"train-{framework}", all_params.mlflow.experiment_name, tags) as run, \
-            staged_outputs(*outputs) as (tmp_model, tmp_predictions, tmp_metrics, tmp_history):
+    with (
+        stage_run(f"train-{framework}", all_params.mlflow.experiment_name, tags) as run,
+        staged_outputs(*outputs) as (tmp_model, tmp_predictions, tmp_metrics, tmp_history),
+    ):
         mlflow.log_params({**config.flat(), **{f"device.{k}": v for k, v in device.items()}})
         tmp_model.mkdir()
         results = []
@@ -222,22 +273,41 @@ def train_stage(backend: ModuleType, framework: Framework, data: Path, model_dir
             with child_run(f"train-{framework}-seed-{seed}", {**tags, "seed": str(seed)}):
                 mlflow.log_params({**config.flat(), "seed": seed})
 
-                def log_epoch(row: dict[str, float]) -> None:
-                    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"},
-                                       step=int(row["epoch"]))
+                def log_epoch(row: dict[str, float], seed: int = seed) -> None:
+                    mlflow.log_metrics(
+                        {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+                    )
+                    print(progress(framework, seed, config.train.epochs, row), flush=True)
 
                 result = train_one_seed(backend, config, splits, seed, device["device"], log_epoch)
                 path = tmp_model / f"seed-{seed}{backend.MODEL_SUFFIX}"
                 backend.save_model(result["model"], path)
-                check_reload(backend, path, result["model"], config.model, splits["test"].x[:1000],
-                             device["device"])
-                mlflow.log_metrics({key: result[key] for key in
-                                    ("test_loss", "test_accuracy", "train_seconds",
-                                     "samples_per_second")})
+                check_reload(
+                    backend,
+                    path,
+                    result["model"],
+                    config.model,
+                    splits["test"].x[:1000],
+                    device["device"],
+                )
+                mlflow.log_metrics(
+                    {
+                        key: result[key]
+                        for key in (
+                            "test_loss",
+                            "test_accuracy",
+                            "train_seconds",
+                            "samples_per_second",
+                        )
+                    }
+                )
                 mlflow.log_artifact(str(path), "model")
             results.append(result)
-            print(f"[{framework}] seed {seed}: test accuracy {result['test_accuracy']:.4f}, "
-                  f"{result['train_seconds']:.1f} s", flush=True)
+            print(
+                f"[{framework}] seed {seed}: test accuracy {result['test_accuracy']:.4f}, "
+                f"{result['train_seconds']:.1f} s",
+                flush=True,
+            )
 
         first = results[0]
         np.save(tmp_predictions, np.stack([r["probabilities"] for r in results]))
@@ -253,12 +323,15 @@ def train_stage(backend: ModuleType, framework: Framework, data: Path, model_dir
             "seeds": list(config.train.seeds),
             "train_seconds": float(np.median([r["train_seconds"] for r in results])),
             "samples_per_second": float(np.median([r["samples_per_second"] for r in results])),
-            "seconds_to_first_step": first["first_step_done"] - time.perf_counter()
-            + time.time() - process_start,
+            "seconds_to_first_step": first["first_step_done"]
+            - time.perf_counter()
+            + time.time()
+            - process_start,
             "peak_rss_mb": peak_rss_mb(),
             "parameters": backend.count_model_parameters(first["model"]),
-            "model_file_bytes": (tmp_model / f"seed-{config.train.seeds[0]}{backend.MODEL_SUFFIX}"
-                                 ).stat().st_size,
+            "model_file_bytes": (tmp_model / f"seed-{config.train.seeds[0]}{backend.MODEL_SUFFIX}")
+            .stat()
+            .st_size,
             **speed,
             "device": device["device"],
             "device_name": device["name"],
@@ -269,13 +342,22 @@ def train_stage(backend: ModuleType, framework: Framework, data: Path, model_dir
         }
         write_json(tmp_metrics, summary)
         for row in rows:
-            mlflow.log_metrics({f"mean_{k}": v for k, v in row.items() if k != "epoch"},
-                               step=int(row["epoch"]))
-        mlflow.log_metrics({k: v for k, v in summary.items()
-                            if isinstance(v, int | float) and not isinstance(v, bool)})
+            mlflow.log_metrics(
+                {f"mean_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+            )
+        mlflow.log_metrics(
+            {
+                k: v
+                for k, v in summary.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
         mlflow.log_artifact(str(tmp_history), "history")
-        backend.log_model(first["model"], splits["test"].x[:5],
-                          MODEL_NAME.format(framework=framework))
+        backend.log_model(
+            first["model"], splits["test"].x[:5], MODEL_NAME.format(framework=framework)
+        )
         write_json(tmp_metrics, summary | {"stage_seconds": time.time() - started})
-    print(f"[{framework}] mean test accuracy {summary['test_accuracy']:.4f} over "
-          f"{len(results)} seeds; median {summary['train_seconds']:.1f} s per training run")
+    print(
+        f"[{framework}] mean test accuracy {summary['test_accuracy']:.4f} over "
+        f"{len(results)} seeds; median {summary['train_seconds']:.1f} s per training run"
+    )

@@ -17,8 +17,12 @@ from stages.download import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+STEMS = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def encode_idx(array: np.ndarray) -> bytes:
@@ -36,7 +40,7 @@ def tiny_arrays(num_train: int = 400, num_test: int = 100, seed: int = 0) -> dic
         rng.shuffle(labels)
         images = rng.integers(0, 60, size=(count, 28, 28))
         for index, label in enumerate(labels):
-            images[index, 2 + 2 * label: 4 + 2 * label, 4:24] = 255
+            images[index, 2 + 2 * label : 4 + 2 * label, 4:24] = 255
         arrays[f"{prefix}-images-idx3-ubyte"] = images.astype(np.uint8)
         arrays[f"{prefix}-labels-idx1-ubyte"] = labels.astype(np.uint8)
     return arrays
@@ -95,8 +99,8 @@ def workspace(tmp_path: Path, params_dict: dict, tiny_idx, mlflow_store: str) ->
 
 def run_stage(main, **options) -> None:
     """Call a stage's typer command in-process, as DVC would on the command line."""
-    from typer.testing import CliRunner
     import typer
+    from typer.testing import CliRunner
 
     app = typer.Typer()
     app.command()(main)
@@ -109,8 +113,22 @@ def run_stage(main, **options) -> None:
 
 def copy_repo(destination: Path) -> Path:
     """Copy the repository's tracked sources (no data, no store) to `destination`."""
-    ignore = shutil.ignore_patterns(".venv", ".git", "data", "models", "predictions", "metrics",
-                                    "reports", "mlruns", "mlflow.db*", "__pycache__", "tmp",
-                                    "cache", ".pytest_cache", ".ruff_cache", "dvc.lock")
+    ignore = shutil.ignore_patterns(
+        ".venv",
+        ".git",
+        "data",
+        "models",
+        "predictions",
+        "metrics",
+        "reports",
+        "mlruns",
+        "mlflow.db*",
+        "__pycache__",
+        "tmp",
+        "cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        "dvc.lock",
+    )
     shutil.copytree(ROOT, destination, ignore=ignore)
     return destination

@@ -28,7 +28,12 @@ def test_defaults_match_the_file():
         ("train", "epochs", "five", r"'train.epochs' = 'five' is invalid"),
         ("train", "learning_rate", -1, r"'train.learning_rate' = -1 is invalid: .*greater than 0"),
         ("model", "dropout_rate", 1.5, r"'model.dropout_rate' = 1.5 is invalid: .*less than 1"),
-        ("data", "dataset", "cifar", r"'data.dataset' = 'cifar' is invalid: .*'mnist' or 'fashion-mnist'"),
+        (
+            "data",
+            "dataset",
+            "cifar",
+            r"'data.dataset' = 'cifar' is invalid: .*'mnist' or 'fashion-mnist'",
+        ),
         ("train", "seeds", [1, 1], r"'train.seeds' .* must be distinct"),
         ("train", "epochz", 3, r"unknown key 'train.epochz'"),
     ],
@@ -40,12 +45,17 @@ def test_bad_value_names_key_value_and_allowed(params_dict, section, key, value,
 
 
 def test_overrides_apply_to_one_framework_only(params_dict):
-    params_dict["overrides"]["torch"].update(batch_size=64, scheme="symmetric", epsilon=1e-8,
-                                             dropout_at_test=True, init="framework")
+    params_dict["overrides"]["torch"].update(
+        batch_size=64, scheme="symmetric", epsilon=1e-8, dropout_at_test=True, init="framework"
+    )
     params = parse_params(params_dict)
     torch = params.run_config("torch")
     tf = params.run_config("tf")
-    assert (torch.train.batch_size, torch.scheme, torch.train.optimizer.epsilon) == (64, "symmetric", 1e-8)
+    assert (torch.train.batch_size, torch.scheme, torch.train.optimizer.epsilon) == (
+        64,
+        "symmetric",
+        1e-8,
+    )
     assert torch.train.dropout_at_test and torch.model.init == "framework"
     assert (tf.train.batch_size, tf.scheme, tf.train.dropout_at_test) == (32, "scale", False)
     assert params.schemes() == ["scale", "symmetric"]
@@ -55,10 +65,19 @@ def test_stage_exits_non_zero_and_writes_nothing(tmp_path, params_dict):
     params_dict["train"]["batch_size"] = 0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict))
     done = subprocess.run(
-        [sys.executable, "-m", "stages.download", "--params", str(tmp_path / "params.yaml"),
-         "--out", str(tmp_path / "raw")],
-        cwd=ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
-                                                       "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+        [
+            sys.executable,
+            "-m",
+            "stages.download",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--out",
+            str(tmp_path / "raw"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
     )
     assert done.returncode == 1
     assert "'train.batch_size' = 0 is invalid" in done.stderr

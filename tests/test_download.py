@@ -99,8 +99,9 @@ def test_verified_files_are_not_fetched_again(tmp_path, tiny_idx, server):
     _, dataset = tiny_idx
     base, hits = server
     fetch_dataset(dataset, tmp_path / "first", [f"{base}/good/"], FAST)
-    manifest = fetch_dataset(dataset, tmp_path / "second", [f"{base}/good/"], FAST,
-                             reuse_dir=tmp_path / "first")
+    manifest = fetch_dataset(
+        dataset, tmp_path / "second", [f"{base}/good/"], FAST, reuse_dir=tmp_path / "first"
+    )
     assert hits["good"] == 4
     assert {info["source"] for info in manifest.values()} == {"already present"}
 
@@ -112,8 +113,11 @@ def test_image_and_label_counts_must_match(tmp_path, tiny_idx):
     arrays = tiny_arrays()
     arrays["t10k-labels-idx1-ubyte"] = arrays["t10k-labels-idx1-ubyte"][:-1]
     broken = write_idx_folder(tmp_path / "broken", arrays)
-    with pytest.raises(IdxError, match="test split: t10k-images-idx3-ubyte has 100 images but "
-                                       "t10k-labels-idx1-ubyte has 99 labels"):
+    with pytest.raises(
+        IdxError,
+        match="test split: t10k-images-idx3-ubyte has 100 images but "
+        "t10k-labels-idx1-ubyte has 99 labels",
+    ):
         fetch_dataset(broken, tmp_path / "out", [str(tmp_path / "broken")], FAST)
 
 
@@ -124,7 +128,10 @@ def test_mirror_comes_first_then_public_mirrors():
     assert "http://yann.lecun.com/exdb/mnist/" in public
 
 
-@pytest.mark.skipif(not DEBIAN_FASHION.exists(), reason="needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)")
+@pytest.mark.skipif(
+    not DEBIAN_FASHION.exists(),
+    reason="needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)",
+)
 def test_debian_fashion_mnist_folder_verifies_as_a_mirror(tmp_path):
     dataset = download.DATASETS["fashion-mnist"]
     manifest = fetch_dataset(dataset, tmp_path / "out", [str(DEBIAN_FASHION)], FAST)
@@ -144,17 +151,26 @@ def test_stage_writes_files_manifest_and_mlflow_run(workspace, tiny_idx, monkeyp
     assert run.info.run_name == "download" and run.info.status == "FINISHED"
     assert run.data.params["dataset"] == "mnist"
     assert run.data.params["source.train-images-idx3-ubyte"] == str(folder)
-    assert run.data.params["sha256.t10k-labels-idx1-ubyte"] == dataset.sha256["t10k-labels-idx1-ubyte"]
+    assert (
+        run.data.params["sha256.t10k-labels-idx1-ubyte"] == dataset.sha256["t10k-labels-idx1-ubyte"]
+    )
 
 
 def test_stage_failure_leaves_no_output_and_a_failed_run(workspace, tiny_idx, monkeypatch):
     folder, dataset = tiny_idx
-    monkeypatch.setitem(download.DATASETS, "mnist",
-                        download.Dataset((), dict(dataset.sha256, **{STEMS[3]: "f" * 64})))
+    monkeypatch.setitem(
+        download.DATASETS,
+        "mnist",
+        download.Dataset((), dict(dataset.sha256, **{STEMS[3]: "f" * 64})),
+    )
     monkeypatch.setenv("DATASET_MIRROR", str(folder))
     with pytest.raises(IdxError, match="checksum mismatch"):
-        download.main(out=workspace / "data/raw", params=workspace / "params.yaml",
-                      timeout_seconds=1, retries=0)
+        download.main(
+            out=workspace / "data/raw",
+            params=workspace / "params.yaml",
+            timeout_seconds=1,
+            retries=0,
+        )
     assert not (workspace / "data/raw").exists()
     assert [p for p in (workspace / "data").iterdir()] == []
     runs = mlflow.search_runs(experiment_names=["tf-vs-torch"])
@@ -162,8 +178,11 @@ def test_stage_failure_leaves_no_output_and_a_failed_run(workspace, tiny_idx, mo
 
 
 def test_changing_the_mirror_keeps_the_stage_up_to_date():
-    stage = __import__("yaml").safe_load(Path("dvc.yaml").read_text() if Path("dvc.yaml").exists()
-                                         else (Path(__file__).parents[1] / "dvc.yaml").read_text())
+    stage = __import__("yaml").safe_load(
+        Path("dvc.yaml").read_text()
+        if Path("dvc.yaml").exists()
+        else (Path(__file__).parents[1] / "dvc.yaml").read_text()
+    )
     download_stage = stage["stages"]["download"]
     assert "DATASET_MIRROR" not in str(download_stage)
     assert download_stage["params"] == ["data.dataset"]

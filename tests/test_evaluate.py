@@ -54,11 +54,21 @@ def _fake(labels, accuracy, seed):
 
 def test_no_difference_is_reported_as_no_difference():
     labels = np.arange(1000) % 10
-    probabilities = {fw: np.stack([_fake(labels, 0.9, s) for s in range(3)]) for fw in ("tf", "torch")}
-    speed = {"train_seconds": 2.0, "samples_per_second": 1.0, "latency_batch1_p50_ms": 0.1,
-             "latency_batch1_p95_ms": 0.2}
-    result = compare(labels, probabilities, {"tf": speed, "torch": speed}, {"tf": 1, "torch": 1},
-                     {"tf": 1, "torch": 1})
+    probabilities = {
+        fw: np.stack([_fake(labels, 0.9, s) for s in range(3)]) for fw in ("tf", "torch")
+    }
+    speed = {
+        "train_seconds": 2.0,
+        "samples_per_second": 1.0,
+        "latency_batch1_p50_ms": 0.1,
+        "latency_batch1_p95_ms": 0.2,
+    }
+    result = compare(
+        labels,
+        probabilities,
+        {"tf": speed, "torch": speed},
+        {"tf": 1, "torch": 1},
+    )
     assert result["agreement"] == 1.0 and result["mcnemar_p_value"] == 1.0
     assert verdict(result).startswith("No difference in accuracy")
 
@@ -67,14 +77,21 @@ def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
     for framework in ("tf", "torch"):
         run_trainer(workspace, framework, framework)
     reports = workspace / "reports"
-    run_stage(evaluate.main, data=workspace / "processed",
-              predictions_tf=workspace / "tf/predictions.npy",
-              predictions_torch=workspace / "torch/predictions.npy",
-              metrics_tf=workspace / "tf/metrics.json", metrics_torch=workspace / "torch/metrics.json",
-              model_tf=workspace / "tf/model", model_torch=workspace / "torch/model",
-              history_tf=workspace / "tf/history.csv", history_torch=workspace / "torch/history.csv",
-              code_tf=ROOT / "stages/train_tf.py", code_torch=ROOT / "stages/train_torch.py",
-              metrics=workspace / "evaluate.json", report=reports, params=workspace / "params.yaml")
+    run_stage(
+        evaluate.main,
+        data=workspace / "processed",
+        predictions_tf=workspace / "tf/predictions.npy",
+        predictions_torch=workspace / "torch/predictions.npy",
+        metrics_tf=workspace / "tf/metrics.json",
+        metrics_torch=workspace / "torch/metrics.json",
+        history_tf=workspace / "tf/history.csv",
+        history_torch=workspace / "torch/history.csv",
+        code_tf=ROOT / "stages/train_tf.py",
+        code_torch=ROOT / "stages/train_torch.py",
+        metrics=workspace / "evaluate.json",
+        report=reports,
+        params=workspace / "params.yaml",
+    )
     result = json.loads((workspace / "evaluate.json").read_text())
     assert 0 < result["tf"]["test_accuracy"] <= 1 and 0 < result["torch"]["test_accuracy"] <= 1
     assert 0 <= result["agreement"] <= 1 and 0 <= result["mcnemar_p_value"] <= 1
@@ -87,12 +104,18 @@ def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
         assert f"]({png})" in markdown
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.info.run_name == "evaluate"
-    assert run.data.tags["tf_run_id"] == json.loads((workspace / "tf/metrics.json").read_text())["mlflow_run_id"]
+    assert (
+        run.data.tags["tf_run_id"]
+        == json.loads((workspace / "tf/metrics.json").read_text())["mlflow_run_id"]
+    )
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "report")}
     assert "report/comparison.md" in artifacts and "report/confusion_matrices.png" in artifacts
 
-    output = CliRunner().invoke(app, ["report", "--metrics", str(workspace / "evaluate.json")],
-                                terminal_width=200).output
+    output = (
+        CliRunner()
+        .invoke(app, ["report", "--metrics", str(workspace / "evaluate.json")], terminal_width=200)
+        .output
+    )
     assert "TensorFlow vs PyTorch" in output
     assert f"{100 * result['tf']['test_accuracy']:.2f}" in output
     assert f"{100 * result['torch']['test_accuracy']:.2f}" in output

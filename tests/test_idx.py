@@ -13,7 +13,8 @@ def test_reads_images_and_labels(tmp_path):
     images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(encode_idx(images)))
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(
-        gzip.compress(encode_idx(np.array([3, 7], dtype=np.uint8))))
+        gzip.compress(encode_idx(np.array([3, 7], dtype=np.uint8)))
+    )
     np.testing.assert_array_equal(read_idx(tmp_path / "train-images-idx3-ubyte.gz"), images)
     np.testing.assert_array_equal(read_idx(tmp_path / "train-labels-idx1-ubyte.gz"), [3, 7])
 
@@ -35,7 +36,9 @@ def test_not_gzip(tmp_path):
 
 def test_wrong_magic_number():
     data = encode_idx(np.zeros(4, np.uint8))  # a labels file where images are expected
-    with pytest.raises(IdxError, match=r"train-images-idx3-ubyte: wrong IDX magic number 0x00000801"):
+    with pytest.raises(
+        IdxError, match=r"train-images-idx3-ubyte: wrong IDX magic number 0x00000801"
+    ):
         parse_idx(data, "train-images-idx3-ubyte")
 
 

@@ -13,10 +13,14 @@ from tests.conftest import run_stage
 
 def test_scale_and_symmetric_numbers():
     pixels = np.array([[[0, 51, 255]]], dtype=np.uint8)
-    np.testing.assert_allclose(apply_scheme(pixels, *scheme_constants("scale", pixels)),
-                               [[[0.0, 0.2, 1.0]]], rtol=1e-6)
-    np.testing.assert_allclose(apply_scheme(pixels, *scheme_constants("symmetric", pixels)),
-                               [[[-1.0, -0.6, 1.0]]], rtol=1e-6)
+    np.testing.assert_allclose(
+        apply_scheme(pixels, *scheme_constants("scale", pixels)), [[[0.0, 0.2, 1.0]]], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        apply_scheme(pixels, *scheme_constants("symmetric", pixels)),
+        [[[-1.0, -0.6, 1.0]]],
+        rtol=1e-6,
+    )
     assert apply_scheme(pixels, 0.0, 1.0).dtype == np.float32
 
 
@@ -49,8 +53,12 @@ def test_stage_outputs_and_mlflow_run(workspace, tiny_idx, monkeypatch, params_d
     monkeypatch.setitem(download.DATASETS, "mnist", dataset)
     monkeypatch.setenv("DATASET_MIRROR", str(folder))
     run_stage(download.main, out=workspace / "raw", params=workspace / "params.yaml")
-    run_stage(normalize.main, raw=workspace / "raw", out=workspace / "processed",
-              params=workspace / "params.yaml")
+    run_stage(
+        normalize.main,
+        raw=workspace / "raw",
+        out=workspace / "processed",
+        params=workspace / "params.yaml",
+    )
 
     processed = workspace / "processed"
     x_train = np.load(processed / "scale" / "x_train.npy", mmap_mode="r")  # memory-mappable

@@ -20,30 +20,41 @@ from tests.conftest import DEBIAN_FASHION, copy_repo
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not DEBIAN_FASHION.exists(),
-                       reason="needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)"),
+    pytest.mark.skipif(
+        not DEBIAN_FASHION.exists(),
+        reason="needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)",
+    ),
 ]
 STAGES = {"download", "normalize", "train-tf", "train-torch", "evaluate"}
 
 
 def dvc(repo: Path, *args: str, env: dict | None = None, timeout: int = 900) -> str:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True,
-                          text=True, env=env or repo_env(), timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env or repo_env(),
+        timeout=timeout,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
 def repo_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env["DATASET_MIRROR"] = str(DEBIAN_FASHION)
     return env | extra
 
 
 def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.email=t@localhost", "-c", "user.name=t", *args],
-                   cwd=repo, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.email=t@localhost", "-c", "user.name=t", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
 
 
 def runs(repo: Path) -> list:
@@ -91,7 +102,7 @@ def test_full_pipeline_report_and_fair_defaults(repo):
     result = json.loads((repo / "metrics/evaluate.json").read_text())
     assert abs(result["tf"]["test_accuracy"] - result["torch"]["test_accuracy"]) < 0.005
     assert (repo / "reports/comparison.md").exists()
-    assert STAGES <= set(stage_names(runs(repo)))
+    assert set(stage_names(runs(repo))) >= STAGES
     show = dvc(repo, "metrics", "show", "--json")
     assert "metrics/train_tf.json" in show and "metrics/train_torch.json" in show
 
@@ -102,9 +113,13 @@ def test_mlflow_ui_with_no_flags_lists_all_five_stage_runs(repo):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ui = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--port", str(port)],
-                          cwd=repo, env=repo_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "ui", "--port", str(port)],
+        cwd=repo,
+        env=repo_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
         for _ in range(120):
@@ -114,18 +129,22 @@ def test_mlflow_ui_with_no_flags_lists_all_five_stage_runs(repo):
             except OSError:
                 time.sleep(0.5)
         with urllib.request.urlopen(
-                f"{base}/experiments/get-by-name?experiment_name=tf-vs-torch", timeout=10) as r:
+            f"{base}/experiments/get-by-name?experiment_name=tf-vs-torch", timeout=10
+        ) as r:
             experiment_id = json.load(r)["experiment"]["experiment_id"]
         request = urllib.request.Request(
-            f"{base}/runs/search", method="POST", headers={"Content-Type": "application/json"},
-            data=json.dumps({"experiment_ids": [experiment_id], "max_results": 1000}).encode())
+            f"{base}/runs/search",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [experiment_id], "max_results": 1000}).encode(),
+        )
         with urllib.request.urlopen(request, timeout=10) as r:
             found = json.load(r)["runs"]
     finally:
         ui.terminate()
         ui.wait(timeout=30)
     names = {run["info"]["run_name"] for run in found}
-    assert STAGES <= names
+    assert names >= STAGES
 
 
 def test_exp_run_epochs_reruns_trainers_only_and_temp_lands_in_main_store(repo):
@@ -142,7 +161,9 @@ def test_exp_run_epochs_reruns_trainers_only_and_temp_lands_in_main_store(repo):
     new = [r for r in after if r.info.run_name in {"train-tf", "train-torch", "evaluate"}]
     assert len(after) - before == 5  # two trainers, their two seed runs, evaluate
     assert any(r.data.tags.get("dvc_exp_name") for r in new)
-    assert not (repo / ".dvc/tmp/exps").exists() or not list((repo / ".dvc/tmp/exps").glob("*/mlflow.db"))
+    assert not (repo / ".dvc/tmp/exps").exists() or not list(
+        (repo / ".dvc/tmp/exps").glob("*/mlflow.db")
+    )
 
 
 def test_queued_experiments_with_two_workers_land_once_each(repo):
@@ -152,8 +173,18 @@ def test_queued_experiments_with_two_workers_land_once_each(repo):
     git(repo, "commit", "-qm", "baseline", "--allow-empty")
     before = len(runs(repo))
     for batch_size in (128, 256):
-        dvc(repo, "exp", "run", "--queue", "-S", "train.epochs=1", "-S", "train.seeds=[0]",
-            "-S", f"train.batch_size={batch_size}")
+        dvc(
+            repo,
+            "exp",
+            "run",
+            "--queue",
+            "-S",
+            "train.epochs=1",
+            "-S",
+            "train.seeds=[0]",
+            "-S",
+            f"train.batch_size={batch_size}",
+        )
     dvc(repo, "queue", "start", "-j", "2")
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -167,7 +198,8 @@ def test_queued_experiments_with_two_workers_land_once_each(repo):
     assert len(after) - before == 10  # 2 experiments x 5 runs, nothing lost or duplicated
     names = sorted(r.info.run_name for r in new)
     assert names.count("evaluate") == 2 and names.count("train-tf-seed-0") == 2
-    assert {r.data.params.get("train.batch_size") for r in new
-            if r.info.run_name == "train-torch"} == {"128", "256"}
+    assert {
+        r.data.params.get("train.batch_size") for r in new if r.info.run_name == "train-torch"
+    } == {"128", "256"}
     table = dvc(repo, "exp", "show", "--json")
     assert "metrics/train_tf.json" in table and "metrics/train_torch.json" in table
