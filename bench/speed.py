@@ -37,6 +37,8 @@ CONFIGS = {
     "blog-keras": ("blog's Keras: model.fit on numpy arrays", 32),
     "ours-torch": ("train-torch: whole tensors, index batches, fused Adam", 64),
     "ours-tf": ("train-tf: whole tensors, index batches, one graph per epoch", 64),
+    "ours-torch-b256": ("train-torch at train.batch_size=256", 256),
+    "ours-tf-b256": ("train-tf at train.batch_size=256", 256),
     "torch-foreach-adam": ("train-torch with foreach Adam instead of fused", 64),
     "torch-1-thread": ("train-torch with torch.set_num_threads(1)", 64),
     "torch-compile": ("train-torch with torch.compile(model) (compile time excluded)", 64),
@@ -118,7 +120,7 @@ def keras_fit(raw: Path, batch_size: int, steps_per_execution: int = 1, jit: boo
     return time.perf_counter() - start
 
 
-def ours(raw: Path, framework: str, variant: str = "") -> float:
+def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> float:
     from stages.config import Params
 
     if framework == "tf":
@@ -154,7 +156,7 @@ def ours(raw: Path, framework: str, variant: str = "") -> float:
         from stages.training import batch_order
 
         train_epoch(
-            model, optimizer, xs, ys, batch_order(len(y), 0, epoch), config.train.batch_size
+            model, optimizer, xs, ys, batch_order(len(y), 0, epoch), batch_size
         )
     return time.perf_counter() - start
 
@@ -195,7 +197,7 @@ def run_config(name: str, raw: Path) -> float:
         "tf-step-per-call": "step-per-call",
         "tf-jit-compile": "jit",
     }.get(name, "")
-    return ours(raw, framework, variant)
+    return ours(raw, framework, variant, CONFIGS[name][1])
 
 
 def matmul_gflops() -> float:

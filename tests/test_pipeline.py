@@ -66,6 +66,20 @@ def runs(repo: Path) -> list:
         mlflow.set_tracking_uri(None)
 
 
+def experiment_data(node) -> list[dict]:
+    """Return the `data` of every experiment in `dvc exp show --json` output."""
+    found = []
+    if isinstance(node, dict):
+        if "data" in node and isinstance(node["data"], dict) and "metrics" in node["data"]:
+            found.append(node["data"])
+        for value in node.values():
+            found += experiment_data(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += experiment_data(value)
+    return found
+
+
 def stage_names(found: list) -> list[str]:
     return sorted(r.info.run_name for r in found if "mlflow.parentRunId" not in r.data.tags)
 
@@ -201,5 +215,15 @@ def test_queued_experiments_with_two_workers_land_once_each(repo):
     assert {
         r.data.params.get("train.batch_size") for r in new if r.info.run_name == "train-torch"
     } == {"128", "256"}
-    table = dvc(repo, "exp", "show", "--json")
-    assert "metrics/train_tf.json" in table and "metrics/train_torch.json" in table
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    metrics = [data["metrics"] for data in experiment_data(shown)]
+    side_by_side = [
+        m
+        for m in metrics
+        if "data" in m.get("metrics/train_tf.json", {})
+        and "data" in m.get("metrics/train_torch.json", {})
+    ]
+    assert len(side_by_side) >= 2, metrics  # both frameworks' numbers, in each experiment
+    assert all(
+        0 < m["metrics/train_torch.json"]["data"]["test_accuracy"] <= 1 for m in side_by_side
+    )
