@@ -129,6 +129,7 @@ def copy_repo(destination: Path) -> Path:
         ".pytest_cache",
         ".ruff_cache",
         "dvc.lock",
+        ".arrays",
     )
     shutil.copytree(ROOT, destination, ignore=ignore)
     return destination
