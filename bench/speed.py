@@ -155,9 +155,7 @@ def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> 
     for epoch in range(1, EPOCHS + 1):
         from stages.training import batch_order
 
-        train_epoch(
-            model, optimizer, xs, ys, batch_order(len(y), 0, epoch), batch_size
-        )
+        train_epoch(model, optimizer, xs, ys, batch_order(len(y), 0, epoch), batch_size)
     return time.perf_counter() - start
 
 
@@ -307,7 +305,13 @@ def table(payload: dict) -> str:
             continue
         result = configs[name]
         baseline = configs.get("blog-keras" if "tf" in name or "keras" in name else "blog-torch")
-        speedup = f"{baseline['seconds'] / result['seconds']:.1f}x faster" if baseline else ""
+        speedup = (
+            "baseline"
+            if name.startswith("blog-")
+            else f"{baseline['seconds'] / result['seconds']:.1f}x faster"
+            if baseline
+            else ""
+        )
         lines.append(
             f"| `{name}`: {description} | {batch} | {result['seconds']:.1f} | {speedup} | "
             f"{result['seconds'] / payload['floor_seconds']:.1f} | "

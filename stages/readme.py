@@ -17,7 +17,7 @@ def results_section(
 ) -> str:
     """Return the markdown between the README's result markers."""
     lines = [
-        f"### The comparison (`dvc repro`, {dataset}, {result['seeds']} seeds, CPU)",
+        f"### The comparison (`dvc repro` with data.dataset={dataset}, {result['seeds']} seeds, CPU)",
         "",
         verdict(result),
         "",
