@@ -278,6 +278,8 @@ def _pyplot():
 def plot_learning_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
     """Save both frameworks' loss and accuracy curves overlaid."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for fw, rows in histories.items():
         epochs = [r["epoch"] for r in rows]
@@ -298,6 +300,7 @@ def plot_learning_curves(histories: dict[str, list[dict[str, float]]], path: Pat
                     label=f"{LABELS[fw]} {split}",
                 )
     for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
