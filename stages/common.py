@@ -31,12 +31,10 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 def run_cli(main: Callable[..., None]) -> None:
     """Run a stage's typer command; a StageError becomes one message on stderr and exit 1."""
-    from .config import ParamsError
-
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         typer.run(main)
-    except (StageError, ParamsError) as exc:
+    except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

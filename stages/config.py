@@ -8,13 +8,15 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .common import StageError
+
 Framework = Literal["tf", "torch"]
 FRAMEWORKS: tuple[Framework, ...] = ("tf", "torch")
 Scheme = Literal["scale", "symmetric", "standardize"]
 Init = Literal["framework", "glorot", "shared"]
 
 
-class ParamsError(ValueError):
+class ParamsError(StageError):
     """params.yaml is missing, unreadable or invalid; the message says which key and how to fix it."""
 
 
