@@ -120,12 +120,22 @@ def latency(
     }
 
 
+def on_device(backend: ModuleType, splits: dict[str, Split], device: str) -> dict[str, Any]:
+    """Return the arrays training reads as framework tensors on `device`, made once per stage."""
+    return {
+        "x_train": backend.to_device(splits["train"].x, device),
+        "y_train": backend.to_device(splits["train"].y, device),
+        "x_val": backend.to_device(splits["val"].x, device),
+        "x_test": backend.to_device(splits["test"].x, device),
+    }
+
+
 def train_one_seed(
     backend: ModuleType,
     config: RunConfig,
     splits: dict[str, Split],
+    tensors: dict[str, Any],
     seed: int,
-    device: str,
     log_epoch: Any = None,
 ) -> dict[str, Any]:
     """Train one model from `seed`; return it with its history, test probabilities and timings."""
@@ -134,9 +144,7 @@ def train_one_seed(
     initial = shared_weights(model_config, seed) if model_config.init == "shared" else None
     model = backend.build_model(model_config, initial)
     optimizer = backend.make_optimizer(train, model)
-    x_train = backend.to_device(splits["train"].x, device)
-    y_train = backend.to_device(splits["train"].y, device)
-    x_val = backend.to_device(splits["val"].x, device)
+    x_train, y_train, x_val = tensors["x_train"], tensors["y_train"], tensors["x_val"]
     history: list[dict[str, float]] = []
     first_step_done = None
     train_seconds = 0.0
@@ -170,9 +178,7 @@ def train_one_seed(
         history.append(row)
         if log_epoch:
             log_epoch(row)
-    test_probs = backend.predict_proba(
-        model, backend.to_device(splits["test"].x, device), training=train.dropout_at_test
-    )
+    test_probs = backend.predict_proba(model, tensors["x_test"], training=train.dropout_at_test)
     test_loss, test_accuracy = loss_and_accuracy(test_probs, splits["test"].y)
     return {
         "model": model,
@@ -269,6 +275,7 @@ def train_stage(
         mlflow.log_params({**config.flat(), **{f"device.{k}": v for k, v in device.items()}})
         tmp_model.mkdir()
         results = []
+        tensors = on_device(backend, splits, device["device"])
         for seed in config.train.seeds:
             with child_run(f"train-{framework}-seed-{seed}", {**tags, "seed": str(seed)}):
                 mlflow.log_params({**config.flat(), "seed": seed})
@@ -279,7 +286,7 @@ def train_stage(
                     )
                     print(progress(framework, seed, config.train.epochs, row), flush=True)
 
-                result = train_one_seed(backend, config, splits, seed, device["device"], log_epoch)
+                result = train_one_seed(backend, config, splits, tensors, seed, log_epoch)
                 path = tmp_model / f"seed-{seed}{backend.MODEL_SUFFIX}"
                 backend.save_model(result["model"], path)
                 check_reload(

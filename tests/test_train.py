@@ -17,7 +17,13 @@ from stages import train_tf, train_torch
 from stages.common import StageError
 from stages.config import parse_params
 from stages.normalize import apply_scheme, split_validation
-from stages.training import count_parameters, shared_weights, train_one_seed, train_stage
+from stages.training import (
+    count_parameters,
+    on_device,
+    shared_weights,
+    train_one_seed,
+    train_stage,
+)
 from tests.conftest import ROOT, tiny_arrays
 
 BACKENDS = {"tf": train_tf, "torch": train_torch}
@@ -165,7 +171,8 @@ def test_nan_loss_stops_at_once_naming_the_step(params_dict, framework):
         match=r"training diverged: loss is (nan|inf) at step \d+ "
         r"\(epoch 1, seed 0\).*learning_rate",
     ):
-        train_one_seed(BACKENDS[framework], config, splits, 0, "cpu")
+        backend = BACKENDS[framework]
+        train_one_seed(backend, config, splits, on_device(backend, splits, "cpu"), 0)
 
 
 @pytest.mark.parametrize("framework", ["tf", "torch"])
