@@ -122,6 +122,7 @@ def keras_fit(raw: Path, batch_size: int, steps_per_execution: int = 1, jit: boo
 
 def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> float:
     from stages.config import Params
+    from stages.training import batch_order
 
     if framework == "tf":
         from stages import train_tf as backend
@@ -153,8 +154,6 @@ def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> 
         train_epoch = _tf_step_per_call
     start = time.perf_counter()
     for epoch in range(1, EPOCHS + 1):
-        from stages.training import batch_order
-
         train_epoch(model, optimizer, xs, ys, batch_order(len(y), 0, epoch), batch_size)
     return time.perf_counter() - start
 

@@ -18,6 +18,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from .common import StageError, read_json, run_cli, staged_outputs, write_json
 from .config import FRAMEWORKS, load_params
 from .stats import difference, mcnemar_exact, mean_interval
+from .training import loss_and_accuracy
 
 LABELS = {"tf": "TensorFlow/Keras", "torch": "PyTorch"}
 COLORS = {"tf": "#ff6f00", "torch": "#5c6bc0"}
@@ -77,14 +78,9 @@ def compare(
 ) -> dict[str, Any]:
     """Return every number of the comparison: accuracy statistics, agreement, McNemar, speed."""
     predicted = {fw: p.argmax(axis=2) for fw, p in probabilities.items()}  # (seeds, N)
-    accuracy = {fw: (predicted[fw] == labels).mean(axis=1).tolist() for fw in FRAMEWORKS}
-    losses = {
-        fw: [
-            float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1)).mean())
-            for p in probabilities[fw]
-        ]
-        for fw in FRAMEWORKS
-    }
+    scored = {fw: [loss_and_accuracy(p, labels) for p in probabilities[fw]] for fw in FRAMEWORKS}
+    losses = {fw: [loss for loss, _ in scored[fw]] for fw in FRAMEWORKS}
+    accuracy = {fw: [acc for _, acc in scored[fw]] for fw in FRAMEWORKS}
     per_framework: dict[str, Any] = {}
     for fw in FRAMEWORKS:
         interval = mean_interval(accuracy[fw])
@@ -223,6 +219,12 @@ def print_table(result: dict[str, Any]) -> None:
     )
 
 
+def markdown_table(result: dict[str, Any]) -> str:
+    """Return the comparison table as markdown."""
+    rows = [f"| {a} | {b} | {c} |" for a, b, c in table_rows(result)]
+    return "\n".join(["| Measure | TensorFlow/Keras | PyTorch |", "|---|---:|---:|", *rows])
+
+
 def markdown_report(result: dict[str, Any], dataset: str) -> str:
     """Return reports/comparison.md: the table, the verdict, and the plots."""
     lines = [
@@ -230,10 +232,8 @@ def markdown_report(result: dict[str, Any], dataset: str) -> str:
         "",
         verdict(result),
         "",
-        "| Measure | TensorFlow/Keras | PyTorch |",
-        "|---|---:|---:|",
+        markdown_table(result),
     ]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in table_rows(result)]
     lines += [
         "",
         f"The two models (first seed of each) agree on {100 * result['agreement']:.2f}% of the "
@@ -284,17 +284,12 @@ def plot_learning_curves(histories: dict[str, list[dict[str, float]]], path: Pat
     for fw, rows in histories.items():
         epochs = [r["epoch"] for r in rows]
         for split, style in (("train", "--"), ("val", "-")):
-            if f"{split}_loss" in rows[0]:
-                loss_ax.plot(
+            if f"{split}_loss" not in rows[0]:
+                continue  # no validation split
+            for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+                ax.plot(
                     epochs,
-                    [r[f"{split}_loss"] for r in rows],
-                    style,
-                    color=COLORS[fw],
-                    label=f"{LABELS[fw]} {split}",
-                )
-                acc_ax.plot(
-                    epochs,
-                    [r[f"{split}_accuracy"] for r in rows],
+                    [r[f"{split}_{name}"] for r in rows],
                     style,
                     color=COLORS[fw],
                     label=f"{LABELS[fw]} {split}",

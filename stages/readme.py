@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import StageError
-from .evaluate import table_rows, verdict
+from .evaluate import markdown_table, verdict
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -21,9 +21,7 @@ def results_section(
         "",
         verdict(result),
         "",
-        "| Measure | TensorFlow/Keras | PyTorch |",
-        "|---|---:|---:|",
-        *(f"| {a} | {b} | {c} |" for a, b, c in table_rows(result)),
+        markdown_table(result),
         "",
         f"The two models agree on {100 * result['agreement']:.2f}% of test images; McNemar's "
         f"exact test on the first seed's paired predictions: p = {result['mcnemar_p_value']:.3g}.",
