@@ -129,6 +129,7 @@ def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> 
     else:
         from stages import train_torch as backend
     config = Params().run_config(framework)
+    backend.describe_device("cpu", config.train.allow_tf32)
     x, y = np.load(ARRAYS / "x.npy"), np.load(ARRAYS / "y.npy")  # as the stage loads them
     backend.seed_everything(0, True)
     model = backend.build_model(config.model)

@@ -1,0 +1,149 @@
+"""Where one `train-torch` step's time goes, against the time per step the speed targets allow.
+
+    python bench/step_profile.py --raw data/raw
+
+Trains the default network at batch 64 with the stage's own functions: one warm-up epoch, one
+timed epoch, then --steps more steps under torch.profiler. Times the step's two large matrix
+multiplies alone and this machine's large-matrix rate in the same process. The per-step budgets
+take the blog loop's seconds from bench/results.json (run bench/speed.py first). Writes
+bench/step_profile.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+BATCH = 64
+PARTS = {  # part of a step: profiler event names (self CPU time) that make it up
+    "matrix multiplies (forward addmm, backward mm)": ("aten::addmm", "aten::mm"),
+    "dropout's random mask (bernoulli_)": ("aten::bernoulli_",),
+    "Adam's update kernel (_fused_adam_)": ("aten::_fused_adam_",),
+    "optimizer's Python (step, zero_grad)": ("Optimizer.",),
+    "batch gather (index_select)": ("aten::index_select",),
+}
+OTHER = "every other op: flatten, ReLU, loss, autograd bookkeeping"
+BETWEEN = "Python between ops: the loop, nn.Module calls"
+
+
+def microseconds(fn, repeats: int = 2000) -> float:
+    """Return the median over 5 rounds of fn's time per call, in µs."""
+    for _ in range(100):
+        fn()
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats // 5):
+            fn()
+        rounds.append((time.perf_counter() - start) / (repeats // 5) * 1e6)
+    return float(np.median(rounds))
+
+
+def profile(raw: Path, steps: int) -> dict:
+    """Return µs per step overall and per part, and the large matmuls' rate at batch 64."""
+    import torch
+    from speed import load, matmul_gflops
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from stages import train_torch as backend
+    from stages.config import Params
+    from stages.normalize import apply_scheme
+    from stages.training import batch_order
+
+    config = Params().run_config("torch")
+    images, labels = load(raw)
+    x = backend.to_device(apply_scheme(images, 0.0, 1.0), "cpu")
+    y = backend.to_device(labels.astype(np.int64), "cpu")
+    backend.describe_device("cpu", config.train.allow_tf32)
+    backend.seed_everything(0, True)
+    model = backend.build_model(config.model)
+    optimizer = backend.make_optimizer(config.train, model)
+    backend.train_epoch(model, optimizer, x, y, batch_order(len(y), 0, 1), BATCH)  # warm-up
+    start = time.perf_counter()
+    backend.train_epoch(model, optimizer, x, y, batch_order(len(y), 0, 2), BATCH)
+    step_us = (time.perf_counter() - start) / -(-len(y) // BATCH) * 1e6
+    order = batch_order(len(y), 0, 3)[: steps * BATCH]
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        backend.train_epoch(model, optimizer, x, y, order, BATCH)
+        profiled_us = (time.perf_counter() - start) / steps * 1e6
+    self_us = {e.key: e.self_cpu_time_total / steps for e in prof.key_averages()}
+    parts = {
+        part: sum(us for key, us in self_us.items() if key.startswith(prefixes))
+        for part, prefixes in PARTS.items()
+    }
+    parts[OTHER] = sum(self_us.values()) - sum(parts.values())
+    parts[BETWEEN] = max(profiled_us - sum(self_us.values()), 0.0)
+
+    hidden = config.model.hidden_units[0]
+    inputs, weight = x[:BATCH].reshape(BATCH, -1), model[1].weight.detach()
+    bias, grad = model[1].bias.detach(), torch.randn(BATCH, hidden)
+    forward_us = microseconds(lambda: torch.addmm(bias, inputs, weight.t()))
+    backward_us = microseconds(lambda: grad.t().mm(inputs))
+    flops = 2 * BATCH * inputs.shape[1] * hidden
+    return {
+        "step_us": step_us,
+        "profiled_step_us": profiled_us,
+        "parts_profiled_us": parts,
+        "matmul_forward_us": forward_us,
+        "matmul_backward_us": backward_us,
+        "matmul_batch64_gflops": 2 * flops / (forward_us + backward_us) / 1e3,
+        "matmul_gflops": matmul_gflops(),
+        "training_samples": len(y),
+    }
+
+
+def table(result: dict, bench: dict | None) -> str:
+    """Return the step breakdown and the budgets as markdown."""
+    from speed import EPOCHS, FLOPS_PER_SAMPLE
+
+    samples = result["training_samples"]
+    steps = EPOCHS * -(-samples // BATCH)
+    floor_us = samples * EPOCHS * FLOPS_PER_SAMPLE / (result["matmul_gflops"] * 1e9) / steps * 1e6
+    budgets = [f"3x the arithmetic floor allows {3 * floor_us:.0f} µs"]
+    if bench and "blog-torch" in bench["configs"]:
+        blog_us = bench["configs"]["blog-torch"]["seconds"] / steps * 1e6
+        budgets.insert(0, f"10x faster than the blog's loop allows {blog_us / 10:.0f} µs")
+    total = result["profiled_step_us"]
+    lines = [
+        f"Measured by `python bench/step_profile.py`: one `train-torch` step at batch {BATCH} "
+        f"takes {result['step_us']:.0f} µs ({result['profiled_step_us']:.0f} µs under the "
+        f"profiler). Per step, {' and '.join(budgets)}. The step's two large matrix multiplies "
+        f"alone take {result['matmul_forward_us'] + result['matmul_backward_us']:.0f} µs: "
+        f"{result['matmul_batch64_gflops']:.0f} GFLOP/s at these shapes against "
+        f"{result['matmul_gflops']:.0f} GFLOP/s for 2048x2048 matrices.",
+        "",
+        "| part of one training step | µs per step (profiled) | share |",
+        "|---|---:|---:|",
+    ]
+    for part, us in sorted(result["parts_profiled_us"].items(), key=lambda item: -item[1]):
+        lines.append(f"| {part} | {us:.0f} | {100 * us / total:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(
+    raw: Path = typer.Option(Path("data/raw"), help="Folder with the four IDX .gz files."),
+    steps: int = typer.Option(400, help="Steps to profile."),
+    out: Path = typer.Option(ROOT / "bench", help="Where step_profile.{json,md} go."),
+) -> None:
+    """Profile one epoch's steps and write the breakdown."""
+    result = profile(raw, steps)
+    results = out / "results.json"
+    bench = json.loads(results.read_text()) if results.exists() else None
+    (out / "step_profile.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "step_profile.md").write_text(table(result, bench))
+    print(table(result, bench))
+
+
+if __name__ == "__main__":
+    typer.run(main)
