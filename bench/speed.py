@@ -241,11 +241,15 @@ def main(
     repeats: int = typer.Option(3, help="Runs per configuration; medians are reported."),
     only: str = typer.Option("", help="Comma-separated configurations (default: all)."),
     out: Path = typer.Option(ROOT / "bench", help="Where results.json and results.md go."),
+    table_only: bool = typer.Option(False, help="Rewrite results.md from results.json only."),
     child_name: str = typer.Option("", "--child", hidden=True),
 ) -> None:
     """Run every configuration --repeats times and write the table."""
     if child_name:
         child(child_name, raw)
+        return
+    if table_only:
+        (out / "results.md").write_text(table(json.loads((out / "results.json").read_text())))
         return
     names = [n for n in CONFIGS if not only or n in only.split(",")]
     from stages.normalize import apply_scheme
@@ -305,12 +309,15 @@ def table(payload: dict) -> str:
             continue
         result = configs[name]
         baseline = configs.get("blog-keras" if "tf" in name or "keras" in name else "blog-torch")
+        ratio = baseline["seconds"] / result["seconds"] if baseline else None
         speedup = (
             "baseline"
             if name.startswith("blog-")
-            else f"{baseline['seconds'] / result['seconds']:.1f}x faster"
-            if baseline
             else ""
+            if ratio is None
+            else f"{ratio:.1f}x faster"
+            if ratio >= 1
+            else f"{1 / ratio:.1f}x slower"
         )
         lines.append(
             f"| `{name}`: {description} | {batch} | {result['seconds']:.1f} | {speedup} | "

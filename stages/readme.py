@@ -13,7 +13,11 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def results_section(
-    result: dict[str, Any], dataset: str, bench: str | None, blog_gap: str | None
+    result: dict[str, Any],
+    dataset: str,
+    bench: str | None,
+    blog_gap: str | None,
+    step_profile: str | None = None,
 ) -> str:
     """Return the markdown between the README's result markers."""
     lines = [
@@ -29,6 +33,13 @@ def results_section(
     ]
     if bench:
         lines += ["### Training speed (`python bench/speed.py`)", "", bench.strip(), ""]
+    if step_profile:
+        lines += [
+            "### Where a `train-torch` step's time goes (`python bench/step_profile.py`)",
+            "",
+            step_profile.strip(),
+            "",
+        ]
     if blog_gap:
         lines += [
             "### The blog's gap, one change at a time (`python experiments/blog_gap.py`)",
@@ -39,8 +50,10 @@ def results_section(
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, result: dict[str, Any], bench: Path, blog_gap: Path) -> None:
-    """Replace the README's results section in place."""
+def update_readme(
+    readme: Path, result: dict[str, Any], bench: Path, blog_gap: Path, step_profile: Path
+) -> None:
+    """Replace the README's results section in place; missing bench or experiment files are left out."""
     text = readme.read_text()
     if START not in text or END not in text:
         raise StageError(f"{readme} has no {START} ... {END} markers to fill")
@@ -50,6 +63,7 @@ def update_readme(readme: Path, result: dict[str, Any], bench: Path, blog_gap: P
         dataset,
         bench.read_text() if bench.exists() else None,
         blog_gap.read_text() if blog_gap.exists() else None,
+        step_profile.read_text() if step_profile.exists() else None,
     )
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]

@@ -73,10 +73,10 @@ def test_no_difference_is_reported_as_no_difference():
     assert verdict(result).startswith("No difference in accuracy")
 
 
-def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
+def run_evaluate(workspace):
+    """Train both frameworks on tiny data, run `evaluate`, and return its metrics."""
     for framework in ("tf", "torch"):
         run_trainer(workspace, framework, framework)
-    reports = workspace / "reports"
     run_stage(
         evaluate.main,
         data=workspace / "processed",
@@ -89,10 +89,15 @@ def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
         code_tf=ROOT / "stages/train_tf.py",
         code_torch=ROOT / "stages/train_torch.py",
         metrics=workspace / "evaluate.json",
-        report=reports,
+        report=workspace / "reports",
         params=workspace / "params.yaml",
     )
-    result = json.loads((workspace / "evaluate.json").read_text())
+    return json.loads((workspace / "evaluate.json").read_text())
+
+
+def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
+    result = run_evaluate(workspace)
+    reports = workspace / "reports"
     assert 0 < result["tf"]["test_accuracy"] <= 1 and 0 < result["torch"]["test_accuracy"] <= 1
     assert 0 <= result["agreement"] <= 1 and 0 <= result["mcnemar_p_value"] <= 1
     assert result["tf"]["code_lines"] > 50 and result["torch"]["code_lines"] > 50
@@ -126,3 +131,28 @@ def test_report_command_without_outputs_says_what_to_run(tmp_path):
     result = CliRunner().invoke(app, ["report", "--metrics", str(tmp_path / "missing.json")])
     assert result.exit_code == 1
     assert "run `dvc repro evaluate` first" in result.output
+
+
+def test_readme_command_fills_only_the_results_section(workspace):
+    result = run_evaluate(workspace)
+    readme = workspace / "README.md"
+    readme.write_text("# Title\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
+    (workspace / "bench.md").write_text("| speed table |\n")
+    (workspace / "profile.md").write_text("| step table |\n")
+    command = ["readme", "--metrics", str(workspace / "evaluate.json"), "--readme", str(readme)]
+    command += ["--bench", str(workspace / "bench.md"), "--step-profile"]
+    command += [str(workspace / "profile.md"), "--blog-gap", str(workspace / "missing.md")]
+
+    done = CliRunner().invoke(app, command)
+    assert done.exit_code == 0, done.output
+    text = readme.read_text()
+    assert text.startswith("# Title\n<!-- results:start -->\n") and text.endswith(
+        "end -->\nafter\n"
+    )
+    assert "old" not in text and "| speed table |" in text and "| step table |" in text
+    assert "blog's gap" not in text  # no experiment output, no section
+    assert f"{100 * result['tf']['test_accuracy']:.2f}" in text
+
+    readme.write_text("# Title without markers\n")
+    done = CliRunner().invoke(app, command)
+    assert done.exit_code == 1 and "has no <!-- results:start -->" in done.output
