@@ -42,6 +42,7 @@ CONFIGS = {
     "torch-foreach-adam": ("train-torch with foreach Adam instead of fused", 64),
     "torch-1-thread": ("train-torch with torch.set_num_threads(1)", 64),
     "torch-compile": ("train-torch with torch.compile(model) (compile time excluded)", 64),
+    "tf-1-thread": ("train-tf with one intra-op and one inter-op thread", 64),
     "tf-step-per-call": ("train-tf with one tf.function call per step", 64),
     "tf-jit-compile": ("train-tf with jit_compile=True (XLA)", 64),
     "keras-fit-b64": ("model.fit at batch 64", 64),
@@ -129,6 +130,11 @@ def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> 
     else:
         from stages import train_torch as backend
     config = Params().run_config(framework)
+    if variant == "1-thread" and framework == "tf":  # must precede TensorFlow's first op
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     backend.describe_device("cpu", config.train.allow_tf32)
     x, y = np.load(ARRAYS / "x.npy"), np.load(ARRAYS / "y.npy")  # as the stage loads them
     backend.seed_everything(0, True)
@@ -138,7 +144,7 @@ def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> 
         import torch
 
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7, foreach=True)
-    if variant == "1-thread":
+    if variant == "1-thread" and framework == "torch":
         import torch
 
         torch.set_num_threads(1)
@@ -191,6 +197,7 @@ def run_config(name: str, raw: Path) -> float:
     variant = {
         "torch-foreach-adam": "foreach",
         "torch-1-thread": "1-thread",
+        "tf-1-thread": "1-thread",
         "torch-compile": "compile",
         "tf-step-per-call": "step-per-call",
         "tf-jit-compile": "jit",
