@@ -299,6 +299,14 @@ def main(
     print(table(payload))
 
 
+def versus(baseline: dict | None, result: dict) -> str:
+    """Return how much faster or slower `result` ran than `baseline`, in words."""
+    if not baseline:
+        return ""
+    ratio = baseline["seconds"] / result["seconds"]
+    return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+
+
 def table(payload: dict) -> str:
     """Return the results as a markdown table, with ratios against the blog baselines."""
     configs = payload["configs"]
@@ -316,16 +324,7 @@ def table(payload: dict) -> str:
             continue
         result = configs[name]
         baseline = configs.get("blog-keras" if "tf" in name or "keras" in name else "blog-torch")
-        ratio = baseline["seconds"] / result["seconds"] if baseline else None
-        speedup = (
-            "baseline"
-            if name.startswith("blog-")
-            else ""
-            if ratio is None
-            else f"{ratio:.1f}x faster"
-            if ratio >= 1
-            else f"{1 / ratio:.1f}x slower"
-        )
+        speedup = "baseline" if name.startswith("blog-") else versus(baseline, result)
         lines.append(
             f"| `{name}`: {description} | {batch} | {result['seconds']:.1f} | {speedup} | "
             f"{result['seconds'] / payload['floor_seconds']:.1f} | "

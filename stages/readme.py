@@ -17,7 +17,7 @@ def results_section(
     dataset: str,
     bench: str | None,
     blog_gap: str | None,
-    step_profile: str | None = None,
+    step_profile: str | None,
 ) -> str:
     """Return the markdown between the README's result markers."""
     lines = [
