@@ -7,6 +7,7 @@ order `training.batch_order` gives both frameworks, through one compiled graph p
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import random
@@ -47,6 +48,18 @@ with native_stderr_filtered(*TF_NOISE):
     import tensorflow as tf
 
 keras.utils.disable_interactive_logging()  # no progress bars from MLflow's predict calls
+
+
+class _OneTracePerModel(logging.Filter):
+    """Drop TensorFlow's "frequent retracing" warning, a false alarm here: each model's predict
+    function is traced once (fixed input signature), but TensorFlow counts traces per Python
+    code object, so the four seeds' models and their reloads add up to a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_OneTracePerModel())
 
 JIT_COMPILE = False  # XLA made the training step slower on this CPU: see bench/results.md
 # Compiled functions per network (weak keys: a new model never reuses a dead model's graph).

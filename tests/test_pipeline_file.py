@@ -118,7 +118,9 @@ def test_every_import_resolves_to_a_declared_and_pinned_distribution():
         for module in sorted(third_party_imports(ROOT / folder)):
             distributions = {d.lower().replace("_", "-") for d in providers.get(module, [])}
             assert distributions, f"{folder}: `import {module}` comes from no installed package"
-            assert distributions & declared, f"{folder}: {module} ({distributions}) not in pyproject"
+            assert distributions & declared, (
+                f"{folder}: {module} ({distributions}) not in pyproject"
+            )
             assert distributions & pinned, f"{folder}: {module} ({distributions}) not pinned"
     assert declared <= pinned, f"declared but not pinned: {sorted(declared - pinned)}"
     for line in (ROOT / "requirements.txt").read_text().splitlines():

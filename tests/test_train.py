@@ -44,7 +44,9 @@ def tiny_splits(num_train=640, scale=1.0):
 
 def test_both_trainers_implement_the_contract_with_its_signatures():
     members = [
-        name for name in dir(Trainer) if not name.startswith("_") and callable(getattr(Trainer, name))
+        name
+        for name in dir(Trainer)
+        if not name.startswith("_") and callable(getattr(Trainer, name))
     ]
     assert len(members) == 11
     for trainer in TRAINERS.values():
@@ -450,3 +452,24 @@ def test_sigterm_ends_the_run_killed_and_leaves_no_model(workspace, params_dict)
     }
     assert not any((workspace / name).exists() for name in ("model", "p.npy", "m.json", "h.csv"))
     assert not [p for p in workspace.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_many_models_predict_without_tensorflow_retracing_warnings(params_dict):
+    import logging
+
+    import tensorflow as tf
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf.get_logger().addHandler(handler)
+    try:
+        trainer = TRAINERS["tf"]
+        x = trainer.to_device(tiny_splits().test.x, "cpu")
+        for _ in range(8):  # four seeds' models and their reloads
+            model = trainer.build_model(parse_params(params_dict).model)
+            for rows in (1, 10, 100):
+                trainer.predict_proba(model, x[:rows])
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert [r.getMessage() for r in records if "retracing" in r.getMessage()] == []
