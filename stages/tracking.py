@@ -164,6 +164,9 @@ def run_tags(stage: str, environ: Mapping[str, str], cwd: Path) -> dict[str, str
     return tags
 
 
+_DEFAULT_STORE_SET: list[str | None] = [None]  # the default store URI this process last chose
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -172,11 +175,15 @@ def stage_run(
     environ: Mapping[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start the one MLflow run of a stage execution and end it FINISHED, FAILED or KILLED."""
-    environ = os.environ if environ is None else environ
+    environ = dict(os.environ if environ is None else environ)
+    if _DEFAULT_STORE_SET[0] and environ.get("MLFLOW_TRACKING_URI") == _DEFAULT_STORE_SET[0]:
+        del environ["MLFLOW_TRACKING_URI"]  # MLflow exports the URI it is given: not the user's
     cwd = Path.cwd()
     root = workspace_root(environ, cwd)
-    mlflow.set_tracking_uri(tracking_uri(environ, root))
     own_store = not environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri(environ, root)
+    _DEFAULT_STORE_SET[0] = uri if own_store else None
+    mlflow.set_tracking_uri(uri)
     experiment_id = use_experiment(experiment_name, root, own_store)
     for run_id in end_stale_runs(experiment_id):
         print(f"ended MLflow run {run_id} as KILLED: the process that ran it had died")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,30 @@ import yaml
 from stages.dataset import STEMS, Dataset  # noqa: F401  (STEMS: re-exported for tests)
 
 ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = {"127.0.0.1", "::1", "localhost", None}
+TRAFFIC_OUT: list[str] = []  # every connection or name lookup this process tried off loopback
+
+
+def _record_traffic(event: str, args: tuple) -> None:
+    if event == "socket.connect" and isinstance(args[1], tuple):
+        if args[1][0] not in LOOPBACK:
+            TRAFFIC_OUT.append(f"connect {args[1]}")
+    elif event == "socket.getaddrinfo" and args[0] not in LOOPBACK:
+        TRAFFIC_OUT.append(f"getaddrinfo {args[0]}")
+
+
+sys.addaudithook(_record_traffic)
+
+
+@pytest.fixture(autouse=True)
+def no_traffic_out():
+    """Fail any test during which this process reached for anything but 127.0.0.1 (telemetry,
+    a mirror, a hub): tests and stages work offline."""
+    TRAFFIC_OUT.clear()
+    yield
+    assert TRAFFIC_OUT == [], f"traffic off loopback: {TRAFFIC_OUT}"
+
+
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
