@@ -29,7 +29,6 @@ from .exporting import (
     evaluate_format,
     find_trained_model,
     load_onnx,
-    measure,
     read_half_result,
 )
 from .serving import free_port, load_test, model_server, registered_version, serve_command
@@ -83,7 +82,9 @@ def onnx_side_by_side(
             )
     return {
         fw: {
-            key: float(np.median([r[key] for r in rows])) if isinstance(rows[0][key], float) else rows[0][key]
+            key: float(np.median([r[key] for r in rows]))
+            if isinstance(rows[0][key], float)
+            else rows[0][key]
             for key in rows[0]
         }
         for fw, rows in rounds.items()
@@ -144,9 +145,10 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
-                walk(f"{prefix}_{key}" if prefix else str(key), value)
+                key = str(key).replace("concurrency_", "c")  # torch_served_c8_latency_p50_ms
+                walk(f"{prefix}_{key}" if prefix else key, value)
         elif isinstance(node, int | float) and not isinstance(node, bool):
-            flat[prefix.removeprefix("concurrency_")] = float(node)
+            flat[prefix] = float(node)
 
     walk("", result)
     return {k: v for k, v in flat.items() if np.isfinite(v)}
@@ -155,7 +157,9 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
 def main(
     data: Path = typer.Option(Path("data/processed"), help="Folder written by `normalize`."),
     models_tf: Path = typer.Option(Path("models/tf"), help="Folder written by `train-tf`."),
-    models_torch: Path = typer.Option(Path("models/torch"), help="Folder written by `train-torch`."),
+    models_torch: Path = typer.Option(
+        Path("models/torch"), help="Folder written by `train-torch`."
+    ),
     metrics_tf: Path = typer.Option(Path("metrics/train_tf.json")),
     metrics_torch: Path = typer.Option(Path("metrics/train_torch.json")),
     out_tf: Path = typer.Option(Path("exports/tf"), help="Folder for the TensorFlow exports."),
@@ -212,7 +216,9 @@ def main(
                 fw, trained[fw], test_images[fw], outs[fw], scratch, params, env
             )
         images = {fw: np.load(test_images[fw]) for fw in FRAMEWORKS}
-        onnx = {fw: outs[fw] / FILE_NAMES["onnx"] for fw in FRAMEWORKS if "onnx" in getattr(formats, fw)}
+        onnx = {
+            fw: outs[fw] / FILE_NAMES["onnx"] for fw in FRAMEWORKS if "onnx" in getattr(formats, fw)
+        }
         for fw, row in onnx_side_by_side(onnx, images, references).items():
             halves[fw]["formats"]["onnx"] |= row
         result: dict[str, Any] = {

@@ -93,7 +93,9 @@ FORMATS = {
 
 def main(
     model: Path = typer.Option(..., help="The trained .keras file."),
-    images: Path = typer.Option(..., help="(N, 28, 28) float32 test images, as the model saw them."),
+    images: Path = typer.Option(
+        ..., help="(N, 28, 28) float32 test images, as the model saw them."
+    ),
     out: Path = typer.Option(..., help="Folder for the exports."),
     result: Path = typer.Option(..., help="JSON: one row of checks and measurements per format."),
     reference: Path = typer.Option(..., help=".npy: the trained model's test probabilities."),

@@ -126,7 +126,7 @@ def load_checked(label: str, load: Callable[[Path], Predict], path: Path) -> Pre
     except Exception as exc:  # every runtime raises its own types for an unreadable file
         raise StageError(
             f"{label}: {path} could not be loaded by its runtime ({type(exc).__name__}: "
-            f"{str(exc).strip()[:300]}); the file is corrupt or was written by another version: "
+            f"{' '.join(str(exc).split())[:300]}); the file is corrupt or was written by another version: "
             "rerun `dvc repro export`"
         ) from None
 

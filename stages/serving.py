@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,23 +118,19 @@ def wait_until_ready(process: subprocess.Popen, server: Server, start_seconds: f
     )
 
 
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)  # the group: uvicorn's workers too
+
+
 def stop(process: subprocess.Popen, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
-    """Stop the server's whole process group: SIGTERM, then SIGKILL after `grace_seconds`."""
-    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)  # the group: uvicorn's workers too
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait)
-            try:  # the leader is gone; make sure no worker outlives it
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    process.poll()
+    """Stop the server's whole process group: SIGTERM, then SIGKILL for whatever is left."""
+    _signal_group(process, signal.SIGTERM)
+    with suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_seconds)
+    _signal_group(process, signal.SIGKILL)
+    with suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
 
 
 @contextmanager
