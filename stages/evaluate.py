@@ -43,7 +43,11 @@ PLOTS = (
     "speed_memory.png",
 )
 DEPLOYMENT_PLOT = "deployment.png"  # only with the `export` stage's metrics
-NATIVE_RUNTIMES = {"tf": "Keras", "torch": "PyTorch (eager)"}
+NATIVE = {  # the trained model as its trainer saved it: the reference each export is checked against
+    "tf": ("trained model (.keras)", "Keras"),
+    "torch": ("trained model (state_dict)", "PyTorch, eager"),
+}
+SAME_SPEED_WITHIN = 1.1  # ratios closer to 1 than this are "about the same": run-to-run noise
 
 
 def count_code_lines(source: str) -> int:
@@ -237,11 +241,10 @@ def deployment_rows(deployment: dict[str, Any]) -> list[tuple[str, ...]]:
             rows.append(
                 (
                     LABELS[fw],
-                    FORMAT_LABELS[name],
-                    NATIVE_RUNTIMES[fw] if name == "native" else RUNTIMES[name],
+                    *(NATIVE[fw] if name == "native" else (FORMAT_LABELS[name], RUNTIMES[name])),
                     f"{row['file_bytes']:,} bytes",
-                    f"{1000 * row['load_seconds']:.1f} ms",
-                    f"{row['latency_batch1_p50_ms']:.3f} / {row['latency_batch1_p95_ms']:.3f} ms",
+                    f"{1000 * row['load_seconds']:.3g} ms",
+                    f"{row['latency_batch1_p50_ms']:.3g} / {row['latency_batch1_p95_ms']:.3g} ms",
                     f"{row['throughput_batch1000_samples_per_second']:,.0f} samples/s",
                     "reference" if name == "native" else f"{row['max_abs_difference']:.1e}",
                 )
@@ -263,8 +266,8 @@ def serving_rows(deployment: dict[str, Any]) -> list[tuple[str, ...]]:
                     str(level["concurrency"]),
                     f"{level['answered']:,} / {level['requests']:,}",
                     str(level["errors"]),
-                    f"{level['latency_p50_ms']:.1f} / {level['latency_p95_ms']:.1f} / "
-                    f"{level['latency_p99_ms']:.1f} ms",
+                    f"{level['latency_p50_ms']:.3g} / {level['latency_p95_ms']:.3g} / "
+                    f"{level['latency_p99_ms']:.3g} ms",
                     f"{level['throughput_requests_per_second']:,.0f} requests/s",
                 )
             )
@@ -272,8 +275,8 @@ def serving_rows(deployment: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def _times(a: float, b: float) -> str:
-    ratio = a / b
-    return f"{ratio:.1f}x" if ratio >= 1.05 else f"{1 / ratio:.1f}x" if ratio <= 1 / 1.05 else ""
+    ratio = max(a, b) / min(a, b)
+    return f"{ratio:.1f}x" if ratio >= SAME_SPEED_WITHIN else ""
 
 
 def onnx_sentence(deployment: dict[str, Any]) -> str:
@@ -297,7 +300,8 @@ def onnx_sentence(deployment: dict[str, Any]) -> str:
 
     return (
         "In one ONNX Runtime, the two exporters' files answer one image in "
-        f"{latency[0]:.3f} ms (Keras, tf2onnx) and {latency[1]:.3f} ms (PyTorch, torch.onnx), "
+        f"{1000 * latency[0]:.1f} µs (Keras, tf2onnx) and {1000 * latency[1]:.1f} µs "
+        "(PyTorch, torch.onnx), "
         f"{compare_pair(*latency, lower_is_faster=True)}; a batch of 1,000 runs at "
         f"{throughput[0]:,.0f} and {throughput[1]:,.0f} samples/s, "
         f"{compare_pair(*throughput, lower_is_faster=False)}."

@@ -29,7 +29,6 @@ FILE_NAMES = {
     "torch_export": "model.pt2",
 }
 FORMAT_LABELS = {
-    "native": "native (.keras / state_dict)",
     "onnx": "ONNX",
     "saved_model": "SavedModel",
     "litert": "LiteRT (.tflite)",

@@ -17,6 +17,7 @@ import yaml
 from stages import evaluate, export, export_tf, export_torch, exporting, serving
 from stages.common import StageError
 from stages.config import ParamsError, parse_params
+from stages.readme import results_section
 from tests.conftest import ROOT, run_stage
 from tests.test_train import run_trainer, write_processed
 
@@ -323,8 +324,14 @@ def test_stage_exports_serves_and_reports_both_frameworks(in_trained, staged, tm
     assert f"| TensorFlow/Keras | ONNX | ONNX Runtime | {onnx_tf['file_bytes']:,} bytes |" in report
     assert "| PyTorch | torch.export (.pt2) | torch.export.load |" in report
     level = result["torch"]["served"]["concurrency_4"]
-    assert f"| PyTorch | 4 | 24 / 24 | 0 | {level['latency_p50_ms']:.1f} / " in report
-    assert f"{onnx_tf['latency_batch1_p50_ms']:.3f} ms (Keras, tf2onnx)" in report
+    assert f"| PyTorch | 4 | 24 / 24 | 0 | {level['latency_p50_ms']:.3g} / " in report
+    assert f"{1000 * onnx_tf['latency_batch1_p50_ms']:.1f} µs (Keras, tf2onnx)" in report
+    assert "| TensorFlow/Keras | trained model (.keras) | Keras |" in report
+    # and the README's results section carries the same Deployment tables
+    evaluated = json.loads((tmp_path / "evaluate.json").read_text())
+    section = results_section(evaluated, "mnist", None, None, None, result)
+    assert "### Deployment (`dvc repro`, stage `export`)" in section
+    assert f"| PyTorch | 4 | 24 / 24 | 0 | {level['latency_p50_ms']:.3g} / " in section
 
 
 def test_halves_import_only_their_own_framework():
