@@ -117,7 +117,7 @@ class LoadTestConfig(_Frozen):
 
     requests: Annotated[int, Field(ge=1, le=100_000)] = 400
     concurrency: Annotated[list[Annotated[int, Field(ge=1, le=64)]], Field(min_length=1)] = [1, 8]
-    time_limit_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    time_limit_seconds: Annotated[float, Field(gt=0, le=3600)] = 300.0
     server_start_seconds: Annotated[float, Field(gt=0, le=3600)] = 180.0
 
     _distinct = field_validator("concurrency")(_distinct_values)

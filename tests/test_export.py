@@ -16,7 +16,7 @@ import yaml
 
 from stages import evaluate, export, export_tf, export_torch, exporting, serving
 from stages.common import StageError
-from stages.config import ParamsError, parse_params
+from stages.config import Params, ParamsError, load_params, parse_params
 from stages.readme import results_section
 from tests.conftest import ROOT, run_stage
 from tests.test_train import run_trainer, write_processed
@@ -362,3 +362,16 @@ def test_stop_kills_the_whole_process_group(tmp_path):
     while alive(child) and time.time() < deadline:
         time.sleep(0.1)
     assert not alive(child)
+
+
+def test_export_defaults_match_the_file():
+    assert load_params(ROOT / "params.yaml").export == Params().export
+
+
+def test_load_test_against_a_dead_port_counts_every_request_as_an_error():
+    images = np.zeros((3, 28, 28), np.float32)
+    level = serving.load_test(
+        serving.free_port(), images, np.full((3, 10), 0.1), 6, 2, time_limit_seconds=20
+    )
+    assert (level["answered"], level["errors"], level["concurrency"]) == (0, 6, 2)
+    assert "ConnectionRefusedError" in level["first_error"]
