@@ -567,7 +567,8 @@ def plot_deployment(deployment: dict[str, Any], path: Path) -> None:
     bars = []
     for fw in FRAMEWORKS:
         for name, row in deployment[fw]["formats"].items():
-            bars.append((f"{LABELS[fw]}: {FORMAT_LABELS[name]}", row["latency_batch1_p50_ms"], fw))
+            label = NATIVE[fw][0] if name == "native" else FORMAT_LABELS[name]
+            bars.append((f"{LABELS[fw]}: {label}", row["latency_batch1_p50_ms"], fw))
         level = deployment[fw].get("served", {}).get("concurrency_1")
         if level:
             bars.append((f"{LABELS[fw]}: HTTP, mlflow models serve", level["latency_p50_ms"], fw))
