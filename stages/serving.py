@@ -131,6 +131,13 @@ def stop(process: subprocess.Popen, grace_seconds: float = STOP_GRACE_SECONDS) -
     _signal_group(process, signal.SIGKILL)
     with suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
+    deadline = time.perf_counter() + 5  # until the kernel has removed every member (the port too)
+    while time.perf_counter() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 @contextmanager
