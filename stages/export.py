@@ -26,16 +26,16 @@ from .config import FRAMEWORKS, Framework, LoadTestConfig, load_params
 from .exporting import (
     FILE_NAMES,
     PROBABILITY_TOLERANCE,
-    evaluate_format,
     find_trained_model,
+    load_and_check,
     load_onnx,
+    measure_interleaved,
     read_half_result,
 )
 from .serving import free_port, load_test, model_server, registered_version, serve_command
 
 MODEL_NAME = "mnist-mlp-{framework}"  # the trainers register their first seed's model here
 HALF_TIMEOUT_SECONDS = 900  # one framework's exports, checks and measurements
-SIDE_BY_SIDE_ROUNDS = 3  # interleaved ONNX Runtime measurements; the median is kept
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where `python -m stages.export_*` is found
 
 
@@ -72,23 +72,16 @@ def run_half(
 def onnx_side_by_side(
     paths: dict[str, Path], images: dict[str, np.ndarray], references: dict[str, np.ndarray]
 ) -> dict[str, dict[str, Any]]:
-    """Check both ONNX files in this process's ONNX Runtime; measure them in interleaved rounds."""
-    rounds: dict[str, list[dict[str, Any]]] = {fw: [] for fw in paths}
-    for _ in range(SIDE_BY_SIDE_ROUNDS):
-        for fw, path in paths.items():
-            label = f"onnx export of the {fw} model in ONNX Runtime"
-            rounds[fw].append(
-                evaluate_format(label, load_onnx, path, images[fw], references[fw], measured=True)
-            )
-    return {
-        fw: {
-            key: float(np.median([r[key] for r in rows]))
-            if isinstance(rows[0][key], float)
-            else rows[0][key]
-            for key in rows[0]
-        }
-        for fw, rows in rounds.items()
-    }
+    """Check both ONNX files in this process's ONNX Runtime, then measure them taking turns."""
+    predictors, rows = {}, {}
+    for fw, path in paths.items():
+        label = f"onnx export of the {fw} model in ONNX Runtime"
+        predictors[fw], rows[fw] = load_and_check(
+            label, load_onnx, path, images[fw], references[fw]
+        )
+    x = next(iter(images.values()))  # the same test images; any scheme times the same
+    speeds = measure_interleaved(predictors, x)
+    return {fw: rows[fw] | speeds[fw] for fw in paths}
 
 
 def serve_and_load_test(

@@ -43,6 +43,7 @@ RUNTIMES = {
 # Measured by the `export` stage itself, both frameworks' files in one framework-free process.
 SHARED_RUNTIME_FORMATS = ("onnx",)
 
+MEASURE_ROUNDS = 3  # interleaved rounds per measurement; the median is kept
 EXAMPLE_BATCH = 8  # >1: exporters specialise a batch dimension traced at size 1
 Predict = Callable[[np.ndarray], np.ndarray]  # (N, 28, 28) float32 -> (N, 10) probabilities
 
@@ -169,24 +170,38 @@ def load_onnx(path: Path) -> Predict:
     return lambda x: session.run(None, {name: np.ascontiguousarray(x, np.float32)})[0]
 
 
-def evaluate_format(
+def load_and_check(
     label: str,
     load: Callable[[Path], Predict],
     path: Path,
     x: np.ndarray,
     reference: np.ndarray,
-    measured: bool,
-) -> dict[str, Any]:
-    """Load an export in its runtime, check it on every test image and, if asked, measure it."""
+) -> tuple[Predict, dict[str, Any]]:
+    """Load an export in its runtime and check it on every test image; return it and its row."""
     predict, load_seconds = timed_load(load, path, label)
-    row: dict[str, Any] = {
+    return predict, {
         "file": FILE_NAMES.get(path.name, path.name),
         "file_bytes": file_bytes(path),
+        "load_seconds": load_seconds,
         **check_agreement(label, reference, predict(x)),
     }
-    if measured:
-        row |= {"load_seconds": load_seconds, **measure(predict, x)}
-    return row
+
+
+def measure_interleaved(
+    predictors: dict[str, Predict], x: np.ndarray, rounds: int = MEASURE_ROUNDS
+) -> dict[str, dict[str, float]]:
+    """Return each predictor's speed, the median of `rounds` rounds that take turns.
+
+    Taking turns spreads a slow moment of a busy machine over every predictor alike.
+    """
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in predictors}
+    for _ in range(rounds):
+        for name, predict in predictors.items():
+            runs[name].append(measure(predict, x))
+    return {
+        name: {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
+        for name, rows in runs.items()
+    }
 
 
 def export_half(
@@ -218,32 +233,27 @@ def export_half(
             "disagreements": 0,
             "max_abs_difference": 0.0,
             "load_seconds": native_load_seconds,
-            **measure(predict_native, x),
         }
     }
     out.mkdir(parents=True, exist_ok=True)
+    predictors = {"native": predict_native}
     for name in formats:
         path = out / FILE_NAMES[name]
         label = f"{name} export of {half.FRAMEWORK} model {model_path.name}"
         start = time.perf_counter()
         half.FORMATS[name].export(model, path, x[:EXAMPLE_BATCH])
         export_seconds = time.perf_counter() - start
-        rows[name] = {
-            "export_seconds": export_seconds,
-            **evaluate_format(
-                label,
-                half.FORMATS[name].load,
-                path,
-                x,
-                reference,
-                measured=name not in SHARED_RUNTIME_FORMATS,
-            ),
-        }
+        predict, row = load_and_check(label, half.FORMATS[name].load, path, x, reference)
+        rows[name] = {"export_seconds": export_seconds, **row}
+        if name not in SHARED_RUNTIME_FORMATS:
+            predictors[name] = predict
         print(
-            f"[{half.FRAMEWORK}] {name}: {rows[name]['file_bytes']:,} bytes, agrees on every test "
-            f"image (max difference {rows[name]['max_abs_difference']:.2g})",
+            f"[{half.FRAMEWORK}] {name}: {row['file_bytes']:,} bytes, agrees on every test "
+            f"image (max difference {row['max_abs_difference']:.2g})",
             flush=True,
         )
+    for name, speed in measure_interleaved(predictors, x).items():
+        rows[name] |= speed
     np.save(reference_path, reference)
     write_json(result, {"framework": half.FRAMEWORK, "model": str(model_path), "formats": rows})
 

@@ -160,13 +160,12 @@ def test_corrupted_file_is_an_error_naming_the_format(staged, tmp_path, framewor
     _corrupt(broken)
     label = f"{name} export of the {framework} model"
     with pytest.raises(StageError, match=f"^{label}: .* could not be loaded by its runtime"):
-        exporting.evaluate_format(
+        exporting.load_and_check(
             label,
             HALVES[framework].FORMATS[name].load,
             broken,
             np.zeros((4, 28, 28), np.float32),
             np.full((4, 10), 0.1, np.float32),
-            measured=False,
         )
 
 
