@@ -161,6 +161,11 @@ QUIET = [
     r"\[(tf|torch)\] seed \d+: test accuracy [\d.]+, [\d.]+ s",
     r"\[(tf|torch)\] mean test accuracy [\d.]+ over \d+ seeds; median [\d.]+ s per training "
     r"run; registered mnist-mlp-(tf|torch) version \d+",
+    r"\[(tf|torch)\] \w+: [\d,]+ bytes, agrees on every test image \(max difference [\d.e+-]+\)",
+    r"serving models:/mnist-mlp-(tf|torch)/\d+ on 127\.0\.0\.1:\d+ \(answered /ping after [\d.]+ s\)",
+    r"  concurrency \d+: \d+/\d+ answered, p50 [\d.]+ ms, \d+ requests/s",
+    r"\[(tf|torch)\] \w+: [\d,]+ bytes(, batch-1 p50 [\d.]+ ms, batch-1000 [\d,]+ samples/s)?",
+    r"\[(tf|torch)\] served, concurrency \d+: p50 [\d.]+ ms, p99 [\d.]+ ms, \d+ requests/s, \d+ errors",
     r"To track the changes with git, run:",
     r"\s+git add .*",
     r"To enable auto staging, run:",
