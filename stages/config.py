@@ -167,17 +167,17 @@ class ExportFormats(_Frozen):
 class LoadTestConfig(_Frozen):
     """A bounded HTTP load test: a fixed number of requests per concurrency level, a time limit."""
 
-    requests: Annotated[int, Field(ge=1, le=100_000)] = 400
-    concurrency: Annotated[list[Annotated[int, Field(ge=1, le=64)]], Field(min_length=1)] = [1, 8]
-    time_limit_seconds: Annotated[float, Field(gt=0, le=3600)] = 300.0
-    server_start_seconds: Annotated[float, Field(gt=0, le=3600)] = 180.0
+    requests: Annotated[Int, Field(ge=1, le=100_000)] = 100
+    concurrency: Annotated[list[Annotated[Int, Field(ge=1, le=64)]], Field(min_length=1)] = [1, 8]
+    time_limit_seconds: Annotated[Float, Field(gt=0, le=3600)] = 300.0
+    server_start_seconds: Annotated[Float, Field(gt=0, le=3600)] = 180.0
 
     _distinct = field_validator("concurrency")(_distinct_values)
 
 
 class ExportConfig(_Frozen):
     formats: ExportFormats = ExportFormats()
-    serve: bool = True
+    serve: Bool = True
     load_test: LoadTestConfig = LoadTestConfig()
 
 
