@@ -37,7 +37,9 @@ def mutmut(*args: str, timeout: int) -> str:
         timeout=timeout,
     )
     if done.returncode:
-        raise SystemExit(f"mutmut {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        raise SystemExit(
+            f"mutmut {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
     return done.stdout
 
 
@@ -107,7 +109,9 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(report: bool = typer.Option(False, help="Only rewrite the results from the last run.")) -> None:
+def main(
+    report: bool = typer.Option(False, help="Only rewrite the results from the last run."),
+) -> None:
     """Run mutmut on the comparison's modules and write the score and the survivors."""
     if not report:
         mutmut("run", "--max-children", "2", timeout=24 * 3600)

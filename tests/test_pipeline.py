@@ -233,10 +233,19 @@ def test_the_noise_filter_catches_framework_chatter():
 
 
 def test_a_misspelled_key_stops_repro_and_exp_run_at_once(repo, full_run):
-    output = dvc(repo, "exp", "run", "-S", "trian.epochs=20", check=False, timeout=300)
+    # DVC refuses `-S trian.epochs=20` itself (no such key); `+` adds the key, and then it is
+    # check-params that stops the run before anything trains.
+    refused = dvc(repo, "exp", "run", "-S", "trian.epochs=20", check=False, timeout=300)
+    assert "Could not override 'trian.epochs'" in refused and "Running stage" not in refused
+    output = dvc(repo, "exp", "run", "-S", "+trian.epochs=20", check=False, timeout=300)
     assert "unknown key 'trian'; remove it or fix its spelling" in output
     assert "ERROR: failed to reproduce 'check-params'" in output
     assert "Running stage 'train-tf'" not in output
+    git(repo, "checkout", "params.yaml")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(params | {"trian": {"epochs": 10}}))
+    output = dvc(repo, "repro", check=False, timeout=300)
+    assert "unknown key 'trian'" in output and "Running stage 'train-tf'" not in output
     git(repo, "checkout", "params.yaml")
     assert "Running stage" not in dvc(repo, "repro")  # back to the committed params: nothing to do
 
@@ -297,7 +306,8 @@ def test_exp_run_epochs_reruns_trainers_only_and_temp_lands_in_main_store(repo, 
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "baseline")
     before = len(runs(repo))
-    output = dvc(repo, "exp", "run", "--temp", "-S", "train.epochs=1", "-S", "train.seeds=[0]")
+    quick = ["-S", "train.epochs=1", "-S", "train.seeds=[0]", "-S", "export.serve=false"]
+    output = dvc(repo, "exp", "run", "--temp", *quick)
     assert "Running stage 'train-tf'" in output and "Running stage 'train-torch'" in output
     assert "Running stage 'export'" in output and "Running stage 'evaluate'" in output
     assert "Running stage 'download'" not in output and "Running stage 'normalize'" not in output
@@ -332,6 +342,8 @@ def test_queued_experiments_with_two_workers_land_once_each(repo, full_run, queu
             "train.epochs=1",
             "-S",
             "train.seeds=[0]",
+            "-S",
+            "export.serve=false",  # serving is checked once, in the full run
             "-S",
             f"train.batch_size={batch_size}",
         )
