@@ -29,9 +29,14 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(f"received signal {signum}")
 
 
+def raise_on_sigterm() -> None:
+    """Make SIGTERM raise Terminated in this process, so cleanup runs as for Ctrl-C."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def run_cli(main: Callable[..., None]) -> None:
     """Run a stage's typer command; a StageError becomes one message on stderr and exit 1."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    raise_on_sigterm()
     try:
         typer.run(main)
     except StageError as exc:

@@ -1,4 +1,5 @@
-"""MLflow wiring shared by every stage: where the store is, one tagged run per stage execution."""
+"""MLflow wiring shared by every stage: where the store is, one tagged run per stage execution,
+and one clear error when the store fails."""
 
 from __future__ import annotations
 
@@ -11,12 +12,34 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow
+import requests
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
-from .common import Terminated
+from .common import StageError, Terminated
 
 TRACKED_PACKAGES = ("numpy", "mlflow", "dvc", "tensorflow-cpu", "tensorflow", "keras", "torch")
+# MLflow's HTTP client retries 7 times over about 4 minutes by default; a stage gives up on an
+# unreachable server in about 10 s instead. Set any of these to override.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+# Ending a run after a failure is one quick attempt: the stage is already failing.
+END_AFTER_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+STORE_ERRORS = (MlflowException, requests.RequestException)
+# What a connection failure's text says, in a few words; MLflow wraps these in its own message.
+UNREACHABLE = {
+    "connection refused": "connection refused",
+    "name or service not known": "unknown host",
+    "nameresolutionerror": "unknown host",
+    "timed out": "timed out",
+    "timeout exception": "timed out",
+    "remotedisconnected": "connection dropped",
+    "connection aborted": "connection dropped",
+    "connection reset": "connection dropped",
+}
 
 
 def workspace_root(environ: Mapping[str, str], cwd: Path) -> Path:
@@ -34,13 +57,85 @@ def tracking_uri(environ: Mapping[str, str], root: Path) -> str:
     return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
-def use_experiment(name: str, root: Path) -> str:
-    """Create (once, race-safe) and activate the experiment; artifacts go to `<root>/mlruns`."""
+def is_server(uri: str) -> bool:
+    """Return whether `uri` names a tracking server (which then chooses where artifacts go)."""
+    return uri.startswith(("http://", "https://"))
+
+
+def use_experiment(name: str, root: Path, uri: str) -> str:
+    """Create (once, race-safe) and activate the experiment; artifacts go to `<root>/mlruns`,
+    or where the tracking server stores them (proxied, when it serves artifacts)."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
+        location = None if is_server(uri) else (root / "mlruns").as_uri()
         with suppress(MlflowException):  # a parallel queued experiment may create it first
-            mlflow.create_experiment(name, artifact_location=(root / "mlruns").as_uri())
+            mlflow.create_experiment(name, artifact_location=location)
     return mlflow.set_experiment(name).experiment_id
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    # MLflow reports a request that got no answer as "failed with [timeout ]exception ..."
+    text = str(exc).lower()
+    no_answer = isinstance(exc, requests.ConnectionError | requests.Timeout) or (
+        isinstance(exc, MlflowException)
+        and ("failed with exception" in text or "failed with timeout exception" in text)
+    )
+    if not no_answer:
+        return None
+    return next((reason for needle, reason in UNREACHABLE.items() if needle in text), "no answer")
+
+
+def _http_status(exc: BaseException) -> int | None:
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return exc.response.status_code
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code()
+    return None
+
+
+def store_error(exc: BaseException, uri: str, environ: Mapping[str, str]) -> str:
+    """Return one line for a failure of the MLflow store at `uri`: what failed, which setting
+    to fix and what to do."""
+    text = " ".join(str(exc).split())
+    if not is_server(uri):
+        return (
+            f"the MLflow store {uri} failed: {text[:300]}. Check that store, or set "
+            "MLFLOW_TRACKING_URI to another one"
+        )
+    where = f"the MLflow tracking server at {uri}"
+    status = _http_status(exc)
+    user = environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401 and not user:
+        return (
+            f"{where} requires a login: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to a user of that server"
+        )
+    if status == 401:
+        return (
+            f"{where} rejected user '{user}': check MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (ask the server's admin for an account or a new password)"
+        )
+    if status == 403:
+        return (
+            f"{where} denied user '{user}' this request ({text[:200]}): ask the server's admin "
+            "to grant EDIT on the experiment and the registered models, or set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user who has it"
+        )
+    reason = _unreachable(exc)
+    if reason:
+        return (
+            f"cannot reach {where} ({reason}): start the server, or set MLFLOW_TRACKING_URI "
+            "to one that is up (unset, stages log to mlflow.db in the repository)"
+        )
+    if "mlflow-artifacts" in text:
+        return (
+            f"{where} could not store an artifact ({text[:300]}): check the server's log and "
+            "its --artifacts-destination"
+        )
+    return (
+        f"{where} failed: {text[:300]}. Check the server's log, or set MLFLOW_TRACKING_URI "
+        "to another store"
+    )
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -84,12 +179,18 @@ def stage_run(
     environ = os.environ if environ is None else environ
     cwd = Path.cwd()
     root = workspace_root(environ, cwd)
-    mlflow.set_tracking_uri(tracking_uri(environ, root))
-    use_experiment(experiment_name, root)
-    tags = {**run_tags(stage, environ, cwd), **(extra_tags or {})}
-    run = _start_run_retrying(stage, tags)
-    with _ended(run):
-        yield run
+    uri = tracking_uri(environ, root)
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # MLflow's client reads them from the process
+    try:
+        mlflow.set_tracking_uri(uri)
+        use_experiment(experiment_name, root, uri)
+        tags = {**run_tags(stage, environ, cwd), **(extra_tags or {})}
+        run = _start_run_retrying(stage, tags)
+        with _ended(run):
+            yield run
+    except STORE_ERRORS as exc:
+        raise StageError(store_error(exc, uri, environ)) from None
 
 
 @contextmanager
@@ -106,12 +207,29 @@ def _ended(run: mlflow.ActiveRun) -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, Terminated):
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        _end_failing(RunStatus.KILLED)
         raise
     except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_failing(RunStatus.FAILED)
         raise
     mlflow.end_run()
+
+
+def _end_failing(status: int) -> None:
+    # One quick attempt; if the store is what failed, the stage's own error says so, and a
+    # store that cannot be reached cannot be told either. The run leaves the active stack anyway.
+    saved = {name: os.environ.get(name) for name in END_AFTER_FAILURE}
+    os.environ.update(END_AFTER_FAILURE)
+    try:
+        mlflow.end_run(RunStatus.to_string(status))
+    except STORE_ERRORS:
+        pass
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _start_run_retrying(stage: str, tags: dict[str, str], attempts: int = 5) -> mlflow.ActiveRun:
