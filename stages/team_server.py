@@ -56,11 +56,12 @@ class TeamServer:
     admin: Credentials
     artifacts_destination: str
     folder: Path  # everything the server stores, removed on exit
-    processes: tuple[OwnedProcess, ...]
+    cluster: PostgresCluster
+    server: MlflowServer
 
     def alive(self) -> bool:
         """Return whether PostgreSQL and the MLflow server are both still running."""
-        return all(process.alive() for process in self.processes)
+        return self.cluster.process.alive() and self.server.process.alive()
 
     def client_env(self) -> dict[str, str]:
         """Return the environment variables a stage needs to log to this server as the admin."""
@@ -352,6 +353,8 @@ def mlflow_server(
         "MLFLOW_AUTH_ADMIN_PASSWORD": admin.password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),  # signs the UI's CSRF tokens
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # No GenAI job runner: it starts seven more processes that training runs never use.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     command = [
         str(Path(sys.executable).parent / "mlflow"),
@@ -398,4 +401,4 @@ def team_server(
         server = stack.enter_context(
             mlflow_server(cluster, folder / "server", admin, destination, port, workers)
         )
-        yield TeamServer(server.url, admin, destination, folder, (cluster.process, server.process))
+        yield TeamServer(server.url, admin, destination, folder, cluster, server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -14,6 +15,10 @@ import torch._inductor  # noqa: F401  before TensorFlow: triton segfaults if loa
 import yaml
 
 from stages.download import Dataset
+
+# MLflow's and DVC's documented switches: no usage reports from the tests or what they start.
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "true"}
+os.environ.update(TELEMETRY_OFF)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
