@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from .common import StageError, Terminated
 
+INHERITED_TAGS = ("dvc_exp_name", "mlflow.user")  # what a seed run shares with its stage run
 TRACKED_PACKAGES = ("numpy", "mlflow", "dvc", "tensorflow-cpu", "tensorflow", "keras", "torch")
 # MLflow's HTTP client retries 7 times over about 4 minutes by default; a stage gives up on an
 # unreachable server in about 10 s instead. Set any of these to override.
@@ -160,6 +161,8 @@ def run_tags(stage: str, environ: Mapping[str, str], cwd: Path) -> dict[str, str
     }
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    if environ.get("MLFLOW_TRACKING_USERNAME"):
+        tags["mlflow.user"] = environ["MLFLOW_TRACKING_USERNAME"]  # who, on a shared server
     for package in TRACKED_PACKAGES:
         try:
             tags[f"version.{package}"] = metadata.version(package)
@@ -195,8 +198,10 @@ def stage_run(
 
 @contextmanager
 def child_run(name: str, tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """Start a run nested under the active one, ended like a stage run."""
-    run = mlflow.start_run(run_name=name, nested=True, tags=dict(tags))
+    """Start a run nested under the active one, with its experiment and user, ended like it."""
+    parent = mlflow.active_run()
+    inherited = {k: v for k, v in parent.data.tags.items() if k in INHERITED_TAGS} if parent else {}
+    run = mlflow.start_run(run_name=name, nested=True, tags={**inherited, **tags})
     with _ended(run):
         yield run
 

@@ -12,7 +12,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
 
 from stages.common import StageError, Terminated
-from stages.tracking import run_tags, stage_run, store_error, tracking_uri, workspace_root
+from stages.tracking import (
+    child_run,
+    run_tags,
+    stage_run,
+    store_error,
+    tracking_uri,
+    workspace_root,
+)
 
 
 def test_dvc_root_wins_so_temp_experiments_log_to_the_main_store(tmp_path):
@@ -159,3 +166,13 @@ def test_a_store_fault_inside_the_stage_ends_the_run_failed(mlflow_store):
         raise MlflowException("boom")
     assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
     assert mlflow.active_run() is None
+
+
+def test_seed_runs_share_the_stage_runs_experiment_and_user(mlflow_store, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-bass")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    with stage_run("train-tf", "exp"), child_run("train-tf-seed-0", {"seed": "0"}) as child:
+        pass
+    run = mlflow.get_run(child.info.run_id)
+    assert run.data.tags["dvc_exp_name"] == "brisk-bass" and run.data.tags["seed"] == "0"
+    assert run.info.user_id == "bob"
