@@ -33,6 +33,15 @@ TRACKING_DATABASE = "mlflow"  # runs, experiments, registered models
 AUTH_DATABASE = "mlflow_auth"  # basic-auth's users and permissions
 ADMIN_USERNAME = "admin"
 POSTGRES_OWNERS = ("postgres", "nobody")  # who runs PostgreSQL when we are root, first found
+# A throwaway cluster: loopback TCP only, no Unix socket, no durability.
+POSTGRES_SETTINGS = {
+    "listen_addresses": "127.0.0.1",
+    "unix_socket_directories": "",
+    "max_connections": "200",  # server workers' pools, for both databases
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+}
 # Team members log into one shared experiment and register versions of shared models, so a
 # logged-in user may edit what another created (basic-auth's default is READ).
 AUTH_CONFIG = """\
@@ -90,7 +99,7 @@ def postgres_bin_dir(
     """Return the folder holding `initdb` and `postgres`: on PATH, else Debian's newest version."""
     found = shutil.which("initdb", path=path)
     if found:
-        return Path(found).parent
+        return Path(found).resolve().parent  # a link on PATH: `postgres` sits beside its target
     versions = sorted(
         (folder for folder in installed.glob("*/bin") if (folder / "initdb").exists()),
         key=lambda folder: int(folder.parent.name) if folder.parent.name.isdigit() else 0,
@@ -115,6 +124,21 @@ def wait_until(
             raise StageError(f"{what} exited while starting")
         time.sleep(0.25)
     raise StageError(f"{what} did not become ready within {seconds:.0f} s")
+
+
+def _flags(options: Mapping[str, str]) -> list[str]:
+    return [part for option in options.items() for part in option]
+
+
+def initdb_options(data: Path, password_file: Path) -> dict[str, str]:
+    """Return initdb's options for a cluster in `data` whose one role's password is in a file."""
+    return {
+        "--pgdata": str(data),
+        "--username": DATABASE_USER,
+        "--pwfile": str(password_file),
+        "--auth": "scram-sha-256",
+        "--encoding": "UTF8",
+    }
 
 
 def _as_user(user: pwd.struct_passwd | None) -> dict:
@@ -253,20 +277,7 @@ def postgres_cluster(folder: Path, seconds: float = 60.0) -> Iterator[PostgresCl
             os.chown(password_file, user.pw_uid, user.pw_gid)
         password_file.write_text(password)
         initdb = subprocess.run(
-            [
-                str(bin_dir / "initdb"),
-                "--pgdata",
-                str(data),
-                "--username",
-                DATABASE_USER,
-                "--pwfile",
-                str(password_file),
-                "--auth",
-                "scram-sha-256",
-                "--encoding",
-                "UTF8",
-                "--no-instructions",
-            ],
+            [str(bin_dir / "initdb"), *_flags(initdb_options(data, password_file))],
             capture_output=True,
             text=True,
             env=env,
@@ -279,25 +290,9 @@ def postgres_cluster(folder: Path, seconds: float = 60.0) -> Iterator[PostgresCl
     if initdb.returncode != 0:
         raise StageError(f"initdb failed in {data}: {initdb.stderr.strip()[-1500:]}")
     port = free_port()
-    command = [
-        str(bin_dir / "postgres"),
-        "-D",
-        str(data),
-        "-p",
-        str(port),
-        "-c",
-        "listen_addresses=127.0.0.1",
-        "-c",
-        "unix_socket_directories=",
-        "-c",
-        "max_connections=200",
-        "-c",
-        "fsync=off",
-        "-c",
-        "synchronous_commit=off",
-        "-c",
-        "full_page_writes=off",
-    ]
+    command = [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port)]
+    for name, value in POSTGRES_SETTINGS.items():
+        command += ["-c", f"{name}={value}"]
     server = OwnedProcess("PostgreSQL", command, folder / "postgres.log", env, data, user)
     try:
         try:
@@ -356,22 +351,15 @@ def mlflow_server(
         # No GenAI job runner: it starts seven more processes that training runs never use.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        cluster.uri(TRACKING_DATABASE),
-        "--artifacts-destination",
-        artifacts_destination,
-        "--app-name",
-        "basic-auth",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-    ]
+    options = {
+        "--backend-store-uri": cluster.uri(TRACKING_DATABASE),
+        "--artifacts-destination": artifacts_destination,
+        "--app-name": "basic-auth",
+        "--host": "127.0.0.1",
+        "--port": str(port),
+        "--workers": str(workers),
+    }
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", *_flags(options)]
     url = f"http://127.0.0.1:{port}"
     server = OwnedProcess("mlflow server", command, folder / "mlflow-server.log", env, folder)
     try:
