@@ -55,12 +55,14 @@ def server(
     workers: int = typer.Option(2, help="mlflow server worker processes."),
 ) -> None:
     """Run a throwaway team MLflow server (PostgreSQL, proxied artifacts, basic auth) until Ctrl-C."""
+    import signal
     import time
 
     from .common import Terminated, raise_on_sigterm
     from .team_server import team_server
 
     raise_on_sigterm()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     try:
         with team_server(port, artifacts_destination or None, workers) as running:
             typer.echo(f"MLflow team server at {running.url}, storing in {running.folder}")

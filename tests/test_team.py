@@ -511,3 +511,43 @@ def test_no_run_is_left_running(client):
     experiments = [e for e in client.search_experiments() if e.name != FAULT_EXPERIMENT]
     runs = client.search_runs([e.experiment_id for e in experiments], max_results=5000)
     assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+
+
+def test_the_try_out_command_serves_until_interrupted_then_removes_everything(tmp_path):
+    port = free_port()
+    with open(tmp_path / "server.log", "w") as out:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "stages", "server", "--port", str(port)],
+            cwd=ROOT,
+            env=repo_env(**TELEMETRY_OFF),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "Ctrl-C" not in (tmp_path / "server.log").read_text():
+            assert command.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        printed = (tmp_path / "server.log").read_text()
+        exports = dict(
+            line.split("export ", 1)[1].split("=", 1)
+            for line in printed.splitlines()
+            if "export " in line
+        )
+        assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{port}"
+        folder = Path(printed.split("storing in ", 1)[1].split()[0])
+        search = f"{exports['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
+        login = (exports["MLFLOW_TRACKING_USERNAME"], exports["MLFLOW_TRACKING_PASSWORD"])
+        assert requests.get(search, params={"max_results": 1}, timeout=30).status_code == 401
+        found = requests.get(search, params={"max_results": 1}, auth=login, timeout=30)
+        assert found.status_code == 200
+        os.killpg(command.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's group
+        assert command.wait(timeout=60) == 0
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait(timeout=30)
+    assert not folder.exists()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(search, timeout=5)

@@ -1,6 +1,7 @@
 """The try-out team server's parts that need no PostgreSQL: finding it, owning processes, waiting."""
 
 import os
+import re
 import signal
 import sys
 import time
@@ -74,3 +75,26 @@ def test_free_port_is_a_loopback_port_nothing_listens_on():
     port = free_port()
     with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
         probe.connect(("127.0.0.1", port))
+
+
+def test_the_readme_shows_the_team_commands_and_no_credentials():
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Working as a team", 1)[1].split("\n## ", 1)[0]
+    for command in (
+        "python -m stages server",
+        "--backend-store-uri postgresql://",
+        "--artifacts-destination s3://",
+        "--app-name basic-auth --host 0.0.0.0",
+        "dvc remote add -d storage s3://",
+        "dvc push --run-cache",
+        "dvc pull --run-cache",
+        "dvc exp push origin",
+        "dvc exp pull origin",
+        "export MLFLOW_TRACKING_USERNAME=",
+    ):
+        assert command in section, command
+    # Credentials come from the environment: no password in any URI or assignment.
+    assert not re.search(r"://[^/\s:@]+:[^/\s@$]+@", section)
+    assert not re.search(r"(PASSWORD|SECRET\w*)=(?![\"']?\$)\S", section)
