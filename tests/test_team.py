@@ -325,6 +325,7 @@ def test_s3_remote_round_trip(baseline, origin, tmp_path):
         dvc(carol, *endpointurl, env=s3_env)
         dvc(carol, "pull", "-r", "s3storage", env=s3_env)
         assert "Data and pipelines are up to date" in dvc(carol, "status", env=s3_env)
+        assert "Running stage" not in dvc(carol, "repro", env=s3_env)
     finally:
         server.stop()
 
@@ -339,9 +340,12 @@ def test_queue_and_a_second_machine_lose_no_run(client, experiments, bob_user):
     batch_sizes = {int(r.data.params["train.batch_size"]) for r in trainers}
     assert batch_sizes == {*QUEUED_BATCH_SIZES, SECOND_MACHINE_BATCH_SIZE}
     # Bob logged in as himself: his runs are his, and he may add versions to the shared model.
-    bobs = [
-        r for r in runs if r.data.params.get("train.batch_size") == str(SECOND_MACHINE_BATCH_SIZE)
-    ]
+    bobs_experiment = next(
+        r.data.tags["dvc_exp_name"]
+        for r in trainers
+        if r.data.params["train.batch_size"] == str(SECOND_MACHINE_BATCH_SIZE)
+    )
+    bobs = [r for r in runs if r.data.tags["dvc_exp_name"] == bobs_experiment]
     assert len(bobs) == EXPERIMENT_RUNS and {r.info.user_id for r in bobs} == {bob_user.username}
     versions = client.search_model_versions("name='mnist-mlp-torch'")
     assert {r.info.run_id for r in trainers} <= {v.run_id for v in versions}
@@ -371,26 +375,22 @@ def test_experiments_travel_through_the_git_server(team, client, baseline, bob, 
     assert "Data and pipelines are up to date" in dvc(bob, "status")
 
 
-def test_run_cache_spares_a_colleague_the_training(client, baseline, origin, experiments, tmp_path):
-    trainer = next(
-        r
-        for r in experiments["runs"]
-        if r.info.run_name == "train-tf" and r.data.params["train.batch_size"] == "1024"
-    )
-    # The experiment's outputs and every stage's run history go to the DVC remote.
-    dvc(baseline, "exp", "push", "--run-cache", "origin", trainer.data.tags["dvc_exp_name"])
+def test_run_cache_spares_a_colleague_a_run_already_done(team, client, baseline, origin, tmp_path):
+    # Alice splits the data another way; her experiment's outputs and run history are pushed.
+    admin_env = env_as(team.url, team.admin)
+    split = ("-S", "normalize.val_size=1000", "normalize")
+    dvc(baseline, "exp", "run", "-n", "other-split", *split, env=admin_env)
+    dvc(baseline, "exp", "push", "--run-cache", "origin", "other-split", env=admin_env)
+    # Dave asks for the same split in a fresh clone: DVC restores it instead of running it.
     dave = clone(origin, tmp_path / "dave")
     dvc(dave, "pull", "--run-cache")
     before = len(all_runs(client))
-    output = dvc(
-        dave, "exp", "run", "--pull", "-S", "train.batch_size=1024", env=repo_env(**TELEMETRY_OFF)
-    )
-    assert "Running stage" not in output, output
-    for stage in ("train-tf", "train-torch", "evaluate"):
-        assert f"Stage '{stage}' is cached - skipping run" in output
+    output = dvc(dave, "exp", "run", "--pull", *split, env=admin_env)
+    assert "Stage 'normalize' is cached - skipping run, checking out outputs" in output, output
+    assert "Running stage" not in output
     assert len(all_runs(client)) == before
-    metrics = json.loads((dave / "metrics/train_tf.json").read_text())
-    assert metrics["mlflow_run_id"] == trainer.info.run_id  # the restored outputs link to its run
+    meta = json.loads((dave / "data/processed/meta.json").read_text())
+    assert meta["split_sizes"]["val"] == 1000
 
 
 @pytest.mark.parametrize("login", ["wrong password", "no login"])
@@ -486,6 +486,7 @@ def test_an_unreachable_dvc_remote_fails_naming_its_url(baseline, origin, tmp_pa
         AWS_ACCESS_KEY_ID=new_password(),
         AWS_SECRET_ACCESS_KEY=new_password(),
         AWS_DEFAULT_REGION="us-east-1",
+        AWS_MAX_ATTEMPTS="1",  # botocore's retries take about 2 minutes to give up otherwise
     )
     erin = clone(origin, tmp_path / "erin")
     for repo in (baseline, erin):
@@ -501,8 +502,8 @@ def test_an_unreachable_dvc_remote_fails_naming_its_url(baseline, origin, tmp_pa
             text=True,
             timeout=300,
         )
-        assert done.returncode != 0
-        assert time.monotonic() - started < 120
+        assert done.returncode != 0, command
+        assert time.monotonic() - started < 60, command
         assert f'Could not connect to the endpoint URL: "{endpoint}/' in done.stdout + done.stderr
     assert not (erin / "models").exists() and not (erin / "data/processed").exists()
 
