@@ -122,14 +122,18 @@ def keras_fit(raw: Path, batch_size: int, steps_per_execution: int = 1, jit: boo
 
 
 def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> float:
-    from stages.config import Params
+    from stages.config import load_params
     from stages.training import batch_order
 
     if framework == "tf":
-        from stages import train_tf as backend
+        from stages import train_tf as module
+
+        backend = module.KerasTrainer()
     else:
-        from stages import train_torch as backend
-    config = Params().run_config(framework)
+        from stages import train_torch as module
+
+        backend = module.TorchTrainer()
+    config = load_params(ROOT / "params.yaml").run_config(framework)  # the defaults users run
     if variant == "1-thread" and framework == "tf":  # must precede TensorFlow's first op
         import tensorflow as tf
 
@@ -149,7 +153,7 @@ def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> 
 
         torch.set_num_threads(1)
     if variant == "jit":
-        backend.JIT_COMPILE = True
+        module.JIT_COMPILE = True
     xs, ys = backend.to_device(x, "cpu"), backend.to_device(y, "cpu")
     train_epoch = backend.train_epoch
     if variant == "compile":

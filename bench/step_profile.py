@@ -55,12 +55,13 @@ def profile(raw: Path, steps: int) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from stages import train_torch as backend
-    from stages.config import Params
+    from stages.config import load_params
     from stages.normalize import apply_scheme
+    from stages.train_torch import TorchTrainer
     from stages.training import batch_order
 
-    config = Params().run_config("torch")
+    backend = TorchTrainer()
+    config = load_params(ROOT / "params.yaml").run_config("torch")
     images, labels = load(raw)
     x = backend.to_device(apply_scheme(images, 0.0, 1.0), "cpu")
     y = backend.to_device(labels.astype(np.int64), "cpu")

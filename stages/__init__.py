@@ -2,6 +2,6 @@
 
 import os
 
-# MLflow decides at `import mlflow` whether to send usage telemetry, so its documented switch is
-# set here, before any stage imports it; set MLFLOW_DISABLE_TELEMETRY=false to send it anyway.
+# Nothing leaves the machine: MLflow's documented switch for its usage telemetry, set before any
+# stage imports MLflow (child processes, such as `mlflow ui` started from tests, inherit it).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

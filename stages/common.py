@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
 import shutil
 import signal
 import sys
+import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import typer
 
 
@@ -22,7 +27,8 @@ class StageError(RuntimeError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived; handled like Ctrl-C so runs end as KILLED and outputs are removed."""
+    """SIGTERM arrived (or the `dvc` that started the stage died); handled like Ctrl-C so runs end
+    as KILLED and outputs are removed."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -34,17 +40,65 @@ def raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def _launcher(process: psutil.Process) -> psutil.Process | None:
+    """Return the nearest ancestor that is a `dvc` command (DVC runs stages through a shell)."""
+    for ancestor in process.parents():
+        try:
+            names = [Path(arg).name for arg in ancestor.cmdline()[:3]]
+        except psutil.Error:
+            continue
+        if "dvc" in names:  # `dvc ...`, `python .../bin/dvc ...`, `python -m dvc ...`
+            return ancestor
+    return None
+
+
+def watch_launcher(interval_seconds: float = 1.0) -> threading.Thread | None:
+    """Send ourselves SIGTERM when the `dvc` process that started this stage is gone.
+
+    `kill -TERM` of `dvc repro` (a CI cancel, `timeout dvc repro`) ends DVC at once and leaves the
+    stage running unseen; this makes the stage stop as if it had been sent SIGTERM itself.
+    """
+    launcher = _launcher(psutil.Process())
+    if launcher is None:
+        return None
+
+    def watch() -> None:
+        while launcher.is_running() and launcher.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(interval_seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="watch-dvc", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_cli(main: Callable[..., None]) -> None:
-    """Run a stage's typer command; a StageError becomes one message on stderr and exit 1."""
+    """Run a stage's typer command: a StageError is one message on stderr and exit 1; SIGTERM
+    exits 143 and Ctrl-C 130, each after the stage removed its outputs and ended its run."""
     raise_on_sigterm()
-    try:
-        typer.run(main)
-    except StageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("interrupted: outputs removed, MLflow run ended as KILLED", file=sys.stderr)
-        raise SystemExit(130) from None
+    watch_launcher()
+
+    @functools.wraps(main)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        try:
+            main(*args, **kwargs)
+        except StageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except Terminated:
+            print(
+                "stopped by SIGTERM: outputs removed; its MLflow run, if started, ended KILLED",
+                file=sys.stderr,
+            )
+            raise SystemExit(143) from None
+        except KeyboardInterrupt:
+            print(
+                "interrupted: outputs removed; its MLflow run, if started, ended KILLED",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
+
+    typer.run(guarded)
 
 
 def _remove(path: Path) -> None:
@@ -54,16 +108,36 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove `.tmp-<pid>-*` siblings of `final` left by a process that no longer runs (a stage
+    killed with SIGKILL, e.g. out of memory, cannot clean up after itself); return them."""
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for leftover in final.parent.glob(f".tmp-*-{final.name}"):
+        owner = leftover.name.split("-")[1]
+        if owner.isdigit() and int(owner) != os.getpid() and not _pid_alive(int(owner)):
+            _remove(leftover)
+            removed.append(leftover)
+    return removed
+
+
 @contextmanager
 def staged_outputs(*finals: Path) -> Iterator[list[Path]]:
     """Yield temporary paths beside `finals`; move them into place only if the block succeeds.
 
     On any error (or Ctrl-C) the temporaries and any stale finals are removed, so a failed stage
-    leaves nothing half-written for DVC or the next stage to pick up.
+    leaves nothing half-written for DVC or the next stage to pick up. Temporaries carry the
+    process id, so leftovers of a killed earlier run are recognised and removed first.
     """
-    tag = uuid.uuid4().hex[:8]
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temps = [p.with_name(f".tmp-{tag}-{p.name}") for p in finals]  # keeps the suffix
-    for temp in temps:
+    for final, temp in zip(finals, temps, strict=True):
+        remove_stale_temporaries(final)
         temp.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield temps
@@ -99,3 +173,25 @@ def read_json(path: Path, produced_by: str) -> dict[str, Any]:
 def peak_rss_mb() -> int:
     """Return this process's peak resident memory so far, in MiB."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+@contextmanager
+def native_stderr_filtered(*noise: str) -> Iterator[None]:
+    """Hold back what native code writes to stderr in the block, then repeat the lines that
+    contain none of `noise`. For C++ log lines that no setting silences (TensorFlow's absl
+    start-up messages are printed before TF_CPP_MIN_LOG_LEVEL is read)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(pattern in line for pattern in noise):
+                    sys.stderr.write(line)
+            sys.stderr.flush()

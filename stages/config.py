@@ -5,15 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
+import typer
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .common import StageError
+from .common import StageError, run_cli
 
 Framework = Literal["tf", "torch"]
 FRAMEWORKS: tuple[Framework, ...] = ("tf", "torch")
 Scheme = Literal["scale", "symmetric", "standardize"]
 Init = Literal["framework", "glorot", "shared"]
+# Strict: `epochs: true` is not 1 and `learning_rate: yes` is not a number. Ranges via Field.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+
+_USES = {  # the optimizer settings each optimizer reads
+    "adam": {"beta_1", "beta_2", "epsilon"},
+    "adamw": {"beta_1", "beta_2", "epsilon", "weight_decay"},
+    "sgd": {"momentum", "nesterov", "weight_decay"},
+}
 
 
 class ParamsError(StageError):
@@ -21,7 +41,8 @@ class ParamsError(StageError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` and `.nan` are rejected wherever a float is read
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class MlflowConfig(_Frozen):
@@ -34,43 +55,74 @@ class DataConfig(_Frozen):
 
 class NormalizeConfig(_Frozen):
     scheme: Scheme = "scale"
-    val_size: Annotated[int, Field(ge=0, le=30000)] = 5000
-    seed: Annotated[int, Field(ge=0)] = 0
+    val_size: Annotated[Int, Field(ge=0, le=30000)] = 5000
+    seed: Annotated[Int, Field(ge=0)] = 0
 
 
 class ModelConfig(_Frozen):
-    hidden_units: Annotated[list[Annotated[int, Field(ge=1, le=8192)]], Field(min_length=1)] = [128]
+    hidden_units: Annotated[list[Annotated[Int, Field(ge=1, le=65536)]], Field(min_length=1)] = [
+        128
+    ]
     activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"
-    dropout_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    dropout_rate: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.2
     init: Init = "glorot"
-    num_classes: Literal[10] = 10
 
 
 class OptimizerConfig(_Frozen):
+    """One meaning per setting in both frameworks; a setting the optimizer ignores is refused.
+
+    weight_decay is decoupled weight decay (Loshchilov & Hutter): before each update every weight
+    is shrunk by learning_rate * weight_decay * weight. That is Keras's meaning for every optimizer
+    and PyTorch's AdamW's; for SGD the PyTorch trainer applies it the same way, because
+    torch.optim.SGD's own weight_decay is L2 added to the gradient (a different update once
+    momentum is on). Adam with decoupled weight decay is AdamW, so `adam` takes none.
+    """
+
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    beta_1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    beta_2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
-    epsilon: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-7
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    nesterov: bool = False
+    beta_1: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.9
+    beta_2: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.999
+    epsilon: Annotated[Float, Field(gt=0.0, le=1.0)] = 1e-7
+    weight_decay: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.0
+    momentum: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.0
+    nesterov: Bool = False
+
+    @model_validator(mode="after")
+    def _settings_apply(self) -> OptimizerConfig:
+        uses = _USES[self.name]
+        defaults = OptimizerConfig.model_fields
+        for key in ("beta_1", "beta_2", "epsilon", "weight_decay", "momentum", "nesterov"):
+            if key not in uses and getattr(self, key) != defaults[key].default:
+                users = [name for name in ("adam", "adamw", "sgd") if key in _USES[name]]
+                hint = (
+                    " (Adam with decoupled weight decay is AdamW: set name: adamw)"
+                    if key == "weight_decay"
+                    else ""
+                )
+                raise ValueError(
+                    f"{key}={getattr(self, key)!r} has no effect with {self.name}; it applies to "
+                    f"{' and '.join(users)} only. Leave it at {defaults[key].default!r} or change "
+                    f"name{hint}"
+                )
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0 (Nesterov momentum without momentum)")
+        return self
 
 
 class TrainConfig(_Frozen):
-    epochs: Annotated[int, Field(ge=1, le=1000)] = 5
-    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
-    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    epochs: Annotated[Int, Field(ge=1, le=1000)] = 5
+    batch_size: Annotated[Int, Field(ge=1, le=65536)] = 64
+    learning_rate: Annotated[Float, Field(gt=0.0, le=10.0)] = 1e-3
     optimizer: OptimizerConfig = OptimizerConfig()
-    seeds: Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)] = [
+    seeds: Annotated[list[Annotated[Int, Field(ge=0, lt=2**31)]], Field(min_length=1)] = [
         0,
         1,
         2,
         3,
     ]
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    deterministic: bool = True
-    allow_tf32: bool = False
-    dropout_at_test: bool = False
+    deterministic: Bool = True
+    allow_tf32: Bool = False
+    dropout_at_test: Bool = False
 
     @field_validator("seeds")
     @classmethod
@@ -83,11 +135,11 @@ class TrainConfig(_Frozen):
 class FrameworkOverrides(_Frozen):
     """Departures from the shared settings for one framework; None keeps the shared value."""
 
-    batch_size: Annotated[int, Field(ge=1, le=65536)] | None = None
+    batch_size: Annotated[Int, Field(ge=1, le=65536)] | None = None
     scheme: Scheme | None = None
     init: Init | None = None
-    epsilon: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    dropout_at_test: bool | None = None
+    epsilon: Annotated[Float, Field(gt=0.0, le=1.0)] | None = None
+    dropout_at_test: Bool | None = None
 
 
 class Overrides(_Frozen):
@@ -160,6 +212,8 @@ def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'; remove it or fix its spelling (see params.yaml's comments)"
+    if error["type"] == "value_error":  # our own validators: the message names the value
+        return f"'{key}' is invalid: {error['msg'].removeprefix('Value error, ')}"
     value = error.get("input")
     return f"'{key}' = {value!r} is invalid: {error['msg']}"
 
@@ -189,3 +243,13 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     return parse_params(raw, str(path))
+
+
+def main(params: Path = typer.Option(Path("params.yaml"), help="Parameters file.")) -> None:
+    """Validate the whole params file; dvc.yaml runs this whenever any key in it changes."""
+    load_params(params)
+    print(f"{params}: valid")
+
+
+if __name__ == "__main__":
+    run_cli(main)

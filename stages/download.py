@@ -23,47 +23,8 @@ from urllib3.util.retry import Retry
 
 from .common import StageError, run_cli, staged_outputs, write_json
 from .config import load_params
+from .dataset import DATASETS, LOCAL_MIRRORS, SPLIT_FILES, Dataset, dataset_of_checksum
 from .idx import IdxError, decompress, parse_idx, sha256
-
-SPLITS = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-
-
-@dataclass(frozen=True)
-class Dataset:
-    mirrors: tuple[str, ...]
-    sha256: dict[str, str]  # file stem -> SHA-256 of the decompressed bytes
-
-
-DATASETS = {
-    "mnist": Dataset(
-        mirrors=(  # the two torchvision uses, then the CVDF mirror TensorFlow's tutorials used
-            "https://ossci-datasets.s3.amazonaws.com/mnist/",
-            "http://yann.lecun.com/exdb/mnist/",
-            "https://storage.googleapis.com/cvdf-datasets/mnist/",
-        ),
-        sha256={
-            "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-            "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-            "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-            "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-        },
-    ),
-    "fashion-mnist": Dataset(
-        mirrors=(  # Zalando's own bucket (torchvision's), then Keras's copy
-            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-            "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
-        ),
-        sha256={
-            "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-            "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-            "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-            "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-        },
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -151,9 +112,11 @@ def verify(path: Path, stem: str, expected_sha256: str) -> int:
     items = parse_idx(data, path.name).shape[0]
     actual = sha256(data)
     if actual != expected_sha256:
+        other = dataset_of_checksum(actual)
+        hint = f"; it is {other}'s {stem}, so set data.dataset={other}" if other else ""
         raise IdxError(
             f"{path.name}: checksum mismatch, SHA-256 of the decompressed file is {actual}, "
-            f"expected {expected_sha256} for {stem}"
+            f"expected {expected_sha256} for {stem}{hint}"
         )
     return items
 
@@ -167,7 +130,8 @@ def fetch_dataset(
 ) -> dict[str, dict[str, object]]:
     """Fill `out_dir` with the dataset's verified .gz files; return per-file source and checksum.
 
-    Files already verified in `reuse_dir` are reused rather than fetched again.
+    Files in `reuse_dir` that verify are copied rather than fetched again (DVC removes a stage's
+    outputs before running it, so this serves runs outside DVC; DVC's run cache serves the rest).
     """
     session = _session(network)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,9 +148,11 @@ def fetch_dataset(
                 continue
             except IdxError:
                 pass  # fetch it again below
-        manifest[stem] = _fetch_verified(stem, expected, dest, sources, session, network)
+        manifest[stem] = _fetch_verified(
+            dataset.name, stem, expected, dest, sources, session, network
+        )
     shutil.rmtree(out_dir / ".partial", ignore_errors=True)
-    for split, (images, labels) in SPLITS.items():
+    for split, (images, labels) in SPLIT_FILES.items():
         if manifest[images]["items"] != manifest[labels]["items"]:
             raise IdxError(
                 f"{split} split: {images} has {manifest[images]['items']} images but {labels} "
@@ -195,7 +161,26 @@ def fetch_dataset(
     return manifest
 
 
+def offline_hint(dataset_name: str) -> str:
+    """Return how to point `download` at a local copy of `dataset_name`."""
+    hint = (
+        "Offline? Put the four .gz files in a folder (or serve them over HTTP) and set "
+        "DATASET_MIRROR to it."
+    )
+    if dataset_name in LOCAL_MIRRORS:
+        folder, package = LOCAL_MIRRORS[dataset_name]
+        return f"{hint} Debian's {package} package puts them in {folder}."
+    others = [
+        f"DATASET_MIRROR={folder} with data.dataset={name} (Debian's {package})"
+        for name, (folder, package) in LOCAL_MIRRORS.items()
+    ]
+    return f"{hint} No local package carries {dataset_name}; to try the pipeline offline, use " + (
+        " or ".join(others) + "."
+    )
+
+
 def _fetch_verified(
+    dataset_name: str,
     stem: str,
     expected: str,
     dest: Path,
@@ -224,10 +209,8 @@ def _fetch_verified(
     shutil.rmtree(partial.parent, ignore_errors=True)
     tried = "\n  ".join(failures)
     raise StageError(
-        f"could not fetch {filename} from any source:\n  {tried}\n"
-        "Offline? Put the four .gz files in a folder (or serve them over HTTP) and set "
-        "DATASET_MIRROR to it, e.g. DATASET_MIRROR=/usr/share/datasets/fashion-mnist "
-        "for Debian's dataset-fashion-mnist package."
+        f"could not fetch {filename} of {dataset_name} from any source:\n  {tried}\n"
+        + offline_hint(dataset_name)
     )
 
 

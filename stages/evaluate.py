@@ -17,8 +17,9 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from .common import StageError, read_json, run_cli, staged_outputs, write_json
 from .config import FRAMEWORKS, load_params
+from .dataset import NUM_CLASSES
 from .stats import difference, mcnemar_exact, mean_interval
-from .training import loss_and_accuracy
+from .training import load_splits, loss_and_accuracy
 
 LABELS = {"tf": "TensorFlow/Keras", "torch": "PyTorch"}
 COLORS = {"tf": "#ff6f00", "torch": "#5c6bc0"}
@@ -57,16 +58,23 @@ def read_history(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(rows)]
 
 
-def load_predictions(path: Path, num_test: int) -> np.ndarray:
-    """Return (seeds, N, 10) test probabilities, checked against the test-set size."""
-    if not path.exists():
-        raise StageError(f"{path} not found; run `dvc repro` to train both frameworks")
-    probabilities = np.load(path)
-    if probabilities.ndim != 3 or probabilities.shape[1:] != (num_test, 10):
+def load_predictions(path: Path, num_test: int, seeds: int, stage: str) -> np.ndarray:
+    """Return (seeds, N, 10) test probabilities, checked against the test set and the seed count."""
+    rerun = f"rerun `dvc repro {stage}`"
+    try:
+        probabilities = np.load(path)
+    except FileNotFoundError:
+        raise StageError(f"{path} not found; {rerun}") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise StageError(f"{path} is not a readable .npy file ({exc}); {rerun}") from None
+    expected = (seeds, num_test, NUM_CLASSES)
+    if probabilities.shape != expected:
         raise StageError(
-            f"{path} has shape {probabilities.shape}, expected (seeds, {num_test}, 10); "
-            "the trainers and `normalize` are out of step, run `dvc repro`"
+            f"{path} has shape {probabilities.shape}, expected {expected} (seeds in the "
+            f"trainer's metrics, test images in `normalize`'s output); {rerun}"
         )
+    if not np.isfinite(probabilities).all():
+        raise StageError(f"{path} contains NaN or infinite probabilities; {rerun}")
     return probabilities
 
 
@@ -76,7 +84,10 @@ def compare(
     trainer_metrics: dict[str, dict[str, Any]],
     code_lines: dict[str, int],
 ) -> dict[str, Any]:
-    """Return every number of the comparison: accuracy statistics, agreement, McNemar, speed."""
+    """Return every number of the comparison: accuracy statistics, agreement, McNemar, speed.
+
+    Seeds are paired by position in train.seeds: TensorFlow's i-th seed against PyTorch's i-th.
+    """
     predicted = {fw: p.argmax(axis=2) for fw, p in probabilities.items()}  # (seeds, N)
     scored = {fw: [loss_and_accuracy(p, labels) for p in probabilities[fw]] for fw in FRAMEWORKS}
     losses = {fw: [loss for loss, _ in scored[fw]] for fw in FRAMEWORKS}
@@ -86,7 +97,7 @@ def compare(
         interval = mean_interval(accuracy[fw])
         scores = [
             precision_recall_fscore_support(
-                labels, seed_predictions, labels=range(10), zero_division=0
+                labels, seed_predictions, labels=range(NUM_CLASSES), zero_division=0
             )
             for seed_predictions in predicted[fw]
         ]
@@ -103,12 +114,13 @@ def compare(
             "device": trainer_metrics[fw].get("device"),
         }
     diff = difference(accuracy["tf"], accuracy["torch"])
-    seeds = min(len(predicted["tf"]), len(predicted["torch"]))
+    pairs = min(len(predicted["tf"]), len(predicted["torch"]))
+    seeds = trainer_metrics["tf"].get("seeds") or list(range(pairs))
     paired = [
         mcnemar_exact(predicted["tf"][s] == labels, predicted["torch"][s] == labels)
-        for s in range(seeds)
+        for s in range(pairs)
     ]
-    agreement = [float((predicted["tf"][s] == predicted["torch"][s]).mean()) for s in range(seeds)]
+    agreement = [float((predicted["tf"][s] == predicted["torch"][s]).mean()) for s in range(pairs)]
     return {
         "tf": per_framework["tf"],
         "torch": per_framework["torch"],
@@ -117,12 +129,15 @@ def compare(
         "accuracy_difference_ci_high": diff.interval.high,
         "accuracy_difference_p_value": diff.p_value,
         "significant": diff.significant,
+        "seeds": pairs,
+        "paired_seeds": list(seeds[:pairs]),
         "agreement": float(np.mean(agreement)),
+        "agreement_per_seed": agreement,
+        "mcnemar_seed": seeds[0],
         "mcnemar_p_value": paired[0].p_value,
         "mcnemar_only_tf_right": paired[0].only_a_right,
         "mcnemar_only_torch_right": paired[0].only_b_right,
         "mcnemar_p_value_per_seed": [m.p_value for m in paired],
-        "seeds": seeds,
         "speedup_torch_over_tf": _ratio(
             per_framework["tf"]["train_seconds"], per_framework["torch"]["train_seconds"]
         ),
@@ -156,6 +171,24 @@ def verdict(result: dict[str, Any]) -> str:
         f"No difference in accuracy: TensorFlow minus PyTorch is {interval} over "
         f"{result['seeds']} seeds; the interval contains zero "
         f"(Welch p = {result['accuracy_difference_p_value']:.3g})."
+    )
+
+
+def agreement_sentence(result: dict[str, Any]) -> str:
+    """Return the one wording of the paired comparison: agreement over seed pairs, McNemar on one."""
+    seeds = result["paired_seeds"]
+    if len(seeds) == 1:
+        agree = f"The seed-{seeds[0]} models of the two frameworks agree on "
+    else:
+        agree = (
+            f"Paired seed by seed ({', '.join(str(s) for s in seeds)}), the two frameworks' "
+            "models agree on a mean of "
+        )
+    return (
+        f"{agree}{100 * result['agreement']:.2f}% of the test images. McNemar's exact test on "
+        f"the seed-{result['mcnemar_seed']} pair: TensorFlow alone is right on "
+        f"{result['mcnemar_only_tf_right']} images, PyTorch alone on "
+        f"{result['mcnemar_only_torch_right']}, p = {result['mcnemar_p_value']:.3g}."
     )
 
 
@@ -213,10 +246,7 @@ def print_table(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     console.print(verdict(result))
-    console.print(
-        f"The two models agree on {100 * result['agreement']:.2f}% of test images; "
-        f"McNemar's exact test (seed 1 pair): p = {result['mcnemar_p_value']:.3g}."
-    )
+    console.print(agreement_sentence(result))
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -236,17 +266,13 @@ def markdown_report(result: dict[str, Any], dataset: str) -> str:
     ]
     lines += [
         "",
-        f"The two models (first seed of each) agree on {100 * result['agreement']:.2f}% of the "
-        f"test images. On the images where exactly one is right, TensorFlow alone is right "
-        f"{result['mcnemar_only_tf_right']} times and PyTorch alone "
-        f"{result['mcnemar_only_torch_right']} times; McNemar's exact test gives "
-        f"p = {result['mcnemar_p_value']:.3g}.",
+        agreement_sentence(result),
         "",
         "## Learning curves (mean over seeds)",
         "",
         "![](learning_curves.png)",
         "",
-        "## Confusion matrices (first seed)",
+        f"## Confusion matrices (seed {result['mcnemar_seed']})",
         "",
         "![](confusion_matrices.png)",
         "",
@@ -254,7 +280,7 @@ def markdown_report(result: dict[str, Any], dataset: str) -> str:
         "",
         "![](per_class_accuracy.png)",
         "",
-        "## Test images the two models disagree on",
+        f"## Test images the seed-{result['mcnemar_seed']} models disagree on",
         "",
         "![](disagreements.png)",
         "",
@@ -312,7 +338,7 @@ def plot_confusions(
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     for ax, fw in zip(axes, FRAMEWORKS, strict=True):
-        matrix = confusion_matrix(labels, predicted[fw], labels=range(10))
+        matrix = confusion_matrix(labels, predicted[fw], labels=range(NUM_CLASSES))
         ax.imshow(np.log1p(matrix), cmap="Blues")
         for (row, col), count in np.ndenumerate(matrix):
             ax.text(
@@ -325,8 +351,8 @@ def plot_confusions(
                 color="white" if row == col else "black",
             )
         ax.set_title(LABELS[fw])
-        ax.set_xticks(range(10), class_names, rotation=60, fontsize=7)
-        ax.set_yticks(range(10), class_names, fontsize=7)
+        ax.set_xticks(range(NUM_CLASSES), class_names, rotation=60, fontsize=7)
+        ax.set_yticks(range(NUM_CLASSES), class_names, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
     fig.tight_layout()
@@ -338,7 +364,7 @@ def plot_per_class(result: dict[str, Any], class_names: list[str], path: Path) -
     """Save per-class recall (accuracy within each true class) as grouped bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
-    positions = np.arange(10)
+    positions = np.arange(NUM_CLASSES)
     for offset, fw in ((-0.2, "tf"), (0.2, "torch")):
         ax.bar(
             positions + offset,
@@ -381,7 +407,7 @@ def plot_disagreements(
             fontsize=6,
         )
     if not len(picks):
-        axes[0, 0].text(0, 0.5, "the two models agree on every test image")
+        fig.text(0.5, 0.5, "the two models agree on every test image", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -426,15 +452,23 @@ def main(
     from .tracking import stage_run
 
     meta = read_json(data / "meta.json", "normalize")
-    labels = np.load(data / "y_test.npy")
-    images = np.load(data / next(iter(meta["constants"])) / "x_test.npy", mmap_mode="r")
-    probabilities = {
-        "tf": load_predictions(predictions_tf, len(labels)),
-        "torch": load_predictions(predictions_torch, len(labels)),
-    }
+    test = load_splits(data, next(iter(meta["constants"])), meta).test
+    labels, images = test.y, test.x
     trainer_metrics = {
         "tf": read_json(metrics_tf, "train-tf"),
         "torch": read_json(metrics_torch, "train-torch"),
+    }
+    seeds = {fw: trainer_metrics[fw].get("seeds", []) for fw in FRAMEWORKS}
+    if seeds["tf"] != seeds["torch"]:
+        raise StageError(
+            f"train-tf trained seeds {seeds['tf']} but train-torch {seeds['torch']}: the pairs "
+            "would not match; rerun `dvc repro` so both train train.seeds"
+        )
+    probabilities = {
+        "tf": load_predictions(predictions_tf, len(labels), len(seeds["tf"]), "train-tf"),
+        "torch": load_predictions(
+            predictions_torch, len(labels), len(seeds["torch"]), "train-torch"
+        ),
     }
     histories = {"tf": read_history(history_tf), "torch": read_history(history_torch)}
     code_lines = {
@@ -442,7 +476,7 @@ def main(
         "torch": count_code_lines(code_torch.read_text()),
     }
     result = compare(labels, probabilities, trainer_metrics, code_lines)
-    first = {fw: p[0].argmax(axis=1) for fw, p in probabilities.items()}
+    first = {fw: p[0].argmax(axis=1) for fw, p in probabilities.items()}  # the McNemar pair
     tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
 
     with (

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from .common import StageError
+from .dataset import IMAGE_SHAPE
 
 IMAGE_MAGIC = 0x00000803  # uint8, 3 dimensions: (N, rows, cols)
 LABEL_MAGIC = 0x00000801  # uint8, 1 dimension: (N,)
-IMAGE_SIDE = 28
 
 
 class IdxError(StageError):
@@ -52,10 +52,10 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     if len(data) < header_size:
         raise IdxError(f"{name}: only {len(data)} bytes, too short for an IDX header")
     shape = struct.unpack(f">{ndim}I", data[4:header_size])
-    if is_images and shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+    if is_images and shape[1:] != IMAGE_SHAPE:
         raise IdxError(
             f"{name}: wrong image dimensions {shape[1]}x{shape[2]}, expected "
-            f"{IMAGE_SIDE}x{IMAGE_SIDE}"
+            f"{IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}"
         )
     expected_bytes = header_size + int(np.prod(shape))
     if len(data) != expected_bytes:

@@ -7,6 +7,7 @@ Writes `<out>/<scheme>/x_{train,val,test}.npy` (N, 28, 28) float32 for every sch
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,24 +16,10 @@ from sklearn.model_selection import train_test_split
 
 from .common import StageError, read_json, run_cli, staged_outputs, write_json
 from .config import Scheme, load_params
+from .dataset import DATASETS, NUM_CLASSES, SPLIT_FILES
 from .idx import read_idx
 
 SPLITS = ("train", "val", "test")
-CLASS_NAMES = {
-    "mnist": [str(digit) for digit in range(10)],
-    "fashion-mnist": [
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ],
-}
 
 
 def load_raw(raw_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -44,10 +31,7 @@ def load_raw(raw_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             raise StageError(f"{path} not found; run `dvc repro download` first")
         return read_idx(path)
 
-    return {
-        "train": (read("train-images-idx3-ubyte"), read("train-labels-idx1-ubyte")),
-        "test": (read("t10k-images-idx3-ubyte"), read("t10k-labels-idx1-ubyte")),
-    }
+    return {split: (read(images), read(labels)) for split, (images, labels) in SPLIT_FILES.items()}
 
 
 def split_validation(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,10 +39,12 @@ def split_validation(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     indices = np.arange(len(labels))
     if val_size == 0:
         return indices, indices[:0]
-    if val_size >= len(labels):
+    classes = len(np.unique(labels))
+    if val_size < classes or val_size > len(labels) - classes:
         raise StageError(
-            f"normalize.val_size={val_size} leaves no training images ({len(labels)} in all); "
-            "lower it"
+            f"normalize.val_size={val_size} cannot be split stratified from {len(labels)} "
+            f"training images of {classes} classes: each class needs an image on both sides. "
+            f"Set it between {classes} and {len(labels) - classes}, or to 0 for no validation split"
         )
     train, val = train_test_split(indices, test_size=val_size, stratify=labels, random_state=seed)
     return np.sort(train), np.sort(val)
@@ -71,7 +57,14 @@ def scheme_constants(scheme: Scheme, train_images: np.ndarray) -> tuple[float, f
     if scheme == "symmetric":
         return 0.5, 0.5
     scaled = train_images.astype(np.float64) / 255.0
-    return float(scaled.mean()), float(scaled.std())
+    std = float(scaled.std())
+    if not std > 0:  # x / 0 would hand the trainers infinities
+        raise StageError(
+            "normalize.scheme=standardize: the training images have no spread (std 0), so "
+            "they cannot be standardized; check the raw data (`dvc repro download`) or use "
+            "scheme 'scale'"
+        )
+    return float(scaled.mean()), std
 
 
 def apply_scheme(images: np.ndarray, mean: float, std: float) -> np.ndarray:
@@ -82,9 +75,9 @@ def apply_scheme(images: np.ndarray, mean: float, std: float) -> np.ndarray:
     return (scaled - np.float32(mean)) / np.float32(std)
 
 
-def class_counts(labels: np.ndarray, num_classes: int = 10) -> list[int]:
+def class_counts(labels: np.ndarray) -> list[int]:
     """Return how many labels fall in each class."""
-    return np.bincount(labels, minlength=num_classes).tolist()
+    return np.bincount(labels, minlength=NUM_CLASSES).tolist()
 
 
 def sample_grid(
@@ -125,7 +118,7 @@ def main(
             f"{raw} holds {download.get('dataset')!r} but data.dataset is "
             f"{config.data.dataset!r}; run `dvc repro download`"
         )
-    class_names = CLASS_NAMES[config.data.dataset]
+    class_names = list(DATASETS[config.data.dataset].class_names)
     raw_splits = load_raw(raw)
     train_images, train_labels = raw_splits["train"]
     train_idx, val_idx = split_validation(
@@ -161,12 +154,14 @@ def main(
         sample_grid(images["train"], labels["train"], class_names, tmp_out / "samples.png")
 
         shared = config.normalize.scheme
-        dataset = mlflow.data.from_numpy(
-            np.load(tmp_out / shared / "x_train.npy", mmap_mode="r"),
-            targets=labels["train"],
-            name=f"{config.data.dataset}-{shared}-train",
-            source=str(raw.resolve()),
-        )
+        with warnings.catch_warnings():  # MLflow registers its local source twice and says so
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_numpy(
+                np.load(tmp_out / shared / "x_train.npy", mmap_mode="r"),
+                targets=labels["train"],
+                name=f"{config.data.dataset}-{shared}-train",
+                source=str(raw.resolve()),
+            )
         meta = {
             "dataset": config.data.dataset,
             "class_names": class_names,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import StageError
-from .evaluate import markdown_table, verdict
+from .evaluate import agreement_sentence, markdown_table, verdict
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -27,8 +27,7 @@ def results_section(
         "",
         markdown_table(result),
         "",
-        f"The two models agree on {100 * result['agreement']:.2f}% of test images; McNemar's "
-        f"exact test on the first seed's paired predictions: p = {result['mcnemar_p_value']:.3g}.",
+        agreement_sentence(result),
         "",
     ]
     if bench:

@@ -27,9 +27,12 @@ def mean_interval(samples: list[float], confidence: float = 0.95) -> Interval:
     mean = float(values.mean())
     if len(values) < 2:
         return Interval(mean, math.nan, math.nan)
-    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=stats.sem(values))
-    if not np.isfinite(low):  # zero spread: every seed gave the same value
-        low = high = mean
+    scale = float(stats.sem(values))
+    if not scale > 0:  # zero spread: every seed gave the same value
+        return Interval(mean, mean, mean)
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=scale)
+    if not (np.isfinite(low) and np.isfinite(high)):  # a spread too small for float64
+        return Interval(mean, mean, mean)
     return Interval(mean, float(low), float(high))
 
 

@@ -3,20 +3,28 @@ and one clear error when the store fails."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
+import psutil
 import requests
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from .common import StageError, Terminated
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about the store
 
 INHERITED_TAGS = ("dvc_exp_name", "mlflow.user")  # what a seed run shares with its stage run
 TRACKED_PACKAGES = ("numpy", "mlflow", "dvc", "tensorflow-cpu", "tensorflow", "keras", "torch")
@@ -63,15 +71,59 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def use_experiment(name: str, root: Path, uri: str) -> str:
-    """Create (once, race-safe) and activate the experiment; artifacts go to `<root>/mlruns`,
-    or where the tracking server stores them (proxied, when it serves artifacts)."""
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, tokens) unless told it holds
+# model training: then it opens on the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# The columns where MLflow records absolute artifact locations (it resolves them once, when an
+# experiment, run or model is created).
+STORE_LOCATIONS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
+
+def relocate_store(database: Path, old: Path, new: Path) -> int:
+    """Rewrite the artifact locations recorded under `old` (where this repository's mlruns/ used
+    to be) to `new`; return how many were rewritten. For a repository copied or moved with its
+    mlflow.db: otherwise new runs write their artifacts into the old copy."""
+    changed = 0
+    with closing(sqlite3.connect(database, timeout=30)) as connection, connection:
+        for table, column in STORE_LOCATIONS:
+            for before, after in ((old.as_uri(), new.as_uri()), (str(old), str(new))):
+                changed += connection.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                    (after, len(before) + 1, before, len(before) + 1, before + "/"),
+                ).rowcount
+    return changed
+
+
+def use_experiment(name: str, root: Path, own_store: bool, server: bool = False) -> str:
+    """Create (once, race-safe) and activate the experiment; artifacts go to `<root>/mlruns`.
+
+    `own_store`: the store is this repository's mlflow.db, so an experiment that records another
+    folder's mlruns/ came with a copy or move of the repository and is relocated here.
+    `server`: the store is a tracking server, which chooses where artifacts go (it proxies them
+    to its --artifacts-destination when it serves artifacts).
+    """
+    artifacts = root / "mlruns"
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        location = None if is_server(uri) else (root / "mlruns").as_uri()
+        location = None if server else artifacts.as_uri()
         with suppress(MlflowException):  # a parallel queued experiment may create it first
             mlflow.create_experiment(name, artifact_location=location)
-    return mlflow.set_experiment(name).experiment_id
+    elif own_store:
+        recorded = Path(url2pathname(urlparse(experiment.artifact_location).path))
+        if recorded.name == "mlruns" and recorded != artifacts:
+            relocate_store(root / "mlflow.db", recorded, artifacts)
+            print(f"MLflow store: artifact locations moved from {recorded} to {artifacts}")
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def _unreachable(exc: BaseException) -> str | None:
@@ -149,8 +201,47 @@ def _git(root: Path, *args: str) -> str | None:
     return done.stdout.strip()
 
 
+def process_tags() -> dict[str, str]:
+    """Return what identifies this process later: host, pid and the pid's start time."""
+    return {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "pid_started": f"{psutil.Process().create_time():.3f}",
+    }
+
+
+def is_dead(tags: Mapping[str, str]) -> bool:
+    """Return True when the run's tags name a process on this host that no longer runs."""
+    if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
+        return False  # another machine's run, or one from before these tags: not ours to judge
+    try:
+        process = psutil.Process(int(tags["pid"]))
+        alive = process.status() != psutil.STATUS_ZOMBIE
+        same = f"{process.create_time():.3f}" == tags.get("pid_started")
+    except psutil.Error:
+        return True
+    return not (alive and same)
+
+
+def end_stale_runs(experiment_id: str) -> list[str]:
+    """End as KILLED the RUNNING runs whose process died without ending them (a SIGKILL, an
+    out-of-memory kill); return their ids."""
+    client = mlflow.MlflowClient()
+    running = client.search_runs(
+        [experiment_id],
+        f"attributes.status = 'RUNNING' and tags.host = '{socket.gethostname()}'",
+        max_results=1000,
+    )
+    stale = [run for run in running if is_dead(run.data.tags)]
+    for run in stale:
+        client.set_tag(run.info.run_id, "ended_by", "the next stage run: its process had died")
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return [run.info.run_id for run in stale]
+
+
 def run_tags(stage: str, environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
-    """Return the tags every stage run carries: git commit and dirtiness, DVC experiment, versions."""
+    """Return the tags every stage run carries: git commit and dirtiness, DVC experiment, versions,
+    and the process that owns the run."""
     commit = _git(cwd, "rev-parse", "HEAD")
     status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
     tags = {
@@ -158,6 +249,7 @@ def run_tags(stage: str, environ: Mapping[str, str], cwd: Path) -> dict[str, str
         "git_commit": commit or "unknown",
         "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
         "dvc_exp_name": environ.get("DVC_EXP_NAME", ""),
+        **process_tags(),
     }
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -171,6 +263,9 @@ def run_tags(stage: str, environ: Mapping[str, str], cwd: Path) -> dict[str, str
     return tags
 
 
+_DEFAULT_STORE_SET: list[str | None] = [None]  # the default store URI this process last chose
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -179,15 +274,21 @@ def stage_run(
     environ: Mapping[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start the one MLflow run of a stage execution and end it FINISHED, FAILED or KILLED."""
-    environ = os.environ if environ is None else environ
+    environ = dict(os.environ if environ is None else environ)
+    if _DEFAULT_STORE_SET[0] and environ.get("MLFLOW_TRACKING_URI") == _DEFAULT_STORE_SET[0]:
+        del environ["MLFLOW_TRACKING_URI"]  # MLflow exports the URI it is given: not the user's
     cwd = Path.cwd()
     root = workspace_root(environ, cwd)
+    own_store = not environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri(environ, root)
+    _DEFAULT_STORE_SET[0] = uri if own_store else None
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)  # MLflow's client reads them from the process
     try:
         mlflow.set_tracking_uri(uri)
-        use_experiment(experiment_name, root, uri)
+        experiment_id = use_experiment(experiment_name, root, own_store, is_server(uri))
+        for run_id in end_stale_runs(experiment_id):
+            print(f"ended MLflow run {run_id} as KILLED: the process that ran it had died")
         tags = {**run_tags(stage, environ, cwd), **(extra_tags or {})}
         run = _start_run_retrying(stage, tags)
         with _ended(run):
@@ -201,7 +302,7 @@ def child_run(name: str, tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
     """Start a run nested under the active one, with its experiment and user, ended like it."""
     parent = mlflow.active_run()
     inherited = {k: v for k, v in parent.data.tags.items() if k in INHERITED_TAGS} if parent else {}
-    run = mlflow.start_run(run_name=name, nested=True, tags={**inherited, **tags})
+    run = mlflow.start_run(run_name=name, nested=True, tags={**inherited, **tags, **process_tags()})
     with _ended(run):
         yield run
 

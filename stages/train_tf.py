@@ -1,131 +1,72 @@
-"""Stage `train-tf`: the network in TensorFlow/Keras. Mirrors `train_torch.py` function for function.
+"""Stage `train-tf`: the network in TensorFlow/Keras. `KerasTrainer` mirrors
+`train_torch.TorchTrainer` method for method; both implement `training.Trainer`.
 
 The whole training set sits on the device as one tensor and batches are taken by index, in the
-order `training.batch_order` gives both frameworks, through one compiled training step.
+order `training.batch_order` gives both frameworks, through one compiled graph per epoch.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import random
-import sys
 import time
 import weakref
+from contextlib import suppress
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter quiet
+import numpy as np
+import psutil
+import typer
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import typer  # noqa: E402
+from .common import StageError, native_stderr_filtered, run_cli
+from .config import ModelConfig, TrainConfig
+from .dataset import IMAGE_SHAPE
+from .training import (
+    Device,
+    EpochResult,
+    NonFiniteLoss,
+    TrainerOutputs,
+    Weights,
+    layer_sizes,
+    run_trainer_stage,
+)
 
-from .common import StageError, run_cli  # noqa: E402
-from .config import ModelConfig, TrainConfig  # noqa: E402
-from .training import EpochResult, NonFiniteLoss, train_stage  # noqa: E402
+# TensorFlow's C++ start-up lines and a tf.data attribute notice during model logging are
+# informational, and printed before any setting can silence them.
+TF_NOISE = (
+    "All log messages before absl::InitializeLog()",
+    "oneDNN custom operations are on",
+    "cpu_feature_guard.cc",
+    "To enable the following instructions",
+    "NodeDef mentions attribute use_unbounded_threadpool",
+)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+with native_stderr_filtered(*TF_NOISE):
+    import keras
+    import tensorflow as tf
 
-MODEL_SUFFIX = ".keras"
-JIT_COMPILE = False  # XLA made the training step slower on this CPU: see bench/README.md
+keras.utils.disable_interactive_logging()  # no progress bars from MLflow's predict calls
+
+
+class _OneTracePerModel(logging.Filter):
+    """Drop TensorFlow's "frequent retracing" warning, a false alarm here: each model's predict
+    function is traced once (fixed input signature), but TensorFlow counts traces per Python
+    code object, so the four seeds' models and their reloads add up to a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_OneTracePerModel())
+
+JIT_COMPILE = False  # XLA made the training step slower on this CPU: see bench/results.md
 # Compiled functions per network (weak keys: a new model never reuses a dead model's graph).
 _compiled: weakref.WeakKeyDictionary[
     keras.Model, dict[str, tf.types.experimental.PolymorphicFunction]
-] = weakref.WeakKeyDictionary()
-
-
-def describe_device(requested: str, allow_tf32: bool) -> dict[str, str]:
-    """Return the device to train on and its description; 'cuda' without a GPU is an error."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if requested == "cuda" and not gpus:
-        raise StageError(
-            "train.device is 'cuda' but TensorFlow finds no GPU (tf.config.list_physical_devices"
-            f"('GPU') is empty; TensorFlow {tf.__version__}, built with CUDA: "
-            f"{tf.test.is_built_with_cuda()}; the tensorflow-cpu wheel has no GPU support); "
-            "set train.device to 'auto' or 'cpu'"
-        )
-    if requested == "cpu":
-        tf.config.set_visible_devices([], "GPU")
-        gpus = []
-    for gpu in gpus:  # take GPU memory as needed, not all of it at start
-        tf.config.experimental.set_memory_growth(gpu, True)
-    tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
-    device = "cuda" if gpus else "cpu"
-    build = tf.sysconfig.get_build_info()
-    name = (
-        tf.config.experimental.get_device_details(gpus[0]).get("device_name", "gpu")
-        if gpus
-        else platform.processor() or "cpu"
-    )
-    return {
-        "device": device,
-        "name": name,
-        "framework_version": tf.__version__,
-        "cuda_version": build.get("cuda_version", "none"),
-        "threads": str(os.cpu_count()),
-    }
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed every generator Keras training touches; optionally force deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed)
-    keras.utils.set_random_seed(seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-
-
-def build_model(model: ModelConfig, initial_weights: list | None = None) -> keras.Sequential:
-    """Return Flatten -> [Dense -> activation -> Dropout] per hidden layer -> Dense (logits)."""
-    # Keras's own default initialisation is Glorot-uniform with zero biases: `framework` == `glorot`
-    layers: list[keras.Layer] = [keras.Input(shape=(28, 28)), keras.layers.Flatten()]
-    for units in model.hidden_units:
-        layers += [
-            keras.layers.Dense(units),
-            keras.layers.Activation(model.activation),
-            keras.layers.Dropout(model.dropout_rate),
-        ]
-    layers.append(keras.layers.Dense(model.num_classes))
-    network = keras.Sequential(layers)
-    dense = [layer for layer in network.layers if isinstance(layer, keras.layers.Dense)]
-    if model.init == "shared":
-        for index, layer in enumerate(dense):
-            layer.set_weights(list(initial_weights[index]))  # kernel (in, out), bias (out,)
-    return network
-
-
-def make_optimizer(train: TrainConfig, network: keras.Model) -> keras.optimizers.Optimizer:
-    """Return the optimizer named by train.optimizer with every setting given explicitly."""
-    settings = train.optimizer
-    if settings.name == "sgd":
-        optimizer = keras.optimizers.SGD(
-            learning_rate=train.learning_rate,
-            momentum=settings.momentum,
-            nesterov=settings.nesterov,
-            weight_decay=settings.weight_decay or None,
-        )
-    elif settings.name == "adamw":
-        optimizer = keras.optimizers.AdamW(
-            learning_rate=train.learning_rate,
-            beta_1=settings.beta_1,
-            beta_2=settings.beta_2,
-            epsilon=settings.epsilon,
-            weight_decay=settings.weight_decay,
-        )
-    else:
-        optimizer = keras.optimizers.Adam(
-            learning_rate=train.learning_rate,
-            beta_1=settings.beta_1,
-            beta_2=settings.beta_2,
-            epsilon=settings.epsilon,
-        )
-    optimizer.build(network.trainable_variables)
-    return optimizer
-
-
-def to_device(array: np.ndarray, device: str) -> tf.Tensor:
-    """Return the array as a tensor on `device`."""
-    with tf.device("/GPU:0" if device == "cuda" else "/CPU:0"):
-        return tf.convert_to_tensor(np.ascontiguousarray(array))
+]
+_compiled = weakref.WeakKeyDictionary()
 
 
 def _train_steps(network: keras.Model, optimizer: keras.optimizers.Optimizer):
@@ -156,80 +97,191 @@ def _train_steps(network: keras.Model, optimizer: keras.optimizers.Optimizer):
     return compiled["train"]
 
 
-def train_epoch(
-    network: keras.Model,
-    optimizer: keras.optimizers.Optimizer,
-    x: tf.Tensor,
-    y: tf.Tensor,
-    order: np.ndarray,
-    batch_size: int,
-) -> EpochResult:
-    """Train one pass over `order`; return mean loss and accuracy; raise NonFiniteLoss at once."""
-    run_steps = _train_steps(network, optimizer)
-    full = len(order) // batch_size * batch_size
-    chunks = [order[:batch_size], order[batch_size:full], order[full:]]  # first step timed alone
-    total_loss, correct, done, first_step_done = 0.0, 0, 0, 0.0
-    for chunk in chunks:
-        if len(chunk) == 0:
-            continue
-        batches = chunk.reshape(-1, min(batch_size, len(chunk)))
-        losses, chunk_correct = run_steps(x, y, tf.constant(batches))
-        losses = losses.numpy()
-        bad = np.flatnonzero(~np.isfinite(losses))
-        if len(bad):
-            raise NonFiniteLoss(done + int(bad[0]) + 1, float(losses[bad[0]]))
-        first_step_done = first_step_done or time.perf_counter()
-        total_loss += float(losses.sum()) * batches.shape[1]
-        correct += int(chunk_correct)
-        done += len(batches)
-    return EpochResult(total_loss / len(order), correct / len(order), first_step_done)
-
-
-def predict_proba(network: keras.Model, x: tf.Tensor, training: bool = False) -> np.ndarray:
-    """Return softmax probabilities (N, 10) as numpy; training=True keeps dropout on."""
+def _predict(network: keras.Model, training: bool):
+    # One trace per network and mode: a fixed input signature, so no shape ever retraces.
     compiled = _compiled.setdefault(network, {})
     key = f"predict-{training}"
     if key not in compiled:
+        signature = [tf.TensorSpec((None, *network.input_shape[1:]), tf.float32)]
         compiled[key] = tf.function(
-            lambda inputs: tf.nn.softmax(network(inputs, training=training)), reduce_retracing=True
+            lambda inputs: tf.nn.softmax(network(inputs, training=training)),
+            input_signature=signature,
         )
-    return compiled[key](x).numpy()
+    return compiled[key]
 
 
-def save_model(network: keras.Model, path: Path) -> None:
-    """Save the network in Keras's native .keras format."""
-    network.save(path)
+class KerasTrainer:
+    """The `training.Trainer` contract in TensorFlow/Keras."""
 
+    framework = "tf"
+    model_suffix = ".keras"
 
-def load_model(path: Path, model: ModelConfig, device: str) -> keras.Model:
-    """Return the network saved at `path` (the .keras file holds its architecture)."""
-    return keras.models.load_model(path)
+    def describe_device(self, requested: str, allow_tf32: bool) -> Device:
+        """Configure and return the device to train on; 'cuda' without a GPU is a StageError."""
+        gpus = tf.config.list_physical_devices("GPU")
+        if requested == "cuda" and not gpus:
+            raise StageError(
+                "train.device is 'cuda' but TensorFlow finds no GPU (tf.config.list_physical_"
+                f"devices('GPU') is empty; TensorFlow {tf.__version__}, built with CUDA: "
+                f"{tf.test.is_built_with_cuda()}; the tensorflow-cpu wheel has no GPU support); "
+                "set train.device to 'auto' or 'cpu'"
+            )
+        if requested == "cpu":
+            tf.config.set_visible_devices([], "GPU")
+            gpus = []
+        for gpu in gpus:  # take GPU memory as needed, not all of it at start
+            tf.config.experimental.set_memory_growth(gpu, True)
+        tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
+        threads = len(os.sched_getaffinity(0))  # the same rule in both trainers
+        with suppress(RuntimeError):  # TensorFlow already ran an op here (tests): keep its pool
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        build = tf.sysconfig.get_build_info()
+        name = (
+            tf.config.experimental.get_device_details(gpus[0]).get("device_name", "gpu")
+            if gpus
+            else platform.processor() or "cpu"
+        )
+        return Device(
+            kind="cuda" if gpus else "cpu",
+            name=name,
+            framework_version=tf.__version__,
+            cuda_version=build.get("cuda_version", "none"),
+            threads=tf.config.threading.get_intra_op_parallelism_threads() or threads,
+        )
 
+    def seed_everything(self, seed: int, deterministic: bool) -> None:
+        """Seed every generator training touches; optionally force deterministic kernels."""
+        random.seed(seed)
+        np.random.seed(seed)
+        keras.utils.set_random_seed(seed)
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
 
-def count_model_parameters(network: keras.Model) -> int:
-    """Return the number of trainable parameters."""
-    return int(sum(np.prod(v.shape) for v in network.trainable_variables))
+    def build_model(
+        self, model: ModelConfig, initial_weights: Weights | None = None
+    ) -> keras.Model:
+        """Return Flatten -> [Dense -> activation -> Dropout] per hidden layer -> Dense (logits)."""
+        # Keras's default initialisation is Glorot-uniform with zero biases: `framework` == `glorot`
+        sizes = layer_sizes(model)
+        layers: list[keras.Layer] = [keras.Input(shape=IMAGE_SHAPE), keras.layers.Flatten()]
+        for units in sizes[1:-1]:
+            layers += [
+                keras.layers.Dense(units),
+                keras.layers.Activation(model.activation),
+                keras.layers.Dropout(model.dropout_rate),
+            ]
+        layers.append(keras.layers.Dense(sizes[-1]))
+        network = keras.Sequential(layers)
+        dense = [layer for layer in network.layers if isinstance(layer, keras.layers.Dense)]
+        if model.init == "shared":
+            for index, layer in enumerate(dense):
+                layer.set_weights(list(initial_weights[index]))  # kernel (in, out), bias (out,)
+        return network
 
+    def make_optimizer(
+        self, train: TrainConfig, network: keras.Model
+    ) -> keras.optimizers.Optimizer:
+        """Return the optimizer named by train.optimizer with every setting given explicitly."""
+        settings = train.optimizer
+        if settings.name == "sgd":
+            optimizer = keras.optimizers.SGD(
+                learning_rate=train.learning_rate,
+                momentum=settings.momentum,
+                nesterov=settings.nesterov,
+                weight_decay=settings.weight_decay or None,  # decoupled, like TorchTrainer's SGDW
+            )
+        else:
+            optimizer_class = (
+                keras.optimizers.AdamW if settings.name == "adamw" else keras.optimizers.Adam
+            )
+            optimizer = optimizer_class(
+                learning_rate=train.learning_rate,
+                beta_1=settings.beta_1,
+                beta_2=settings.beta_2,
+                epsilon=settings.epsilon,
+                weight_decay=settings.weight_decay or None,  # None for adam (validated)
+            )
+        optimizer.build(network.trainable_variables)
+        return optimizer
 
-def log_model(network: keras.Model, input_example: np.ndarray, registered_name: str) -> None:
-    """Log the network with MLflow's TensorFlow flavor, signature and pinned requirements."""
-    import mlflow
-    from mlflow.models import infer_signature
+    def to_device(self, array: np.ndarray, device: str) -> tf.Tensor:
+        """Return the array as a tensor on `device`."""
+        with tf.device("/GPU:0" if device == "cuda" else "/CPU:0"):
+            return tf.convert_to_tensor(np.ascontiguousarray(array))
 
-    output = network(input_example, training=False).numpy()
-    mlflow.tensorflow.log_model(
-        network,
-        name="model",
-        input_example=input_example,
-        signature=infer_signature(input_example, output),
-        pip_requirements=[
-            f"tensorflow=={tf.__version__}",
-            f"keras=={keras.__version__}",
-            f"mlflow=={mlflow.__version__}",
-            f"numpy=={np.__version__}",
-        ],
-        registered_model_name=registered_name,
-    )
+    def train_epoch(
+        self,
+        network: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        x: tf.Tensor,
+        y: tf.Tensor,
+        order: np.ndarray,
+        batch_size: int,
+    ) -> EpochResult:
+        """Train one pass over `order` in batches; raise NonFiniteLoss at the first bad step."""
+        run_steps = _train_steps(network, optimizer)
+        full = len(order) // batch_size * batch_size
+        chunks = [order[:batch_size], order[batch_size:full], order[full:]]  # first step alone
+        total_loss, correct, done, first_step_done = 0.0, 0, 0, 0.0
+        previous = None
+        for chunk in chunks:
+            if len(chunk) == 0:
+                continue
+            batches = chunk.reshape(-1, min(batch_size, len(chunk)))
+            losses, chunk_correct = run_steps(x, y, tf.constant(batches))
+            losses = losses.numpy()
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if len(bad):
+                before = losses[bad[0] - 1] if bad[0] else previous
+                raise NonFiniteLoss(done + int(bad[0]) + 1, float(losses[bad[0]]), before)
+            previous = float(losses[-1])
+            first_step_done = first_step_done or time.perf_counter()
+            total_loss += float(losses.sum()) * batches.shape[1]
+            correct += int(chunk_correct)
+            done += len(batches)
+        return EpochResult(total_loss / len(order), correct / len(order), first_step_done)
+
+    def predict_proba(
+        self, network: keras.Model, x: tf.Tensor, training: bool = False
+    ) -> np.ndarray:
+        """Return (N, 10) softmax probabilities; evaluation mode unless training=True."""
+        return _predict(network, training)(x).numpy()
+
+    def save_model(self, network: keras.Model, path: Path) -> None:
+        """Save the network in Keras's native .keras format."""
+        network.save(path)
+
+    def load_model(self, path: Path, model: ModelConfig, device: str) -> keras.Model:
+        """Return the network saved at `path` (the .keras file holds its architecture)."""
+        with tf.device("/GPU:0" if device == "cuda" else "/CPU:0"):
+            return keras.models.load_model(path)
+
+    def count_parameters(self, network: keras.Model) -> int:
+        """Return the number of trainable parameters."""
+        return int(sum(np.prod(v.shape) for v in network.trainable_variables))
+
+    def log_model(
+        self, network: keras.Model, input_example: np.ndarray, registered_name: str
+    ) -> None:
+        """Log the network with MLflow's TensorFlow flavor, signature and pins, and register it."""
+        import mlflow
+        from mlflow.models import infer_signature
+
+        output = network(input_example, training=False).numpy()
+        with native_stderr_filtered(*TF_NOISE):
+            mlflow.tensorflow.log_model(
+                network,
+                name="model",
+                input_example=input_example,
+                signature=infer_signature(input_example, output),
+                pip_requirements=[
+                    f"tensorflow=={tf.__version__}",
+                    f"keras=={keras.__version__}",
+                    f"mlflow=={mlflow.__version__}",
+                    f"numpy=={np.__version__}",
+                ],
+                registered_model_name=registered_name,
+            )
 
 
 def main(
@@ -245,7 +297,8 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Train the network in TensorFlow/Keras once per seed."""
-    train_stage(sys.modules[__name__], "tf", data, model, predictions, metrics, history, params)
+    outputs = TrainerOutputs(model, predictions, metrics, history)
+    run_trainer_stage(KerasTrainer(), data, outputs, params, psutil.Process().create_time())
 
 
 if __name__ == "__main__":

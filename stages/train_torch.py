@@ -1,4 +1,5 @@
-"""Stage `train-torch`: the network in PyTorch. Mirrors `train_tf.py` function for function.
+"""Stage `train-torch`: the network in PyTorch. `TorchTrainer` mirrors `train_tf.KerasTrainer`
+method for method; both implement `training.Trainer`.
 
 The whole training set sits on the device as one tensor and batches are taken by index, in the
 order `training.batch_order` gives both frameworks: no DataLoader, no per-image transforms.
@@ -9,11 +10,12 @@ from __future__ import annotations
 import os
 import platform
 import random
-import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import typer
 from torch import nn
@@ -21,177 +23,204 @@ from torch.nn import functional as F
 
 from .common import StageError, run_cli
 from .config import ModelConfig, TrainConfig
-from .training import EpochResult, NonFiniteLoss, train_stage
+from .training import (
+    Device,
+    EpochResult,
+    NonFiniteLoss,
+    TrainerOutputs,
+    Weights,
+    layer_sizes,
+    run_trainer_stage,
+)
 
-MODEL_SUFFIX = ".pt"
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
 
-def describe_device(requested: str, allow_tf32: bool) -> dict[str, str]:
-    """Return the device to train on and its description; 'cuda' without a GPU is an error."""
-    available = torch.cuda.is_available()
-    if requested == "cuda" and not available:
-        raise StageError(
-            "train.device is 'cuda' but PyTorch finds no GPU (torch.cuda.is_available() is False, "
-            f"{torch.cuda.device_count()} CUDA devices, torch {torch.__version__} built for CUDA "
-            f"{torch.version.cuda or 'none'}); set train.device to 'auto' or 'cpu'"
+class SGDW(torch.optim.SGD):
+    """SGD with decoupled weight decay: each weight shrinks by lr * weight_decay * weight before the
+    update, as in Keras's SGD and both frameworks' AdamW. (torch.optim.SGD's own weight_decay is
+    L2 added to the gradient, which momentum then accumulates: a different update.)"""
+
+    def __init__(self, params, lr: float, momentum: float, nesterov: bool, weight_decay: float):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, fused=True)
+        self.decoupled_weight_decay = weight_decay
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        if self.decoupled_weight_decay:
+            for group in self.param_groups:
+                torch._foreach_mul_(
+                    group["params"], 1.0 - group["lr"] * self.decoupled_weight_decay
+                )
+        return super().step(closure)
+
+
+class TorchTrainer:
+    """The `training.Trainer` contract in PyTorch."""
+
+    framework = "torch"
+    model_suffix = ".pt"
+
+    def describe_device(self, requested: str, allow_tf32: bool) -> Device:
+        """Configure and return the device to train on; 'cuda' without a GPU is a StageError."""
+        available = torch.cuda.is_available()
+        if requested == "cuda" and not available:
+            raise StageError(
+                "train.device is 'cuda' but PyTorch finds no GPU (torch.cuda.is_available() is "
+                f"False, {torch.cuda.device_count()} CUDA devices, torch {torch.__version__} built "
+                f"for CUDA {torch.version.cuda or 'none'}); set train.device to 'auto' or 'cpu'"
+            )
+        kind = "cuda" if available and requested != "cpu" else "cpu"
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        threads = len(os.sched_getaffinity(0))  # the same rule in both trainers
+        torch.set_num_threads(threads)
+        name = torch.cuda.get_device_name(0) if kind == "cuda" else platform.processor() or "cpu"
+        return Device(
+            kind=kind,
+            name=name,
+            framework_version=torch.__version__,
+            cuda_version=torch.version.cuda or "none",
+            threads=torch.get_num_threads(),
         )
-    device = "cuda" if available and requested != "cpu" else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow_tf32
-    name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
-    return {
-        "device": device,
-        "name": name,
-        "framework_version": torch.__version__,
-        "cuda_version": torch.version.cuda or "none",
-        "threads": str(torch.get_num_threads()),
-    }
 
+    def seed_everything(self, seed: int, deterministic: bool) -> None:
+        """Seed every generator training touches; optionally force deterministic kernels."""
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        if deterministic:  # cuBLAS needs a fixed workspace to be deterministic
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # torch.use_deterministic_algorithms also imports torch._inductor (~180 MiB of RSS, and a
+        # segfault when TensorFlow is loaded first) only to set a torch.compile flag we never use.
+        torch._C._set_deterministic_algorithms(deterministic, warn_only=False)
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed every generator PyTorch training touches; optionally force deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:  # cuBLAS needs a fixed workspace to be deterministic
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # torch.use_deterministic_algorithms also imports torch._inductor (~180 MiB of RSS, and a
-    # segfault when TensorFlow is loaded first) only to set a torch.compile flag we never use.
-    torch._C._set_deterministic_algorithms(deterministic, warn_only=False)
+    def build_model(self, model: ModelConfig, initial_weights: Weights | None = None) -> nn.Module:
+        """Return Flatten -> [Linear -> activation -> Dropout] per hidden layer -> Linear (logits)."""
+        sizes = layer_sizes(model)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for fan_in, units in pairwise(sizes[:-1]):
+            layers += [
+                nn.Linear(fan_in, units),
+                ACTIVATIONS[model.activation](),
+                nn.Dropout(model.dropout_rate),
+            ]
+        layers.append(nn.Linear(sizes[-2], sizes[-1]))
+        network = nn.Sequential(*layers)
+        dense = [layer for layer in network if isinstance(layer, nn.Linear)]
+        with torch.no_grad():
+            for index, layer in enumerate(dense):
+                if model.init == "glorot":
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+                elif model.init == "shared":
+                    kernel, bias = initial_weights[index]
+                    layer.weight.copy_(torch.from_numpy(kernel.T))  # (in, out) -> (out, in)
+                    layer.bias.copy_(torch.from_numpy(bias))
+        return network
 
-
-def build_model(model: ModelConfig, initial_weights: list | None = None) -> nn.Sequential:
-    """Return Flatten -> [Linear -> activation -> Dropout] per hidden layer -> Linear (logits)."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    fan_in = 28 * 28
-    for units in model.hidden_units:
-        layers += [
-            nn.Linear(fan_in, units),
-            ACTIVATIONS[model.activation](),
-            nn.Dropout(model.dropout_rate),
-        ]
-        fan_in = units
-    layers.append(nn.Linear(fan_in, model.num_classes))
-    network = nn.Sequential(*layers)
-    dense = [layer for layer in network if isinstance(layer, nn.Linear)]
-    with torch.no_grad():
-        for index, layer in enumerate(dense):
-            if model.init == "glorot":
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
-            elif model.init == "shared":
-                kernel, bias = initial_weights[index]
-                layer.weight.copy_(torch.from_numpy(kernel.T))  # (in, out) -> (out, in)
-                layer.bias.copy_(torch.from_numpy(bias))
-    return network
-
-
-def make_optimizer(train: TrainConfig, network: nn.Module) -> torch.optim.Optimizer:
-    """Return the optimizer named by train.optimizer with every setting given explicitly."""
-    settings = train.optimizer
-    parameters = network.parameters()
-    if settings.name == "sgd":
-        return torch.optim.SGD(
-            parameters,
+    def make_optimizer(self, train: TrainConfig, network: nn.Module) -> torch.optim.Optimizer:
+        """Return the optimizer named by train.optimizer with every setting given explicitly."""
+        settings = train.optimizer
+        if settings.name == "sgd":
+            return SGDW(
+                network.parameters(),
+                lr=train.learning_rate,
+                momentum=settings.momentum,
+                nesterov=settings.nesterov,
+                weight_decay=settings.weight_decay,
+            )
+        optimizer = torch.optim.AdamW if settings.name == "adamw" else torch.optim.Adam
+        return optimizer(  # fused: one kernel per step instead of ~10 per tensor (bench/speed.py)
+            network.parameters(),
             lr=train.learning_rate,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-            nesterov=settings.nesterov,
+            betas=(settings.beta_1, settings.beta_2),
+            eps=settings.epsilon,
+            weight_decay=settings.weight_decay,  # 0 for adam (validated); decoupled in AdamW
             fused=True,
         )
-    optimizer = torch.optim.AdamW if settings.name == "adamw" else torch.optim.Adam
-    return optimizer(
-        parameters,
-        lr=train.learning_rate,
-        betas=(settings.beta_1, settings.beta_2),
-        eps=settings.epsilon,
-        weight_decay=settings.weight_decay,
-        fused=True,
-    )
-    # fused: one kernel per step instead of ~10 per tensor; measured faster, see bench/README.md
 
+    def to_device(self, array: np.ndarray, device: str) -> torch.Tensor:
+        """Return the array as a tensor on `device`."""
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
-def to_device(array: np.ndarray, device: str) -> torch.Tensor:
-    """Return the array as a tensor on `device`."""
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    def train_epoch(
+        self,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        order: np.ndarray,
+        batch_size: int,
+    ) -> EpochResult:
+        """Train one pass over `order` in batches; raise NonFiniteLoss at the first bad step."""
+        network.train()
+        order_tensor = torch.from_numpy(order).to(x.device)
+        total_loss = 0.0
+        previous = None
+        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        first_step_done = 0.0
+        for step, start in enumerate(range(0, len(order), batch_size), start=1):
+            index = order_tensor[start : start + batch_size]
+            x_batch, y_batch = x.index_select(0, index), y.index_select(0, index)
+            logits = network(x_batch)
+            loss = F.cross_entropy(logits, y_batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_value = loss.item()
+            if not np.isfinite(loss_value):
+                raise NonFiniteLoss(step, loss_value, previous)
+            previous = loss_value
+            first_step_done = first_step_done or time.perf_counter()
+            total_loss += loss_value * len(index)
+            correct += (logits.argmax(dim=1) == y_batch).sum()
+        return EpochResult(total_loss / len(order), correct.item() / len(order), first_step_done)
 
+    def predict_proba(
+        self, network: nn.Module, x: torch.Tensor, training: bool = False
+    ) -> np.ndarray:
+        """Return (N, 10) softmax probabilities; evaluation mode unless training=True."""
+        network.train(training)
+        with torch.inference_mode():
+            return F.softmax(network(x), dim=1).cpu().numpy()
 
-def train_epoch(
-    network: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    order: np.ndarray,
-    batch_size: int,
-) -> EpochResult:
-    """Train one pass over `order`; return mean loss and accuracy; raise NonFiniteLoss at once."""
-    network.train()
-    order_tensor = torch.from_numpy(order).to(x.device)
-    total_loss = 0.0
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    first_step_done = 0.0
-    for step, start in enumerate(range(0, len(order), batch_size), start=1):
-        index = order_tensor[start : start + batch_size]
-        x_batch, y_batch = x.index_select(0, index), y.index_select(0, index)
-        logits = network(x_batch)
-        loss = F.cross_entropy(logits, y_batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = loss.item()
-        if not np.isfinite(loss_value):
-            raise NonFiniteLoss(step, loss_value)
-        first_step_done = first_step_done or time.perf_counter()
-        total_loss += loss_value * len(index)
-        correct += (logits.argmax(dim=1) == y_batch).sum()
-    return EpochResult(total_loss / len(order), correct.item() / len(order), first_step_done)
+    def save_model(self, network: nn.Module, path: Path) -> None:
+        """Save the network's state_dict, PyTorch's native, pickle-free format."""
+        torch.save(network.state_dict(), path)
 
+    def load_model(self, path: Path, model: ModelConfig, device: str) -> nn.Module:
+        """Return the network rebuilt from `model` with the weights saved at `path`."""
+        network = self.build_model(model.model_copy(update={"init": "framework"}))
+        network.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        return network.to(device)
 
-def predict_proba(network: nn.Module, x: torch.Tensor, training: bool = False) -> np.ndarray:
-    """Return softmax probabilities (N, 10) as numpy; training=True keeps dropout on."""
-    network.train(training)
-    with torch.inference_mode():
-        return F.softmax(network(x), dim=1).cpu().numpy()
+    def count_parameters(self, network: nn.Module) -> int:
+        """Return the number of trainable parameters."""
+        return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
+    def log_model(
+        self, network: nn.Module, input_example: np.ndarray, registered_name: str
+    ) -> None:
+        """Log the network with MLflow's PyTorch flavor, signature and pins, and register it."""
+        import mlflow
+        from mlflow.models import infer_signature
 
-def save_model(network: nn.Module, path: Path) -> None:
-    """Save the network's state_dict, PyTorch's native, pickle-free format."""
-    torch.save(network.state_dict(), path)
-
-
-def load_model(path: Path, model: ModelConfig, device: str) -> nn.Module:
-    """Return the network rebuilt from `model` with the weights saved at `path`."""
-    network = build_model(model.model_copy(update={"init": "framework"}))
-    network.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-    return network.to(device)
-
-
-def count_model_parameters(network: nn.Module) -> int:
-    """Return the number of trainable parameters."""
-    return sum(p.numel() for p in network.parameters() if p.requires_grad)
-
-
-def log_model(network: nn.Module, input_example: np.ndarray, registered_name: str) -> None:
-    """Log the network with MLflow's PyTorch flavor, signature and pinned requirements."""
-    import mlflow
-    from mlflow.models import infer_signature
-
-    network = network.cpu().eval()
-    with torch.inference_mode():
-        output = network(torch.from_numpy(input_example)).numpy()
-    mlflow.pytorch.log_model(
-        network,
-        name="model",
-        input_example=input_example,
-        signature=infer_signature(input_example, output),
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-            f"numpy=={np.__version__}",
-        ],
-        registered_model_name=registered_name,
-    )
+        network = network.cpu().eval()
+        with torch.inference_mode():
+            output = network(torch.from_numpy(input_example)).numpy()
+        mlflow.pytorch.log_model(
+            network,
+            name="model",
+            input_example=input_example,
+            signature=infer_signature(input_example, output),
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"mlflow=={mlflow.__version__}",
+                f"numpy=={np.__version__}",
+            ],
+            registered_model_name=registered_name,
+        )
 
 
 def main(
@@ -207,7 +236,8 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Train the network in PyTorch once per seed."""
-    train_stage(sys.modules[__name__], "torch", data, model, predictions, metrics, history, params)
+    outputs = TrainerOutputs(model, predictions, metrics, history)
+    run_trainer_stage(TorchTrainer(), data, outputs, params, psutil.Process().create_time())
 
 
 if __name__ == "__main__":

@@ -1,37 +1,49 @@
-"""What both trainers share, written once and framework-free: data, shared weights, batch order,
-the seed loop, metrics, outputs and MLflow logging.
+"""What both trainers share, written once and framework-free: the trainer contract, the data they
+read, shared weights, batch order, the seed loop, the summary, MLflow logging and the stage itself.
 
-Each trainer module (`train_tf.py`, `train_torch.py`) supplies the same small set of functions —
-`describe_device`, `seed_everything`, `build_model`, `make_optimizer`, `to_device`, `train_epoch`,
-`predict_proba`, `save_model`, `load_model`, `log_model` — and hands itself to `train_stage`.
+`train_tf.KerasTrainer` and `train_torch.TorchTrainer` implement `Trainer`, method for method;
+each trainer module's `main()` hands its trainer to `run_trainer_stage`.
 """
 
 from __future__ import annotations
 
 import csv
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import psutil
 
-from .common import StageError, peak_rss_mb, read_json, staged_outputs, write_json
-from .config import Framework, ModelConfig, RunConfig, load_params
+from .common import (
+    StageError,
+    native_stderr_filtered,
+    peak_rss_mb,
+    read_json,
+    staged_outputs,
+    write_json,
+)
+from .config import Framework, ModelConfig, RunConfig, TrainConfig, load_params
+from .dataset import IMAGE_SHAPE, IMAGE_SIZE, NUM_CLASSES
 
 MODEL_NAME = "mnist-mlp-{framework}"  # one registered MLflow model per framework
-INPUT_SHAPE = (28, 28)
+SPLITS = ("train", "val", "test")
+# MLflow prints these on registration; the stage's summary line names the version instead.
+REGISTRY_NOISE = ("Successfully registered model", "Created version")
+Weights = list[tuple[np.ndarray, np.ndarray]]  # per dense layer: kernel (fan_in, fan_out), bias
 
 
 class NonFiniteLoss(Exception):
     """A training step produced a NaN or infinite loss; `step` counts from 1 within the epoch."""
 
-    def __init__(self, step: int, loss: float):
+    def __init__(self, step: int, loss: float, previous: float | None):
         super().__init__(f"loss {loss} at step {step}")
         self.step = step
         self.loss = loss
+        self.previous = previous  # the last finite loss before it, None at the epoch's first step
 
 
 @dataclass(frozen=True)
@@ -42,40 +54,173 @@ class EpochResult:
 
 
 @dataclass(frozen=True)
+class Device:
+    """Where a trainer runs, and the versions that matter there; the same keys in both frameworks."""
+
+    kind: str  # "cpu" or "cuda"
+    name: str
+    framework_version: str
+    cuda_version: str
+    threads: int  # intra-op threads the framework runs one operation on
+
+    def as_params(self) -> dict[str, object]:
+        """Return the description as MLflow parameters, `device.<field>`."""
+        return {f"device.{key}": value for key, value in asdict(self).items()}
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What a framework must provide to be compared; both implementations mirror each other."""
+
+    framework: Framework
+    model_suffix: str  # the file suffix of `save_model`'s native format
+
+    def describe_device(self, requested: str, allow_tf32: bool) -> Device:
+        """Configure and return the device to train on; 'cuda' without a GPU is a StageError."""
+        ...
+
+    def seed_everything(self, seed: int, deterministic: bool) -> None:
+        """Seed every generator training touches; optionally force deterministic kernels."""
+        ...
+
+    def build_model(self, model: ModelConfig, initial_weights: Weights | None = None) -> Any:
+        """Return Flatten -> [Dense -> activation -> Dropout] per hidden layer -> Dense (logits)."""
+        ...
+
+    def make_optimizer(self, train: TrainConfig, network: Any) -> Any:
+        """Return the optimizer named by train.optimizer with every setting given explicitly."""
+        ...
+
+    def to_device(self, array: np.ndarray, device: str) -> Any:
+        """Return the array as a framework tensor on `device`."""
+        ...
+
+    def train_epoch(
+        self, network: Any, optimizer: Any, x: Any, y: Any, order: np.ndarray, batch_size: int
+    ) -> EpochResult:
+        """Train one pass over `order` in batches; raise NonFiniteLoss at the first bad step."""
+        ...
+
+    def predict_proba(self, network: Any, x: Any, training: bool = False) -> np.ndarray:
+        """Return (N, 10) softmax probabilities; evaluation mode unless training=True."""
+        ...
+
+    def save_model(self, network: Any, path: Path) -> None:
+        """Save the network in the framework's native format."""
+        ...
+
+    def load_model(self, path: Path, model: ModelConfig, device: str) -> Any:
+        """Return the network saved at `path`, ready to predict on `device`."""
+        ...
+
+    def count_parameters(self, network: Any) -> int:
+        """Return the number of trainable parameters."""
+        ...
+
+    def log_model(self, network: Any, input_example: np.ndarray, registered_name: str) -> None:
+        """Log the network with its MLflow flavor, signature and pins, and register it."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
 class Split:
     x: np.ndarray  # (N, 28, 28) float32
     y: np.ndarray  # (N,) int64
 
 
-def load_splits(data_dir: Path, scheme: str) -> dict[str, Split]:
-    """Return the train/val/test arrays that `normalize` wrote for `scheme`, loaded into memory."""
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """The arrays training reads, as framework tensors on the device, made once per stage."""
+
+    x_train: Any
+    y_train: Any
+    x_val: Any
+    x_test: Any
+
+
+def _load_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    rerun = "rerun `dvc repro normalize`"
+    try:
+        array = np.load(path)
+    except FileNotFoundError:
+        raise StageError(f"{path} not found; {rerun}") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise StageError(f"{path} is not a readable .npy file ({exc}); {rerun}") from None
+    if array.dtype != dtype or array.shape != shape:
+        raise StageError(
+            f"{path} holds {array.dtype} {array.shape}, expected {np.dtype(dtype)} {shape} "
+            f"(from meta.json); {rerun}"
+        )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise StageError(f"{path} contains NaN or infinite values; {rerun}")
+    if array.dtype.kind == "i" and len(array) and not 0 <= array.min() <= array.max() < NUM_CLASSES:
+        raise StageError(f"{path} holds labels outside 0..{NUM_CLASSES - 1}; {rerun}")
+    return array
+
+
+def load_splits(data_dir: Path, scheme: str, meta: Mapping[str, Any]) -> Splits:
+    """Return the arrays `normalize` wrote for `scheme`, each checked against meta.json."""
     folder = data_dir / scheme
     if not folder.is_dir():
         raise StageError(
             f"{folder} not found: `normalize` has not written scheme '{scheme}'; run `dvc repro`"
         )
-    return {
-        split: Split(np.load(folder / f"x_{split}.npy"), np.load(data_dir / f"y_{split}.npy"))
-        for split in ("train", "val", "test")
-    }
-
-
-def count_parameters(model: ModelConfig, input_size: int = 28 * 28) -> int:
-    """Return the number of trainable parameters of the network described by `model`."""
-    sizes = [input_size, *model.hidden_units, model.num_classes]
-    return sum(
-        fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes, sizes[1:], strict=False)
+    sizes = meta.get("split_sizes", {})
+    if set(sizes) != set(SPLITS):
+        raise StageError(f"{data_dir / 'meta.json'} lacks split_sizes; rerun `dvc repro normalize`")
+    return Splits(
+        **{
+            split: Split(
+                _load_array(folder / f"x_{split}.npy", np.float32, (sizes[split], *IMAGE_SHAPE)),
+                _load_array(data_dir / f"y_{split}.npy", np.int64, (sizes[split],)),
+            )
+            for split in SPLITS
+        }
     )
 
 
-def shared_weights(
-    model: ModelConfig, seed: int, input_size: int = 28 * 28
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def to_device_data(trainer: Trainer, splits: Splits, device: str) -> DeviceData:
+    """Return the arrays training reads as tensors on `device`."""
+    return DeviceData(
+        x_train=trainer.to_device(splits.train.x, device),
+        y_train=trainer.to_device(splits.train.y, device),
+        x_val=trainer.to_device(splits.val.x, device),
+        x_test=trainer.to_device(splits.test.x, device),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What both frameworks must agree on
+
+
+def layer_sizes(model: ModelConfig) -> list[int]:
+    """Return the width of every layer, input to logits: [784, *hidden_units, 10]."""
+    return [IMAGE_SIZE, *model.hidden_units, NUM_CLASSES]
+
+
+def expected_parameters(model: ModelConfig) -> int:
+    """Return the number of trainable parameters of the network described by `model`."""
+    sizes = layer_sizes(model)
+    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in pairwise(sizes))
+
+
+def shared_weights(model: ModelConfig, seed: int) -> Weights:
     """Return Glorot-uniform (kernel (fan_in, fan_out), zero bias) pairs drawn once with numpy."""
     rng = np.random.default_rng(seed)
-    sizes = [input_size, *model.hidden_units, model.num_classes]
+    sizes = layer_sizes(model)
     weights = []
-    for fan_in, fan_out in zip(sizes, sizes[1:], strict=False):
+    for fan_in, fan_out in pairwise(sizes):
         limit = np.sqrt(6.0 / (fan_in + fan_out))
         kernel = rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(np.float32)
         weights.append((kernel, np.zeros(fan_out, dtype=np.float32)))
@@ -95,73 +240,75 @@ def loss_and_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> tuple[fl
     return loss, accuracy
 
 
-def latency(
-    backend: ModuleType, model: Any, x: np.ndarray, device: str, repeats: int = 200
-) -> dict[str, float]:
-    """Return batch-1 p50/p95 latency in ms and batch-1000 throughput, measured after warm-up."""
-    one = backend.to_device(x[:1], device)
-    thousand = backend.to_device(x[:1000], device)
-    for _ in range(10):
-        backend.predict_proba(model, one)
-    backend.predict_proba(model, thousand)
-    single = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        backend.predict_proba(model, one)
-        single.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(5):
-        backend.predict_proba(model, thousand)
-    batch_seconds = (time.perf_counter() - start) / 5
-    return {
-        "latency_batch1_p50_ms": float(np.percentile(single, 50) * 1000),
-        "latency_batch1_p95_ms": float(np.percentile(single, 95) * 1000),
-        "throughput_batch1000_samples_per_second": float(len(x[:1000]) / batch_seconds),
-    }
+# ---------------------------------------------------------------------------------------------
+# One seed
 
 
-def on_device(backend: ModuleType, splits: dict[str, Split], device: str) -> dict[str, Any]:
-    """Return the arrays training reads as framework tensors on `device`, made once per stage."""
-    return {
-        "x_train": backend.to_device(splits["train"].x, device),
-        "y_train": backend.to_device(splits["train"].y, device),
-        "x_val": backend.to_device(splits["val"].x, device),
-        "x_test": backend.to_device(splits["test"].x, device),
-    }
+@dataclass(frozen=True)
+class SeedResult:
+    seed: int
+    model: Any
+    history: list[dict[str, float]]  # one row per epoch: epoch, train_loss, ..., val_accuracy
+    probabilities: np.ndarray  # (N, 10) test probabilities
+    test_loss: float
+    test_accuracy: float
+    train_seconds: float
+    samples_per_second: float
+    first_step_done: float  # time.perf_counter() when the first step's result was ready
+
+
+def divergence_message(
+    error: NonFiniteLoss, config: RunConfig, seed: int, epoch: int, steps_per_epoch: int
+) -> str:
+    """Return what a NaN/inf loss means: where it happened, what preceded it, what to change."""
+    train = config.train
+    step = (epoch - 1) * steps_per_epoch + error.step
+    before = (
+        f"after a loss of {error.previous:.4g} at step {step - 1}"
+        if error.previous is not None
+        else "at the epoch's first step"
+    )
+    return (
+        f"training diverged: loss is {error.loss} at step {step} (epoch {epoch}, seed {seed}), "
+        f"{before}. The inputs are finite (checked when loaded), so the updates blew up: "
+        f"train.learning_rate={train.learning_rate} with optimizer {train.optimizer.name}"
+        + (
+            f" (weight_decay={train.optimizer.weight_decay})"
+            if train.optimizer.weight_decay
+            else ""
+        )
+        + " is too large for this network; lower train.learning_rate."
+    )
 
 
 def train_one_seed(
-    backend: ModuleType,
+    trainer: Trainer,
     config: RunConfig,
-    splits: dict[str, Split],
-    tensors: dict[str, Any],
+    splits: Splits,
+    tensors: DeviceData,
     seed: int,
-    log_epoch: Any = None,
-) -> dict[str, Any]:
-    """Train one model from `seed`; return it with its history, test probabilities and timings."""
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> SeedResult:
+    """Train one model from `seed`: every epoch, validation after each, the test at the end."""
     model_config, train = config.model, config.train
-    backend.seed_everything(seed, train.deterministic)
+    trainer.seed_everything(seed, train.deterministic)
     initial = shared_weights(model_config, seed) if model_config.init == "shared" else None
-    model = backend.build_model(model_config, initial)
-    optimizer = backend.make_optimizer(train, model)
-    x_train, y_train, x_val = tensors["x_train"], tensors["y_train"], tensors["x_val"]
+    model = trainer.build_model(model_config, initial)
+    optimizer = trainer.make_optimizer(train, model)
+    steps_per_epoch = -(-len(splits.train.y) // train.batch_size)
     history: list[dict[str, float]] = []
-    first_step_done = None
+    first_step_done = 0.0
     train_seconds = 0.0
     for epoch in range(1, train.epochs + 1):
-        order = batch_order(len(splits["train"].y), seed, epoch)
+        order = batch_order(len(splits.train.y), seed, epoch)
         start = time.perf_counter()
         try:
-            result = backend.train_epoch(
-                model, optimizer, x_train, y_train, order, train.batch_size
+            result = trainer.train_epoch(
+                model, optimizer, tensors.x_train, tensors.y_train, order, train.batch_size
             )
         except NonFiniteLoss as exc:
-            steps_per_epoch = -(-len(order) // train.batch_size)
             raise StageError(
-                f"training diverged: loss is {exc.loss} at step {(epoch - 1) * steps_per_epoch + exc.step}"
-                f" (epoch {epoch}, seed {seed}). Likely cause: train.learning_rate="
-                f"{train.learning_rate} is too high for optimizer {train.optimizer.name}, or the "
-                "inputs are not normalized; lower the learning rate or check `normalize`."
+                divergence_message(exc, config, seed, epoch, steps_per_epoch)
             ) from None
         seconds = time.perf_counter() - start
         train_seconds += seconds
@@ -172,27 +319,58 @@ def train_one_seed(
             "train_accuracy": result.accuracy,
             "seconds": seconds,
         }
-        if len(splits["val"].y):
-            val_probs = backend.predict_proba(model, x_val)
-            row["val_loss"], row["val_accuracy"] = loss_and_accuracy(val_probs, splits["val"].y)
+        if len(splits.val.y):
+            val_probabilities = trainer.predict_proba(model, tensors.x_val)
+            row["val_loss"], row["val_accuracy"] = loss_and_accuracy(
+                val_probabilities, splits.val.y
+            )
         history.append(row)
-        if log_epoch:
-            log_epoch(row)
-    test_probs = backend.predict_proba(model, tensors["x_test"], training=train.dropout_at_test)
-    test_loss, test_accuracy = loss_and_accuracy(test_probs, splits["test"].y)
-    return {
-        "model": model,
-        "history": history,
-        "probabilities": test_probs,
-        "test_loss": test_loss,
-        "test_accuracy": test_accuracy,
-        "train_seconds": train_seconds,
-        "first_step_done": first_step_done,
-        "samples_per_second": train.epochs * len(splits["train"].y) / train_seconds,
-    }
+        if on_epoch:
+            on_epoch(row)
+    test_probabilities = trainer.predict_proba(
+        model, tensors.x_test, training=train.dropout_at_test
+    )
+    test_loss, test_accuracy = loss_and_accuracy(test_probabilities, splits.test.y)
+    return SeedResult(
+        seed=seed,
+        model=model,
+        history=history,
+        probabilities=test_probabilities,
+        test_loss=test_loss,
+        test_accuracy=test_accuracy,
+        train_seconds=train_seconds,
+        samples_per_second=train.epochs * len(splits.train.y) / train_seconds,
+        first_step_done=first_step_done,
+    )
 
 
-def progress(framework: str, seed: int, epochs: int, row: dict[str, float]) -> str:
+def chance_level_warning(framework: str, result: SeedResult, config: RunConfig) -> str | None:
+    """Return a warning when training ended no better than guessing, else None."""
+    final = result.history[-1]["train_accuracy"]
+    if final > 1.5 / NUM_CLASSES:
+        return None
+    return (
+        f"warning: [{framework}] seed {result.seed} ends at training accuracy {final:.3f}, "
+        f"chance level for {NUM_CLASSES} classes: the network did not learn. Check "
+        f"train.learning_rate={config.train.learning_rate} (too high or too low) and the inputs."
+    )
+
+
+def check_reload(
+    trainer: Trainer, path: Path, model: Any, model_config: ModelConfig, x: Any, device: str
+) -> None:
+    """Reload a saved model and raise StageError unless it predicts the same classes."""
+    reloaded = trainer.load_model(path, model_config, device)
+    before = trainer.predict_proba(model, x).argmax(axis=1)
+    after = trainer.predict_proba(reloaded, x).argmax(axis=1)
+    if not np.array_equal(before, after):
+        raise StageError(
+            f"{path}: the reloaded model predicts {int((before != after).sum())} of {len(before)} "
+            "classes differently from the trained one; the saved model is not trustworthy"
+        )
+
+
+def progress(framework: str, seed: int, epochs: int, row: Mapping[str, float]) -> str:
     """Return the one console line printed after each epoch."""
     line = (
         f"[{framework}] seed {seed} epoch {int(row['epoch'])}/{epochs}: "
@@ -201,6 +379,63 @@ def progress(framework: str, seed: int, epochs: int, row: dict[str, float]) -> s
     if "val_accuracy" in row:
         line += f", val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.4f}"
     return f"{line} ({row['seconds']:.1f} s)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage's summary
+
+
+@dataclass(frozen=True)
+class Latency:
+    latency_batch1_p50_ms: float
+    latency_batch1_p95_ms: float
+    throughput_batch1000_samples_per_second: float
+
+
+def measure_latency(
+    trainer: Trainer, model: Any, x: np.ndarray, device: str, repeats: int = 200
+) -> Latency:
+    """Return batch-1 p50/p95 latency in ms and batch-1000 throughput, measured after warm-up."""
+    one = trainer.to_device(x[:1], device)
+    thousand = trainer.to_device(x[:1000], device)
+    for _ in range(10):
+        trainer.predict_proba(model, one)
+    trainer.predict_proba(model, thousand)
+    single = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        trainer.predict_proba(model, one)
+        single.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(5):
+        trainer.predict_proba(model, thousand)
+    batch_seconds = (time.perf_counter() - start) / 5
+    return Latency(
+        latency_batch1_p50_ms=float(np.percentile(single, 50) * 1000),
+        latency_batch1_p95_ms=float(np.percentile(single, 95) * 1000),
+        throughput_batch1000_samples_per_second=float(len(x[:1000]) / batch_seconds),
+    )
+
+
+class Phases:
+    """Wall-clock seconds per named part of a stage, to see where a stage's time goes."""
+
+    def __init__(self, process_start: float):
+        self.seconds: dict[str, float] = {"imports": time.time() - process_start}
+        self.process_start = process_start
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the wall-clock time of the block to `name`."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - start
+
+    def since_start(self) -> float:
+        """Return seconds since the process started."""
+        return time.time() - self.process_start
 
 
 def mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
@@ -212,6 +447,75 @@ def mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, floa
     return rows
 
 
+@dataclass(frozen=True)
+class TrainerMetrics:
+    """metrics/train_<framework>.json: what evaluate compares, the same keys in both frameworks."""
+
+    framework: str
+    test_accuracy: float  # mean over seeds
+    test_loss: float  # mean over seeds
+    test_accuracy_per_seed: list[float]
+    seeds: list[int]
+    train_seconds: float  # median over seeds
+    samples_per_second: float  # median over seeds
+    seconds_to_first_step: float  # from process start to the first step's result
+    peak_rss_mb: int
+    parameters: int
+    model_file_bytes: int
+    latency_batch1_p50_ms: float
+    latency_batch1_p95_ms: float
+    throughput_batch1000_samples_per_second: float
+    device: str
+    device_name: str
+    framework_version: str
+    cuda_version: str
+    mlflow_run_id: str
+    stage_seconds: float = 0.0  # from process start to the outputs written
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    def headline(self) -> dict[str, float]:
+        """Return the numeric metrics, for the stage run's MLflow metrics."""
+        return {
+            key: float(value)
+            for key, value in asdict(self).items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        } | {f"phase_seconds.{k}": v for k, v in self.phase_seconds.items()}
+
+
+def summarize(
+    trainer: Trainer,
+    results: list[SeedResult],
+    latency: Latency,
+    device: Device,
+    model_file: Path,
+    process_start: float,
+    run_id: str,
+) -> TrainerMetrics:
+    """Return the stage's metrics: accuracy as the mean over seeds, speed as the median."""
+    first = results[0]
+    # first_step_done is a perf_counter reading; turn it into wall-clock time
+    first_step_wall = time.time() - (time.perf_counter() - first.first_step_done)
+    return TrainerMetrics(
+        framework=trainer.framework,
+        test_accuracy=float(np.mean([r.test_accuracy for r in results])),
+        test_loss=float(np.mean([r.test_loss for r in results])),
+        test_accuracy_per_seed=[r.test_accuracy for r in results],
+        seeds=[r.seed for r in results],
+        train_seconds=float(np.median([r.train_seconds for r in results])),
+        samples_per_second=float(np.median([r.samples_per_second for r in results])),
+        seconds_to_first_step=first_step_wall - process_start,
+        peak_rss_mb=peak_rss_mb(),
+        parameters=trainer.count_parameters(first.model),
+        model_file_bytes=model_file.stat().st_size,
+        **asdict(latency),
+        device=device.kind,
+        device_name=device.name,
+        framework_version=device.framework_version,
+        cuda_version=device.cuda_version,
+        mlflow_run_id=run_id,
+    )
+
+
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:
     """Write per-epoch rows as CSV, the format DVC plots read."""
     with open(path, "w", newline="") as out:
@@ -220,150 +524,170 @@ def write_history(path: Path, rows: list[dict[str, float]]) -> None:
         writer.writerows(rows)
 
 
-def check_reload(
-    backend: ModuleType,
-    path: Path,
-    model: Any,
-    model_config: ModelConfig,
-    x: np.ndarray,
-    device: str,
-) -> None:
-    """Reload a saved model and raise StageError unless it predicts the same classes."""
-    reloaded = backend.load_model(path, model_config, device)
-    x = backend.to_device(x, device)
-    before = backend.predict_proba(model, x).argmax(axis=1)
-    after = backend.predict_proba(reloaded, x).argmax(axis=1)
-    if not np.array_equal(before, after):
-        raise StageError(
-            f"{path}: the reloaded model predicts {int((before != after).sum())} of {len(x)} "
-            "classes differently from the trained one; the saved model is not trustworthy"
-        )
+def summary_line(metrics: TrainerMetrics, version: str) -> str:
+    """Return the stage's last console line."""
+    return (
+        f"[{metrics.framework}] mean test accuracy {metrics.test_accuracy:.4f} over "
+        f"{len(metrics.seeds)} seeds; median {metrics.train_seconds:.1f} s per training run; "
+        f"registered {MODEL_NAME.format(framework=metrics.framework)} version {version}"
+    )
 
 
-def train_stage(
-    backend: ModuleType,
-    framework: Framework,
-    data: Path,
-    model_dir: Path,
-    predictions: Path,
-    metrics: Path,
-    history: Path,
-    params: Path,
-) -> None:
-    """Run one trainer stage: every seed, its outputs, its metrics and its MLflow runs."""
-    started = time.time()
-    process_start = psutil.Process().create_time()
-    all_params = load_params(params)
-    config = all_params.run_config(framework)
-    device = backend.describe_device(config.train.device, config.train.allow_tf32)
-    meta = read_json(data / "meta.json", "normalize")
-    splits = load_splits(data, config.scheme)
+# ---------------------------------------------------------------------------------------------
+# MLflow: each function logs one thing into the active run
+
+
+def log_epoch(row: Mapping[str, float]) -> None:
+    """Log one epoch's history row at step `epoch`."""
     import mlflow
 
-    from .tracking import child_run, stage_run
+    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+def log_seed_result(result: SeedResult, model_path: Path) -> None:
+    """Log a seed's test metrics and timings, and its native model file."""
+    import mlflow
+
+    mlflow.log_metrics(
+        {
+            "test_loss": result.test_loss,
+            "test_accuracy": result.test_accuracy,
+            "train_seconds": result.train_seconds,
+            "samples_per_second": result.samples_per_second,
+        }
+    )
+    mlflow.log_artifact(str(model_path), "model")
+
+
+def log_summary(metrics: TrainerMetrics, mean_rows: list[dict[str, float]], history: Path) -> None:
+    """Log the stage run's headline metrics, the mean learning curve and the history file."""
+    import mlflow
+
+    for row in mean_rows:
+        mlflow.log_metrics(
+            {f"mean_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+        )
+    mlflow.log_metrics(metrics.headline())
+    mlflow.log_artifact(str(history), "history")
+
+
+def registered_version(framework: str, run_id: str) -> str:
+    """Return the registry version that the run `run_id` created for the framework's model."""
+    import mlflow
+
+    name = MODEL_NAME.format(framework=framework)
+    versions = mlflow.MlflowClient().search_model_versions(
+        f"name = '{name}' and run_id = '{run_id}'"
+    )
+    return versions[0].version if versions else "?"
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass(frozen=True)
+class TrainerOutputs:
+    """The paths a trainer stage writes, as dvc.yaml names them."""
+
+    model_dir: Path
+    predictions: Path
+    metrics: Path
+    history: Path
+
+
+def train_seed_run(
+    trainer: Trainer,
+    config: RunConfig,
+    splits: Splits,
+    tensors: DeviceData,
+    seed: int,
+    model_dir: Path,
+    device: Device,
+    tags: Mapping[str, str],
+) -> SeedResult:
+    """Train, save and check one seed inside its own nested MLflow run."""
+    import mlflow
+
+    from .tracking import child_run
+
+    framework, epochs = trainer.framework, config.train.epochs
+    with child_run(f"train-{framework}-seed-{seed}", {**tags, "seed": str(seed)}):
+        mlflow.log_params({**config.flat(), "seed": seed})
+
+        def on_epoch(row: dict[str, float]) -> None:
+            log_epoch(row)
+            print(progress(framework, seed, epochs, row), flush=True)
+
+        result = train_one_seed(trainer, config, splits, tensors, seed, on_epoch)
+        path = model_dir / f"seed-{seed}{trainer.model_suffix}"
+        trainer.save_model(result.model, path)
+        check_reload(trainer, path, result.model, config.model, tensors.x_test, device.kind)
+        log_seed_result(result, path)
+    print(
+        f"[{framework}] seed {seed}: test accuracy {result.test_accuracy:.4f}, "
+        f"{result.train_seconds:.1f} s",
+        flush=True,
+    )
+    warning = chance_level_warning(framework, result, config)
+    if warning:
+        print(warning, flush=True)
+    return result
+
+
+def run_trainer_stage(
+    trainer: Trainer, data: Path, outputs: TrainerOutputs, params: Path, process_start: float
+) -> TrainerMetrics:
+    """Run a trainer stage: load, train every seed, write the outputs, log and register."""
+    phases = Phases(process_start)
+    framework = trainer.framework
+    with phases.phase("setup"):
+        all_params = load_params(params)
+        config = all_params.run_config(framework)
+        device = trainer.describe_device(config.train.device, config.train.allow_tf32)
+        meta = read_json(data / "meta.json", "normalize")
+        splits = load_splits(data, config.scheme, meta)
+    with phases.phase("imports"):  # MLflow is slow to import: only once the inputs are good
+        import mlflow
+
+        from .tracking import stage_run
 
     tags = {
         "framework": framework,
         "normalize_run_id": meta.get("mlflow_run_id", ""),
-        "device": device["device"],
+        "device": device.kind,
     }
-    outputs = (model_dir, predictions, metrics, history)
     with (
         stage_run(f"train-{framework}", all_params.mlflow.experiment_name, tags) as run,
-        staged_outputs(*outputs) as (tmp_model, tmp_predictions, tmp_metrics, tmp_history),
+        staged_outputs(*asdict(outputs).values()) as temps,
     ):
-        mlflow.log_params({**config.flat(), **{f"device.{k}": v for k, v in device.items()}})
-        tmp_model.mkdir()
-        results = []
-        tensors = on_device(backend, splits, device["device"])
-        for seed in config.train.seeds:
-            with child_run(f"train-{framework}-seed-{seed}", {**tags, "seed": str(seed)}):
-                mlflow.log_params({**config.flat(), "seed": seed})
-
-                def log_epoch(row: dict[str, float], seed: int = seed) -> None:
-                    mlflow.log_metrics(
-                        {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
-                    )
-                    print(progress(framework, seed, config.train.epochs, row), flush=True)
-
-                result = train_one_seed(backend, config, splits, tensors, seed, log_epoch)
-                path = tmp_model / f"seed-{seed}{backend.MODEL_SUFFIX}"
-                backend.save_model(result["model"], path)
-                check_reload(
-                    backend,
-                    path,
-                    result["model"],
-                    config.model,
-                    splits["test"].x[:1000],
-                    device["device"],
-                )
-                mlflow.log_metrics(
-                    {
-                        key: result[key]
-                        for key in (
-                            "test_loss",
-                            "test_accuracy",
-                            "train_seconds",
-                            "samples_per_second",
-                        )
-                    }
-                )
-                mlflow.log_artifact(str(path), "model")
-            results.append(result)
-            print(
-                f"[{framework}] seed {seed}: test accuracy {result['test_accuracy']:.4f}, "
-                f"{result['train_seconds']:.1f} s",
-                flush=True,
-            )
-
-        first = results[0]
-        np.save(tmp_predictions, np.stack([r["probabilities"] for r in results]))
-        rows = mean_history([r["history"] for r in results])
-        write_history(tmp_history, rows)
-        speed = latency(backend, first["model"], splits["test"].x, device["device"])
-        accuracies = [r["test_accuracy"] for r in results]
-        # first_step_done is a perf_counter reading; turn it into wall-clock time
-        first_step_wall = time.time() - (time.perf_counter() - first["first_step_done"])
-        summary = {
-            "framework": framework,
-            "test_accuracy": float(np.mean(accuracies)),
-            "test_loss": float(np.mean([r["test_loss"] for r in results])),
-            "test_accuracy_per_seed": accuracies,
-            "seeds": list(config.train.seeds),
-            "train_seconds": float(np.median([r["train_seconds"] for r in results])),
-            "samples_per_second": float(np.median([r["samples_per_second"] for r in results])),
-            "seconds_to_first_step": first_step_wall - process_start,
-            "peak_rss_mb": peak_rss_mb(),
-            "parameters": backend.count_model_parameters(first["model"]),
-            "model_file_bytes": (tmp_model / f"seed-{config.train.seeds[0]}{backend.MODEL_SUFFIX}")
-            .stat()
-            .st_size,
-            **speed,
-            "device": device["device"],
-            "device_name": device["name"],
-            "framework_version": device["framework_version"],
-            "cuda_version": device["cuda_version"],
-            "mlflow_run_id": run.info.run_id,
-        }
-        for row in rows:
-            mlflow.log_metrics(
-                {f"mean_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
-            )
-        mlflow.log_metrics(
-            {
-                k: v
-                for k, v in summary.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
+        tmp = TrainerOutputs(*temps)
+        tmp.model_dir.mkdir()
+        mlflow.log_params({**config.flat(), **device.as_params()})
+        with phases.phase("setup"):
+            tensors = to_device_data(trainer, splits, device.kind)
+        with phases.phase("training"):
+            results = [
+                train_seed_run(trainer, config, splits, tensors, seed, tmp.model_dir, device, tags)
+                for seed in config.train.seeds
+            ]
+        with phases.phase("latency"):
+            latency = measure_latency(trainer, results[0].model, splits.test.x, device.kind)
+        first_model = tmp.model_dir / f"seed-{results[0].seed}{trainer.model_suffix}"
+        metrics = summarize(
+            trainer, results, latency, device, first_model, process_start, run.info.run_id
         )
-        mlflow.log_artifact(str(tmp_history), "history")
-        backend.log_model(
-            first["model"], splits["test"].x[:5], MODEL_NAME.format(framework=framework)
+        np.save(tmp.predictions, np.stack([r.probabilities for r in results]))
+        rows = mean_history([r.history for r in results])
+        write_history(tmp.history, rows)
+        with phases.phase("model_logging"), native_stderr_filtered(*REGISTRY_NOISE):
+            trainer.log_model(
+                results[0].model, splits.test.x[:5], MODEL_NAME.format(framework=framework)
+            )
+        metrics = replace(
+            metrics, stage_seconds=phases.since_start(), phase_seconds=dict(phases.seconds)
         )
-        summary["stage_seconds"] = time.time() - started
-        mlflow.log_metric("stage_seconds", summary["stage_seconds"])
-        write_json(tmp_metrics, summary)
-    print(
-        f"[{framework}] mean test accuracy {summary['test_accuracy']:.4f} over "
-        f"{len(results)} seeds; median {summary['train_seconds']:.1f} s per training run"
-    )
+        log_summary(metrics, rows, tmp.history)
+        write_json(tmp.metrics, asdict(metrics))
+    print(summary_line(metrics, registered_version(framework, run.info.run_id)), flush=True)
+    return metrics

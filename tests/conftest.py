@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +16,38 @@ import pytest
 import torch._inductor  # noqa: F401  before TensorFlow: triton segfaults if loaded after TF's LLVM
 import yaml
 
-from stages.download import Dataset
+from stages.dataset import STEMS, Dataset  # noqa: F401  (STEMS: re-exported for tests)
 
 # MLflow's and DVC's documented switches: no usage reports from the tests or what they start.
 TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "true"}
 os.environ.update(TELEMETRY_OFF)
 
 ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = {"127.0.0.1", "::1", "localhost", None}
+TRAFFIC_OUT: list[str] = []  # every connection or name lookup this process tried off loopback
+
+
+def _record_traffic(event: str, args: tuple) -> None:
+    if event == "socket.connect" and isinstance(args[1], tuple):
+        if args[1][0] not in LOOPBACK:
+            TRAFFIC_OUT.append(f"connect {args[1]}")
+    elif event == "socket.getaddrinfo" and args[0] not in LOOPBACK:
+        TRAFFIC_OUT.append(f"getaddrinfo {args[0]}")
+
+
+sys.addaudithook(_record_traffic)
+
+
+@pytest.fixture(autouse=True)
+def no_traffic_out():
+    """Fail any test during which this process reached for anything but 127.0.0.1 (telemetry,
+    a mirror, a hub): tests and stages work offline."""
+    TRAFFIC_OUT.clear()
+    yield
+    assert TRAFFIC_OUT == [], f"traffic off loopback: {TRAFFIC_OUT}"
+
+
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-STEMS = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 
 
 def encode_idx(array: np.ndarray) -> bytes:
@@ -59,7 +79,7 @@ def write_idx_folder(folder: Path, arrays: dict[str, np.ndarray]) -> Dataset:
         raw = encode_idx(array)
         (folder / f"{stem}.gz").write_bytes(gzip.compress(raw))
         checksums[stem] = hashlib.sha256(raw).hexdigest()
-    return Dataset(mirrors=(), sha256=checksums)
+    return Dataset(name="mnist", mirrors=(), sha256=checksums)
 
 
 @pytest.fixture
@@ -114,6 +134,55 @@ def run_stage(main, **options) -> None:
         args += [f"--{key.replace('_', '-')}", str(value)]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
+
+
+def write_processed(folder: Path, scheme: str = "scale") -> Path:
+    """Write what `normalize` would write for the tiny dataset (scheme `scale`, 100 validation)."""
+    from stages.normalize import apply_scheme, split_validation
+
+    arrays = tiny_arrays()
+    images, labels = arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"]
+    train, val = split_validation(labels, 100, seed=0)
+    splits = {
+        "train": (images[train], labels[train]),
+        "val": (images[val], labels[val]),
+        "test": (arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]),
+    }
+    (folder / scheme).mkdir(parents=True)
+    for split, (x, y) in splits.items():
+        np.save(folder / scheme / f"x_{split}.npy", apply_scheme(x, 0.0, 1.0))
+        np.save(folder / f"y_{split}.npy", y.astype(np.int64))
+    meta = {
+        "dataset": "mnist",
+        "class_names": [str(i) for i in range(10)],
+        "split_sizes": {split: len(y) for split, (_, y) in splits.items()},
+        "constants": {scheme: {"mean": 0.0, "std": 1.0}},
+        "mlflow_run_id": "normalize-run",
+    }
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def run_trainer(workspace: Path, framework: str, tag: str = "out") -> Path:
+    """Run a trainer stage in-process on the tiny processed data; return its output folder."""
+    import psutil
+
+    from stages.train_tf import KerasTrainer
+    from stages.train_torch import TorchTrainer
+    from stages.training import TrainerOutputs, run_trainer_stage
+
+    processed = workspace / "processed"
+    if not processed.exists():
+        write_processed(processed)
+    out = workspace / tag
+    trainer = {"tf": KerasTrainer, "torch": TorchTrainer}[framework]()
+    outputs = TrainerOutputs(
+        out / "model", out / "predictions.npy", out / "metrics.json", out / "history.csv"
+    )
+    run_trainer_stage(
+        trainer, processed, outputs, workspace / "params.yaml", psutil.Process().create_time()
+    )
+    return out
 
 
 def copy_repo(destination: Path) -> Path:

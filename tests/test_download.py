@@ -11,6 +11,7 @@ import yaml
 
 from stages import download
 from stages.common import StageError
+from stages.dataset import Dataset
 from stages.download import Network, fetch_dataset, sources_for
 from stages.idx import IdxError
 from tests.conftest import DEBIAN_FASHION, ROOT, STEMS, run_stage
@@ -70,7 +71,7 @@ def test_checksum_mismatch_is_an_error_and_leaves_nothing(tmp_path, tiny_idx, se
     base, _ = server
     wrong = dict(dataset.sha256, **{"train-labels-idx1-ubyte": "0" * 64})
     with pytest.raises(IdxError, match=r"train-labels-idx1-ubyte.gz: checksum mismatch"):
-        fetch_dataset(download.Dataset((), wrong), tmp_path / "out", [f"{base}/good/"], FAST)
+        fetch_dataset(Dataset("mnist", (), wrong), tmp_path / "out", [f"{base}/good/"], FAST)
     assert not any(p.name.startswith("train-labels") for p in (tmp_path / "out").iterdir())
 
 
@@ -161,7 +162,7 @@ def test_stage_failure_leaves_no_output_and_a_failed_run(workspace, tiny_idx, mo
     monkeypatch.setitem(
         download.DATASETS,
         "mnist",
-        download.Dataset((), dict(dataset.sha256, **{STEMS[3]: "f" * 64})),
+        Dataset("mnist", (), dict(dataset.sha256, **{STEMS[3]: "f" * 64})),
     )
     monkeypatch.setenv("DATASET_MIRROR", str(folder))
     with pytest.raises(IdxError, match="checksum mismatch"):

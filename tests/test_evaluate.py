@@ -156,3 +156,100 @@ def test_readme_command_fills_only_the_results_section(workspace):
     readme.write_text("# Title without markers\n")
     done = CliRunner().invoke(app, command)
     assert done.exit_code == 1 and "has no <!-- results:start -->" in done.output
+
+
+def paired_predictions():
+    """Labels and (seeds, N, 10) probabilities where TensorFlow is better on every seed.
+
+    Each framework is right on the first k images of each seed and wrong elsewhere, with
+    different wrong answers, so the two disagree exactly where one of them is right or both err.
+    """
+    labels = np.arange(100) % 10
+    right_tf, right_torch = (95, 96, 94), (85, 80, 84)
+    index = np.arange(100)
+
+    def stack(counts, shift):
+        predicted = [np.where(index < k, labels, (labels + shift) % 10) for k in counts]
+        return np.eye(10, dtype=np.float32)[np.stack(predicted)] * 0.9 + 0.01
+
+    return labels, {"tf": stack(right_tf, 1), "torch": stack(right_torch, 2)}
+
+
+def test_compare_names_the_winner_counts_each_side_and_averages_agreement():
+    labels, probabilities = paired_predictions()
+    speed = {"train_seconds": 2.0, "seeds": [7, 8, 9]}
+    result = compare(labels, probabilities, {"tf": speed, "torch": speed}, {"tf": 1, "torch": 1})
+    assert result["tf"]["test_accuracy"] == pytest.approx(0.95)
+    assert result["torch"]["test_accuracy"] == pytest.approx(0.83)
+    assert result["accuracy_difference"] == pytest.approx(0.12)  # TensorFlow minus PyTorch
+    assert verdict(result).startswith("TensorFlow/Keras is more accurate")
+    # seed 7: images 85..94 only TensorFlow gets right, none only PyTorch
+    assert (result["mcnemar_only_tf_right"], result["mcnemar_only_torch_right"]) == (10, 0)
+    assert result["mcnemar_seed"] == 7 and result["paired_seeds"] == [7, 8, 9]
+    # disagreements per seed: 15, 20, 16 of 100 images -> agreement 0.85, 0.80, 0.84
+    assert result["agreement_per_seed"] == pytest.approx([0.85, 0.80, 0.84])
+    assert result["agreement"] == pytest.approx(0.83)
+    sentence = evaluate.agreement_sentence(result)
+    assert "Paired seed by seed (7, 8, 9)" in sentence and "a mean of 83.00%" in sentence
+    assert "seed-7 pair: TensorFlow alone is right on 10 images, PyTorch alone on 0" in sentence
+
+
+def test_per_class_precision_and_recall_are_each_their_own():
+    labels, probabilities = paired_predictions()
+    speed = {"seeds": [0, 1, 2]}
+    result = compare(labels, probabilities, {"tf": speed, "torch": speed}, {"tf": 1, "torch": 1})
+    predicted = probabilities["torch"].argmax(axis=2)
+    recall = [
+        np.mean([(p[labels == c] == c).mean() for p in predicted]) for c in range(10)
+    ]  # right among the images of class c
+    precision = [
+        np.mean([(labels[p == c] == c).mean() if (p == c).any() else 0.0 for p in predicted])
+        for c in range(10)
+    ]  # right among the images predicted as c
+    assert result["torch"]["recall_per_class"] == pytest.approx(recall)
+    assert result["torch"]["precision_per_class"] == pytest.approx(precision)
+    assert recall != pytest.approx(precision)
+
+
+def test_one_seed_names_that_seed_not_a_first_or_second():
+    labels, probabilities = paired_predictions()
+    one = {fw: p[:1] for fw, p in probabilities.items()}
+    speed = {"seeds": [0]}
+    result = compare(labels, one, {"tf": speed, "torch": speed}, {"tf": 1, "torch": 1})
+    sentence = evaluate.agreement_sentence(result)
+    assert sentence.startswith("The seed-0 models of the two frameworks agree on 85.00%")
+    assert "seed-0 pair" in sentence and "seed 1" not in sentence
+    assert "from one seed" in verdict(result)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((2, 100, 10), r"has shape \(2, 100, 10\), expected \(3, 100, 10\)"),
+        ((3, 99, 10), r"has shape \(3, 99, 10\), expected \(3, 100, 10\)"),
+        ((3, 100, 9), r"expected \(3, 100, 10\)"),
+    ],
+)
+def test_predictions_of_the_wrong_shape_are_refused(tmp_path, shape, message):
+    path = tmp_path / "p.npy"
+    np.save(path, np.full(shape, 0.1, np.float32))
+    with pytest.raises(evaluate.StageError, match=message + r".*rerun `dvc repro train-tf`"):
+        evaluate.load_predictions(path, 100, 3, "train-tf")
+
+
+def test_a_truncated_prediction_file_names_the_file_and_the_stage(tmp_path):
+    path = tmp_path / "p.npy"
+    np.save(path, np.full((3, 100, 10), 0.1, np.float32))
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(evaluate.StageError, match=rf"{path} is not a readable .npy file"):
+        evaluate.load_predictions(path, 100, 3, "train-torch")
+
+
+def test_report_sentences_state_the_numbers_of_the_metrics(workspace):
+    result = run_evaluate(workspace)
+    report = (workspace / "reports" / "comparison.md").read_text()
+    assert evaluate.verdict(result) in report
+    assert evaluate.agreement_sentence(result) in report
+    assert f"{100 * result['agreement']:.2f}%" in report
+    assert f"seed-{result['mcnemar_seed']} pair" in report
+    assert f"## Confusion matrices (seed {result['mcnemar_seed']})" in report

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -31,7 +32,7 @@ from stages.team_server import (
     team_server,
 )
 from tests.conftest import DEBIAN_FASHION, ROOT, TELEMETRY_OFF, copy_repo
-from tests.test_pipeline import dvc, git, repo_env
+from tests.test_pipeline import dvc, git, kill_processes_in, repo_env
 
 
 def _has_postgres() -> bool:
@@ -142,7 +143,7 @@ def origin(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def alice(tmp_path_factory, origin) -> Path:
+def alice(tmp_path_factory, origin) -> Iterator[Path]:
     """The first machine: a git copy of the repository on Fashion-MNIST, training shrunk."""
     repo = copy_repo(tmp_path_factory.mktemp("alice") / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -154,7 +155,8 @@ def alice(tmp_path_factory, origin) -> Path:
     commit_all(repo, "copy")
     git(repo, "remote", "add", "origin", str(origin))
     git(repo, "push", "-q", "origin", "main")
-    return repo
+    yield repo
+    kill_processes_in(repo)  # queue workers DVC detached, whatever a failed test left running
 
 
 @pytest.fixture(scope="module")
@@ -178,11 +180,12 @@ def storage(baseline, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bob(storage, origin, tmp_path_factory) -> Path:
+def bob(storage, origin, tmp_path_factory) -> Iterator[Path]:
     """The second machine: a fresh clone from the git server, then `dvc pull`."""
     repo = clone(origin, tmp_path_factory.mktemp("bob") / "repo")
     dvc(repo, "pull")
-    return repo
+    yield repo
+    kill_processes_in(repo)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +233,7 @@ def experiments(team, client, baseline, bob, bob_user, tmp_path_factory) -> dict
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 1200
+        deadline = time.monotonic() + 900  # within pytest-timeout's 1200 s per test
         status = ""
         while time.monotonic() < deadline:
             status = dvc(baseline, "queue", "status", env=admin_env, timeout=120)

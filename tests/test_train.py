@@ -1,5 +1,6 @@
-"""The two trainers held against each other, and each trainer's promises."""
+"""The two trainers held against each other, and each trainer stage's promises."""
 
+import inspect
 import json
 import os
 import signal
@@ -13,133 +14,220 @@ import pytest
 import torch
 import yaml
 
-from stages import train_tf, train_torch
 from stages.common import StageError
 from stages.config import parse_params
-from stages.normalize import apply_scheme, split_validation
+from stages.normalize import apply_scheme
+from stages.train_tf import KerasTrainer
+from stages.train_torch import TorchTrainer
 from stages.training import (
-    count_parameters,
-    on_device,
+    Split,
+    Splits,
+    Trainer,
+    expected_parameters,
     shared_weights,
+    to_device_data,
     train_one_seed,
-    train_stage,
 )
-from tests.conftest import ROOT, tiny_arrays
+from tests.conftest import ROOT, run_trainer, tiny_arrays, write_processed
 
-BACKENDS = {"tf": train_tf, "torch": train_torch}
-
-
-def write_processed(folder, scheme="scale"):
-    """Write what `normalize` would write for the tiny dataset."""
-    arrays = tiny_arrays()
-    images, labels = arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"]
-    train, val = split_validation(labels, 100, seed=0)
-    splits = {
-        "train": (images[train], labels[train]),
-        "val": (images[val], labels[val]),
-        "test": (arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]),
-    }
-    (folder / scheme).mkdir(parents=True)
-    for split, (x, y) in splits.items():
-        np.save(folder / scheme / f"x_{split}.npy", apply_scheme(x, 0.0, 1.0))
-        np.save(folder / f"y_{split}.npy", y.astype(np.int64))
-    meta = {
-        "dataset": "mnist",
-        "class_names": [str(i) for i in range(10)],
-        "constants": {scheme: {"mean": 0.0, "std": 1.0}},
-        "mlflow_run_id": "normalize-run",
-    }
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
+TRAINERS = {"tf": KerasTrainer(), "torch": TorchTrainer()}
 
 
-def run_trainer(workspace, framework, tag="out"):
-    processed = workspace / "processed"
-    if not processed.exists():
-        write_processed(processed)
-    out = workspace / tag
-    train_stage(
-        BACKENDS[framework],
-        framework,
-        processed,
-        out / "model",
-        out / "predictions.npy",
-        out / "metrics.json",
-        out / "history.csv",
-        workspace / "params.yaml",
-    )
-    return out
+def tiny_splits(num_train=640, scale=1.0):
+    arrays = tiny_arrays(num_train=num_train)
+    x = apply_scheme(arrays["train-images-idx3-ubyte"], 0.0, 1.0) * scale
+    y = arrays["train-labels-idx1-ubyte"].astype(np.int64)
+    test_x = apply_scheme(arrays["t10k-images-idx3-ubyte"], 0.0, 1.0)
+    test_y = arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
+    return Splits(Split(x, y), Split(x[:0], y[:0]), Split(test_x, test_y))
 
 
-def run_config(params_dict, framework, **train):
-    params_dict["train"].update(train)
-    return parse_params(params_dict).run_config(framework)
+def test_both_trainers_implement_the_contract_with_its_signatures():
+    members = [
+        name
+        for name in dir(Trainer)
+        if not name.startswith("_") and callable(getattr(Trainer, name))
+    ]
+    assert len(members) == 11
+    for trainer in TRAINERS.values():
+        assert isinstance(trainer, Trainer)
+        for name in members:
+            expected = inspect.signature(getattr(Trainer, name))
+            actual = inspect.signature(getattr(type(trainer), name))
+            assert list(actual.parameters) == list(expected.parameters), name
+    assert {t.framework for t in TRAINERS.values()} == {"tf", "torch"}
 
 
 @pytest.mark.parametrize("framework", ["tf", "torch"])
 def test_same_parameter_count_and_output_shape(params_dict, framework):
-    backend = BACKENDS[framework]
-    model = backend.build_model(parse_params(params_dict).model)
-    assert (
-        backend.count_model_parameters(model)
-        == 101_770
-        == count_parameters(parse_params(params_dict).model)
-    )
-    probabilities = backend.predict_proba(
-        model, backend.to_device(np.zeros((3, 28, 28), np.float32), "cpu")
+    trainer = TRAINERS[framework]
+    model_config = parse_params(params_dict).model
+    model = trainer.build_model(model_config)
+    assert trainer.count_parameters(model) == 101_770 == expected_parameters(model_config)
+    probabilities = trainer.predict_proba(
+        model, trainer.to_device(np.zeros((3, 28, 28), np.float32), "cpu")
     )
     assert probabilities.shape == (3, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        {"name": "sgd", "momentum": 0.9},
-        # Keras adds epsilon to sqrt(v) before bias correction, PyTorch after: the same epsilon means
-        # a different step for tiny gradients. With epsilon negligible the two Adams are one function.
-        {"name": "adam", "epsilon": 1e-12},
-    ],
-)
-def test_shared_initialisation_makes_the_two_trainers_compute_the_same_function(
-    params_dict, optimizer
-):
+# Keras adds Adam's epsilon to sqrt(v) before bias correction, PyTorch after: the same epsilon
+# means a different step for tiny gradients. With epsilon negligible the two Adams are one function.
+PARITY = {
+    "sgd-momentum-nesterov-weight-decay": (
+        {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 0.5},
+        0.01,
+    ),
+    "adam": ({"name": "adam", "epsilon": 1e-12}, 0.001),
+    "adamw-weight-decay": ({"name": "adamw", "epsilon": 1e-12, "weight_decay": 0.5}, 0.01),
+}
+
+
+def step_losses(params_dict, framework, steps=20):
+    """Return the loss of each of `steps` single-batch steps from shared initial weights."""
+    config = parse_params(params_dict).run_config(framework)
+    trainer = TRAINERS[framework]
+    splits = tiny_splits()
+    trainer.seed_everything(0, True)
+    model = trainer.build_model(config.model, shared_weights(config.model, seed=0))
+    optimizer = trainer.make_optimizer(config.train, model)
+    x, y = trainer.to_device(splits.train.x, "cpu"), trainer.to_device(splits.train.y, "cpu")
+    order = np.random.default_rng(0).permutation(len(splits.train.y))
+    first = trainer.predict_proba(model, x)
+    losses = [
+        trainer.train_epoch(model, optimizer, x, y, order[i : i + 32], 32).loss
+        for i in range(0, 32 * steps, 32)
+    ]
+    return first, losses
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_shared_initialisation_makes_the_two_trainers_take_the_same_steps(params_dict, name):
+    optimizer, learning_rate = PARITY[name]
     params_dict["model"].update(init="shared", dropout_rate=0.0, hidden_units=[64, 32])
     params_dict["train"]["optimizer"].update(optimizer)
-    params_dict["train"]["learning_rate"] = 0.01 if optimizer["name"] == "sgd" else 0.001
-    arrays = tiny_arrays(num_train=640)
-    x = apply_scheme(arrays["train-images-idx3-ubyte"], 0.0, 1.0)
-    y = arrays["train-labels-idx1-ubyte"].astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(y))
-    losses = {}
-    for framework, backend in BACKENDS.items():
+    params_dict["train"]["learning_rate"] = learning_rate
+    first_tf, losses_tf = step_losses(params_dict, "tf")
+    first_torch, losses_torch = step_losses(params_dict, "torch")
+    np.testing.assert_allclose(first_tf, first_torch, atol=1e-6)  # the same function at start
+    assert losses_tf[0] == pytest.approx(np.log(10), rel=0.2)
+    # float32 sums in different orders: 2e-4 relative over 20 steps, far below any real difference
+    np.testing.assert_allclose(losses_tf, losses_torch, rtol=2e-4)
+    assert losses_torch[-1] < losses_torch[0] * 0.75  # and it really trained
+    if "weight_decay" in optimizer:  # the decay is really applied, not ignored by both
+        params_dict["train"]["optimizer"]["weight_decay"] = 0.0
+        _, without = step_losses(params_dict, "torch")
+        assert np.max(np.abs(np.array(without) / losses_torch - 1)) > 50 * 2e-4
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_carry_every_setting(params_dict, framework, name):
+    settings = {
+        "adam": {"epsilon": 3e-5, "beta_1": 0.8, "beta_2": 0.95},
+        "adamw": {"epsilon": 3e-5, "beta_1": 0.8, "beta_2": 0.95, "weight_decay": 0.02},
+        "sgd": {"momentum": 0.7, "nesterov": True, "weight_decay": 0.02},
+    }[name]
+    params_dict["train"]["optimizer"].update(name=name, **settings)
+    params_dict["train"]["learning_rate"] = 0.03
+    config = parse_params(params_dict).run_config(framework)
+    trainer = TRAINERS[framework]
+    optimizer = trainer.make_optimizer(config.train, trainer.build_model(config.model))
+    if framework == "tf":
+        seen = {
+            "epsilon": getattr(optimizer, "epsilon", None),
+            "beta_1": getattr(optimizer, "beta_1", None),
+            "beta_2": getattr(optimizer, "beta_2", None),
+            "momentum": getattr(optimizer, "momentum", None),
+            "nesterov": getattr(optimizer, "nesterov", None),
+            "weight_decay": optimizer.weight_decay,
+            "learning_rate": float(optimizer.learning_rate.numpy()),
+        }
+    else:
+        group = optimizer.param_groups[0]
+        seen = {
+            "epsilon": group.get("eps"),
+            "beta_1": group.get("betas", (None, None))[0],
+            "beta_2": group.get("betas", (None, None))[1],
+            "momentum": group.get("momentum"),
+            "nesterov": group.get("nesterov"),
+            "weight_decay": getattr(optimizer, "decoupled_weight_decay", group["weight_decay"]),
+            "learning_rate": group["lr"],
+        }
+        assert type(optimizer).__name__ == {"adam": "Adam", "adamw": "AdamW", "sgd": "SGDW"}[name]
+        if name == "sgd":
+            assert group["weight_decay"] == 0  # never torch's coupled L2
+    for key, value in {**settings, "learning_rate": 0.03}.items():
+        assert seen[key] == pytest.approx(value), key
+
+
+def test_sgd_weight_decay_is_decoupled_in_pytorch_too():
+    # One step from w = 1 with gradient 0 and decay 0.1 at lr 0.5: w -> 1 - 0.5 * 0.1 = 0.95,
+    # then with momentum the next zero-gradient step decays again by 5%, nothing accumulated.
+    weight = torch.nn.Parameter(torch.ones(3))
+    from stages.train_torch import SGDW
+
+    optimizer = SGDW([weight], lr=0.5, momentum=0.9, nesterov=False, weight_decay=0.1)
+    for expected in (0.95, 0.9025):
+        weight.grad = torch.zeros(3)
+        optimizer.step()
+        np.testing.assert_allclose(weight.detach().numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_predictions_are_in_evaluation_mode_unless_asked(params_dict, framework):
+    params_dict["model"]["dropout_rate"] = 0.5
+    trainer = TRAINERS[framework]
+    trainer.seed_everything(0, True)
+    model = trainer.build_model(parse_params(params_dict).model)
+    x = trainer.to_device(tiny_splits().test.x, "cpu")
+    if framework == "torch":
+        model.train()  # as after a training epoch: predict_proba must switch to eval itself
+    eval_once, eval_twice = trainer.predict_proba(model, x), trainer.predict_proba(model, x)
+    np.testing.assert_array_equal(eval_once, eval_twice)  # dropout off: deterministic
+    with_dropout = trainer.predict_proba(model, x, training=True)
+    assert np.abs(with_dropout - eval_once).max() > 0.01
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_dropout_at_test_reaches_the_test_predictions(params_dict, framework):
+    params_dict["model"]["dropout_rate"] = 0.5
+    params_dict["train"].update(epochs=1, dropout_at_test=True)
+    config = parse_params(params_dict).run_config(framework)
+    trainer = TRAINERS[framework]
+    splits = tiny_splits(num_train=200)
+    tensors = to_device_data(trainer, splits, "cpu")
+    result = train_one_seed(trainer, config, splits, tensors, seed=0)
+    evaluated = trainer.predict_proba(result.model, tensors.x_test)
+    assert np.abs(result.probabilities - evaluated).max() > 0.01  # dropout was on at test time
+
+
+def test_one_seed_trains_alike_in_both_frameworks_epoch_by_epoch(params_dict):
+    # Same batches in the same order for both (training.batch_order), shared weights, SGD:
+    # the per-epoch losses agree, so neither framework reorders or skips samples.
+    params_dict["model"].update(init="shared", dropout_rate=0.0)
+    params_dict["train"].update(epochs=3, batch_size=32, learning_rate=0.05)
+    params_dict["train"]["optimizer"].update(name="sgd")
+    splits = tiny_splits(num_train=400)
+    histories = {}
+    for framework, trainer in TRAINERS.items():
         config = parse_params(params_dict).run_config(framework)
-        backend.seed_everything(0, True)
-        model = backend.build_model(config.model, shared_weights(config.model, seed=0))
-        optimizer = backend.make_optimizer(config.train, model)
-        xs, ys = backend.to_device(x, "cpu"), backend.to_device(y, "cpu")
-        if framework == "tf":
-            first_outputs = backend.predict_proba(model, xs)
-        else:
-            np.testing.assert_allclose(backend.predict_proba(model, xs), first_outputs, atol=1e-6)
-        losses[framework] = [
-            backend.train_epoch(model, optimizer, xs, ys, order[i : i + 32], 32).loss
-            for i in range(0, 640, 32)
-        ]  # 20 steps, one batch each
-    assert losses["tf"][0] == pytest.approx(np.log(10), rel=0.2)
-    np.testing.assert_allclose(losses["tf"], losses["torch"], rtol=2e-4)
-    assert losses["torch"][-1] < losses["torch"][0] * 0.75  # and it really trained
+        tensors = to_device_data(trainer, splits, "cpu")
+        result = train_one_seed(trainer, config, splits, tensors, seed=3)
+        histories[framework] = [row["train_loss"] for row in result.history]
+    np.testing.assert_allclose(histories["tf"], histories["torch"], rtol=1e-4)
+    assert histories["tf"][2] < histories["tf"][0]
 
 
 def test_framework_inits_differ_and_glorot_is_explicit(params_dict):
     model = parse_params(params_dict).model
-    own = train_torch.build_model(model.model_copy(update={"init": "framework"}))
-    glorot = train_torch.build_model(model.model_copy(update={"init": "glorot"}))
-    assert float(own[1].bias.abs().sum()) > 0  # PyTorch's default draws biases
-    assert float(glorot[1].bias.abs().sum()) == 0
+    own = TRAINERS["torch"].build_model(model.model_copy(update={"init": "framework"}))
+    glorot = TRAINERS["torch"].build_model(model.model_copy(update={"init": "glorot"}))
+    assert float(own[1].bias.detach().abs().sum()) > 0  # PyTorch's default draws biases
+    assert float(glorot[1].bias.detach().abs().sum()) == 0
     limit = np.sqrt(6 / (784 + 128))
-    assert float(glorot[1].weight.abs().max()) <= limit
-    assert float(glorot[1].weight.abs().max()) > 0.9 * limit
+    assert float(glorot[1].weight.detach().abs().max()) <= limit
+    assert float(glorot[1].weight.detach().abs().max()) > 0.9 * limit
 
 
 @pytest.mark.parametrize("framework", ["tf", "torch"])
@@ -147,32 +235,64 @@ def test_cuda_without_a_gpu_names_what_was_found(framework):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(StageError, match="train.device is 'cuda' but .* finds no GPU"):
-        BACKENDS[framework].describe_device("cuda", False)
+        TRAINERS[framework].describe_device("cuda", False)
 
 
 @pytest.mark.parametrize("framework", ["tf", "torch"])
-def test_nan_loss_stops_at_once_naming_the_step(params_dict, framework):
-    config = run_config(params_dict, framework, learning_rate=10.0)
-    config = config.model_copy(
-        update={
-            "train": config.train.model_copy(
-                update={"optimizer": config.train.optimizer.model_copy(update={"name": "sgd"})}
-            )
-        }
-    )
-    arrays = tiny_arrays()
-    x = apply_scheme(arrays["train-images-idx3-ubyte"], 0.0, 1.0) * 1e6  # blows up at once
-    y = arrays["train-labels-idx1-ubyte"].astype(np.int64)
-    from stages.training import Split
+def test_device_threads_mean_the_same_in_both(framework):
+    device = TRAINERS[framework].describe_device("cpu", False)
+    assert device.threads == len(os.sched_getaffinity(0))
+    assert set(device.as_params()) == {
+        "device.kind",
+        "device.name",
+        "device.framework_version",
+        "device.cuda_version",
+        "device.threads",
+    }
 
-    splits = {"train": Split(x, y), "val": Split(x[:0], y[:0]), "test": Split(x[:10], y[:10])}
-    with pytest.raises(
-        StageError,
-        match=r"training diverged: loss is (nan|inf) at step \d+ "
-        r"\(epoch 1, seed 0\).*learning_rate",
-    ):
-        backend = BACKENDS[framework]
-        train_one_seed(backend, config, splits, on_device(backend, splits, "cpu"), 0)
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_a_non_finite_loss_names_its_step_within_the_epoch(framework):
+    # One NaN pixel in sample 70: with batches of 32 in order, it first enters step 3. (tanh, as
+    # TensorFlow's relu turns NaN into 0 and the loss would stay finite.)
+    trainer = TRAINERS[framework]
+    splits = tiny_splits(num_train=200)
+    x = splits.train.x.copy()
+    x[70, 5, 5] = np.nan
+    params = {"model": {"activation": "tanh"}, "train": {"optimizer": {"name": "sgd"}}}
+    config = parse_params(params).run_config(framework)
+    trainer.seed_everything(0, True)
+    model = trainer.build_model(config.model)
+    optimizer = trainer.make_optimizer(config.train, model)
+    from stages.training import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss) as error:
+        trainer.train_epoch(
+            model,
+            optimizer,
+            trainer.to_device(x, "cpu"),
+            trainer.to_device(splits.train.y, "cpu"),
+            np.arange(200),
+            32,
+        )
+    assert error.value.step == 3
+    assert error.value.previous is not None and np.isfinite(error.value.previous)
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_divergence_stops_at_once_naming_step_epoch_and_learning_rate(params_dict, framework):
+    params_dict["train"].update(learning_rate=10.0, batch_size=32)
+    params_dict["train"]["optimizer"]["name"] = "sgd"
+    config = parse_params(params_dict).run_config(framework)
+    splits = tiny_splits(num_train=320, scale=1e6)  # huge inputs: the first update blows up
+    trainer = TRAINERS[framework]
+    with pytest.raises(StageError) as error:
+        train_one_seed(trainer, config, splits, to_device_data(trainer, splits, "cpu"), 0)
+    message = str(error.value)
+    assert "(epoch 1, seed 0)" in message and "train.learning_rate=10.0" in message
+    step = int(message.split(" at step ")[1].split(" ")[0])
+    assert 1 <= step <= 10  # within the first epoch's 10 steps
+    assert "inputs are finite" in message
 
 
 @pytest.mark.parametrize("framework", ["tf", "torch"])
@@ -181,6 +301,7 @@ def test_stage_is_deterministic_and_writes_every_output(workspace, framework, ca
     console = capsys.readouterr().out
     assert f"[{framework}] seed 0 epoch 1/2: loss " in console  # progress every epoch
     assert f"[{framework}] seed 0 epoch 2/2: loss " in console and "val accuracy" in console
+    assert f"registered mnist-mlp-{framework} version 1" in console
     second = run_trainer(workspace, framework, "second")
     metrics = json.loads((first / "metrics.json").read_text())
     again = json.loads((second / "metrics.json").read_text())
@@ -198,24 +319,46 @@ def test_stage_is_deterministic_and_writes_every_output(workspace, framework, ca
         "peak_rss_mb",
         "latency_batch1_p50_ms",
         "throughput_batch1000_samples_per_second",
+        "stage_seconds",
     ):
         assert metrics[key] > 0
+    assert set(metrics["phase_seconds"]) == {
+        "imports",
+        "setup",
+        "training",
+        "latency",
+        "model_logging",
+    }
     assert metrics["parameters"] == 101_770 and metrics["device"] == "cpu"
     history = (first / "history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,train_accuracy,seconds,val_loss,val_accuracy"
     assert len(history) == 3  # header + 2 epochs
-    assert [p.name for p in (first / "model").iterdir()] == [
-        f"seed-0{BACKENDS[framework].MODEL_SUFFIX}"
-    ]
+    suffix = TRAINERS[framework].model_suffix
+    assert [p.name for p in (first / "model").iterdir()] == [f"seed-0{suffix}"]
 
 
-def test_saved_models_reload_natively(workspace, params_dict):
+def test_saved_models_reload_natively(workspace):
     out = run_trainer(workspace, "torch")
     state = torch.load(out / "model" / "seed-0.pt", weights_only=True)
     assert set(state) == {"1.weight", "1.bias", "4.weight", "4.bias"}
     out_tf = run_trainer(workspace, "tf", "tf_out")
-    model = train_tf.load_model(out_tf / "model" / "seed-0.keras", None, "cpu")
+    model = TRAINERS["tf"].load_model(out_tf / "model" / "seed-0.keras", None, "cpu")
     assert model.count_params() == 101_770
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_a_reload_that_predicts_differently_fails_the_stage(workspace, framework, monkeypatch):
+    trainer = type(TRAINERS[framework])
+    original = trainer.load_model
+
+    def load_other(self, path, model, device):  # a model that is not the one saved
+        reloaded = original(self, path, model, device)
+        return self.build_model(parse_params({}).model) if reloaded is not None else reloaded
+
+    monkeypatch.setattr(trainer, "load_model", load_other)
+    with pytest.raises(StageError, match=r"the reloaded model predicts \d+ of 100 classes"):
+        run_trainer(workspace, framework)
+    assert list((workspace / "out").iterdir()) == []  # no outputs, no temporaries
 
 
 def test_mlflow_runs_have_the_same_keys_in_both_frameworks(workspace):
@@ -228,6 +371,9 @@ def test_mlflow_runs_have_the_same_keys_in_both_frameworks(workspace):
     tf_run, torch_run = runs["tf"], runs["torch"]
     assert set(tf_run.data.params) == set(torch_run.data.params)
     assert set(tf_run.data.metrics) == set(torch_run.data.metrics)
+    for key in ("test_accuracy", "train_seconds", "seconds_to_first_step", "peak_rss_mb"):
+        assert key in tf_run.data.metrics  # headline numbers on the stage runs themselves
+    assert tf_run.data.params["device.threads"] == torch_run.data.params["device.threads"]
     assert tf_run.data.tags["framework"] == "tf" and torch_run.data.tags["framework"] == "torch"
     assert tf_run.data.tags["normalize_run_id"] == "normalize-run"
     assert (
@@ -283,17 +429,22 @@ def test_sigterm_ends_the_run_killed_and_leaves_no_model(workspace, params_dict)
     )
     client = mlflow.MlflowClient()
     deadline = time.time() + 120
-    while time.time() < deadline:
-        experiment = client.get_experiment_by_name("tf-vs-torch")
-        if experiment and client.search_runs(
-            [experiment.experiment_id], "tags.mlflow.runName = 'train-torch-seed-0'"
-        ):
-            break
-        time.sleep(0.5)
-    time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=60)[0]
-    assert process.returncode == 130, output
+    experiment = None
+    try:
+        while time.time() < deadline:
+            experiment = client.get_experiment_by_name("tf-vs-torch")
+            if experiment and client.search_runs(
+                [experiment.experiment_id], "tags.mlflow.runName = 'train-torch-seed-0'"
+            ):
+                break
+            time.sleep(0.5)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 143, output
+    assert "stopped by SIGTERM" in output
     runs = client.search_runs([experiment.experiment_id])
     assert {r.info.run_name: r.info.status for r in runs} == {
         "train-torch": "KILLED",
@@ -301,3 +452,24 @@ def test_sigterm_ends_the_run_killed_and_leaves_no_model(workspace, params_dict)
     }
     assert not any((workspace / name).exists() for name in ("model", "p.npy", "m.json", "h.csv"))
     assert not [p for p in workspace.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_many_models_predict_without_tensorflow_retracing_warnings(params_dict):
+    import logging
+
+    import tensorflow as tf
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf.get_logger().addHandler(handler)
+    try:
+        trainer = TRAINERS["tf"]
+        x = trainer.to_device(tiny_splits().test.x, "cpu")
+        for _ in range(8):  # four seeds' models and their reloads
+            model = trainer.build_model(parse_params(params_dict).model)
+            for rows in (1, 10, 100):
+                trainer.predict_proba(model, x[:rows])
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert [r.getMessage() for r in records if "retracing" in r.getMessage()] == []

@@ -1,0 +1,300 @@
+"""Faults a user meets: each one a clear message naming the cause and the fix, a non-zero exit,
+no leftover files and no MLflow run left RUNNING. Real signals to real processes."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from stages import dataset as datasets
+from stages.config import ParamsError, parse_params
+from stages.download import Network, fetch_dataset, verify
+from stages.tracking import stage_run
+from tests.conftest import ROOT, tiny_arrays, write_idx_folder, write_processed
+
+TRAINER_ARGS = [
+    "--data",
+    "processed",
+    "--model",
+    "model",
+    "--predictions",
+    "p.npy",
+    "--metrics",
+    "m.json",
+    "--history",
+    "h.csv",
+]
+OUTPUTS = ("model", "p.npy", "m.json", "h.csv")
+
+
+def stage(
+    workspace: Path, module: str, *args: str, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run `python -m stages.<module>` in the workspace as DVC would, with a time limit."""
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{module}", *args],
+        cwd=workspace,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start(workspace: Path, module: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", f"stages.{module}", *args],
+        cwd=workspace,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_statuses(name: str = "tf-vs-torch") -> dict[str, str]:
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return {}
+    return {
+        f"{r.info.run_name} {r.info.run_id[:6]}": r.info.status
+        for r in client.search_runs([experiment.experiment_id])
+    }
+
+
+def wait_for_seed_run(timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(name.startswith("train-torch-seed-0") for name in run_statuses()):
+            return
+        time.sleep(0.5)
+    raise AssertionError("the stage never started its seed run")
+
+
+def one_message(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[0].startswith("error: "), stderr
+    return stderr
+
+
+def no_outputs(workspace: Path) -> bool:
+    leftovers = [p.name for p in workspace.iterdir() if p.name.startswith(".tmp-")]
+    return not leftovers and not any((workspace / name).exists() for name in OUTPUTS)
+
+
+# 1 -------------------------------------------------------------------------------------------
+
+
+def test_a_moved_repository_logs_artifacts_into_its_own_mlruns(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    (old / "dvc.yaml").touch()
+    monkeypatch.chdir(old)
+    try:
+        with stage_run("download", "exp") as first:
+            mlflow.log_text("before the move", "note.txt")
+        monkeypatch.chdir(tmp_path)
+        shutil.move(old, new)  # `mv` of the repository: the old folder is gone
+        monkeypatch.chdir(new)
+        with stage_run("download", "exp") as second:
+            mlflow.log_text("after the move", "note.txt")
+        assert second.info.artifact_uri.startswith((new / "mlruns").as_uri())
+        assert (Path(second.info.artifact_uri.removeprefix("file://")) / "note.txt").exists()
+        moved = mlflow.get_run(first.info.run_id)  # earlier runs are found at the new place too
+        assert moved.info.artifact_uri.startswith((new / "mlruns").as_uri())
+        local = mlflow.artifacts.download_artifacts(
+            run_id=first.info.run_id, artifact_path="note.txt"
+        )
+        assert Path(local).read_text() == "before the move"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+# 5, 7 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def long_training(workspace, params_dict):
+    params_dict["train"]["epochs"] = 500
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    write_processed(workspace / "processed")
+    return workspace
+
+
+def test_sigkill_debris_is_cleaned_by_the_next_run(long_training, params_dict):
+    workspace = long_training
+    process = start(workspace, "train_torch", *TRAINER_ARGS)
+    try:
+        wait_for_seed_run()
+        time.sleep(1.0)
+        process.kill()  # SIGKILL, as the out-of-memory killer does: no clean-up possible
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    leftovers = [p for p in workspace.iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers and set(run_statuses().values()) == {"RUNNING"}
+
+    params_dict["train"]["epochs"] = 1
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    done = stage(workspace, "train_torch", *TRAINER_ARGS)
+    assert done.returncode == 0, done.stderr
+    assert "ended MLflow run" in done.stdout and "as KILLED: the process that ran it had died" in (
+        done.stdout
+    )
+    assert not [p for p in workspace.iterdir() if p.name.startswith(".tmp-")]
+    statuses = sorted(run_statuses().values())
+    assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
+
+
+def test_ctrl_c_exits_130_saying_so_and_leaves_nothing(long_training):
+    workspace = long_training
+    process = start(workspace, "train_torch", *TRAINER_ARGS)
+    try:
+        wait_for_seed_run()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted: outputs removed; its MLflow run, if started, ended KILLED" in stderr
+    assert set(run_statuses().values()) == {"KILLED"}
+    assert no_outputs(workspace)
+
+
+# 6 -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate", r"x_train.npy is not a readable .npy file"),
+        ("rows", r"x_train.npy holds float32 \(299, 28, 28\), expected float32 \(300, 28, 28\)"),
+        ("nan", r"x_train.npy contains NaN or infinite values"),
+    ],
+)
+def test_bad_training_inputs_are_one_message_before_any_run(workspace, damage, message):
+    processed = write_processed(workspace / "processed")
+    x_train = processed / "scale" / "x_train.npy"
+    if damage == "truncate":
+        x_train.write_bytes(x_train.read_bytes()[:4096])
+    elif damage == "rows":
+        np.save(x_train, np.load(x_train)[:299])
+    else:
+        x = np.load(x_train)
+        x[3, 4, 5] = np.nan
+        np.save(x_train, x)
+    done = stage(workspace, "train_torch", *TRAINER_ARGS)
+    assert done.returncode == 1
+    assert re.search(message, one_message(done.stderr))
+    assert "rerun `dvc repro normalize`" in done.stderr
+    assert run_statuses() == {} and no_outputs(workspace)
+
+
+def test_a_validation_split_smaller_than_the_classes_is_refused(workspace, params_dict, tiny_idx):
+    folder, dataset = tiny_idx
+    params_dict["normalize"]["val_size"] = 5
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    raw = workspace / "raw"
+    raw.mkdir()
+    for stem in datasets.STEMS:
+        shutil.copy(folder / f"{stem}.gz", raw)
+    (raw / "manifest.json").write_text('{"dataset": "mnist", "mlflow_run_id": ""}')
+    done = stage(workspace, "normalize", "--raw", "raw", "--out", "processed")
+    assert done.returncode == 1
+    message = one_message(done.stderr)
+    assert (
+        "normalize.val_size=5 cannot be split stratified from 400 training images of 10" in message
+    )
+    assert "Set it between 10 and 390, or to 0" in message
+    assert not (workspace / "processed").exists()
+    assert "RUNNING" not in run_statuses().values()
+
+
+# 8 -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        (
+            "train",
+            "epochs",
+            True,
+            r"'train.epochs' = True is invalid: Input should be a valid integer",
+        ),
+        (
+            "train",
+            "learning_rate",
+            float("nan"),
+            r"'train.learning_rate' = nan is invalid: .*finite",
+        ),
+        ("model", "dropout_rate", float("inf"), r"'model.dropout_rate' = inf is invalid: .*finite"),
+        ("train", "deterministic", "yes", r"'train.deterministic' = 'yes' is invalid"),
+    ],
+)
+def test_non_finite_numbers_and_booleans_as_numbers_are_refused(
+    params_dict, section, key, value, message
+):
+    params_dict[section][key] = value
+    with pytest.raises(ParamsError, match=message):
+        parse_params(params_dict)
+
+
+def test_an_infinite_weight_decay_is_refused(params_dict):
+    params_dict["train"]["optimizer"].update(name="adamw", weight_decay=float("inf"))
+    with pytest.raises(ParamsError, match=r"'train.optimizer.weight_decay' = inf is invalid"):
+        parse_params(params_dict)
+
+
+# 9 -------------------------------------------------------------------------------------------
+
+FAST = Network(timeout_seconds=0.5, retries=0, backoff_seconds=0.01)
+
+
+def test_the_offline_hint_matches_the_dataset(tmp_path):
+    missing = [str(tmp_path / "nowhere")]
+    with pytest.raises(Exception) as fashion:
+        fetch_dataset(
+            datasets.Dataset("fashion-mnist", (), datasets.FASHION_MNIST.sha256),
+            tmp_path / "a",
+            missing,
+            FAST,
+        )
+    assert (
+        "Debian's dataset-fashion-mnist package puts them in /usr/share/datasets/fashion-mnist"
+        in str(fashion.value)
+    )
+    with pytest.raises(Exception) as mnist:
+        fetch_dataset(
+            datasets.Dataset("mnist", (), datasets.MNIST.sha256), tmp_path / "b", missing, FAST
+        )
+    text = str(mnist.value)
+    assert "could not fetch train-images-idx3-ubyte.gz of mnist" in text
+    assert "No local package carries mnist" in text
+    assert (
+        "DATASET_MIRROR=/usr/share/datasets/fashion-mnist with data.dataset=fashion-mnist" in text
+    )
+
+
+def test_a_checksum_of_the_other_dataset_says_which_one_it_is(tmp_path, monkeypatch):
+    tiny = write_idx_folder(tmp_path / "tiny", tiny_arrays())
+    monkeypatch.setitem(datasets.DATASETS, "fashion-mnist", tiny)  # pretend these are Zalando's
+    stem = "train-labels-idx1-ubyte"
+    with pytest.raises(Exception) as error:
+        verify(tmp_path / "tiny" / f"{stem}.gz", stem, datasets.MNIST.sha256[stem])
+    assert "checksum mismatch" in str(error.value)
+    assert f"it is fashion-mnist's {stem}, so set data.dataset=fashion-mnist" in str(error.value)

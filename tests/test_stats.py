@@ -1,0 +1,86 @@
+"""The statistics behind the verdict, against numbers worked independently of stages/stats.py,
+and the properties they must keep whatever the data (Hypothesis)."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats as scipy_stats
+
+from stages.stats import difference, mcnemar_exact, mean_interval
+
+
+def test_welch_not_student_on_unequal_spreads_and_sizes():
+    # a: n 4, mean 2.5, variance 5/3; b: n 3, mean 6, variance 16 (deviations -4, 0, 4).
+    # Welch: se^2 = (5/3)/4 + 16/3 = 5.75; df = 5.75^2 / ((5/12)^2/3 + (16/3)^2/2) = 2.31529...
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 6.0, 10.0]
+    se = math.sqrt(5.75)
+    df = 5.75**2 / ((5 / 12) ** 2 / 3 + (16 / 3) ** 2 / 2)
+    assert df == pytest.approx(2.31529, rel=1e-5)
+    t = -3.5 / se
+    p_welch = 2 * scipy_stats.t.cdf(t, df)
+    half = scipy_stats.t.ppf(0.975, df) * se
+    result = difference(a, b)
+    assert result.interval.mean == pytest.approx(-3.5)
+    assert result.p_value == pytest.approx(p_welch, rel=1e-9)
+    assert (result.interval.low, result.interval.high) == pytest.approx((-3.5 - half, -3.5 + half))
+    # Student's pooled test gives another answer on these samples: df 5, se sqrt(7.4 * 7/12)
+    p_student = 2 * scipy_stats.t.cdf(-3.5 / math.sqrt(7.4 * 7 / 12), 5)
+    assert abs(p_student - p_welch) > 0.02
+    assert not result.significant  # the interval [-14.4, +7.4] contains zero
+
+
+def test_difference_is_first_minus_second():
+    result = difference([0.95, 0.96, 0.97], [0.85, 0.86, 0.88])
+    assert result.interval.mean == pytest.approx(0.0967, abs=1e-4) and result.significant
+    assert result.interval.low > 0
+
+
+def test_mcnemar_counts_each_side_and_the_exact_p():
+    # 12 images only A gets right, 3 only B: p = 2 * P(X <= 3 | n 15, 1/2) = 2 * 576 / 32768
+    a = np.array([True] * 12 + [False] * 3 + [True] * 50 + [False] * 5)
+    b = np.array([False] * 12 + [True] * 3 + [True] * 50 + [False] * 5)
+    result = mcnemar_exact(a, b)
+    assert (result.only_a_right, result.only_b_right) == (12, 3)
+    assert result.p_value == pytest.approx(2 * (1 + 15 + 105 + 455) / 2**15)
+
+
+samples = st.lists(
+    st.integers(0, 10_000).map(lambda k: k / 10_000),
+    min_size=2,
+    max_size=12,  # accuracies
+)
+
+
+@given(samples)
+@settings(max_examples=60, deadline=None)
+def test_the_interval_contains_the_mean(values):
+    interval = mean_interval(values)
+    assert interval.low <= interval.mean + 1e-12 and interval.mean <= interval.high + 1e-12
+    assert interval.mean == pytest.approx(float(np.mean(values)))
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=200),
+)
+@settings(max_examples=60, deadline=None)
+def test_mcnemar_is_symmetric_under_swapping_the_frameworks(pairs):
+    a = np.array([p[0] for p in pairs])
+    b = np.array([p[1] for p in pairs])
+    forward, backward = mcnemar_exact(a, b), mcnemar_exact(b, a)
+    assert (forward.only_a_right, forward.only_b_right) == (
+        backward.only_b_right,
+        backward.only_a_right,
+    )
+    assert forward.p_value == pytest.approx(backward.p_value)
+    assert forward.only_a_right == int(np.sum(a & ~b))
+
+
+@given(samples, samples)
+@settings(max_examples=60, deadline=None)
+def test_difference_flips_sign_when_the_arguments_swap(a, b):
+    forward, backward = difference(a, b), difference(b, a)
+    assert forward.interval.mean == pytest.approx(-backward.interval.mean, abs=1e-12)
+    assert forward.significant == backward.significant

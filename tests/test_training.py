@@ -1,0 +1,167 @@
+"""What both trainers share (stages/training.py), framework-free: batch order, the summary over
+seeds, the divergence message, the input checks, the reload check, all-or-nothing outputs."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stages.common import StageError, staged_outputs
+from stages.config import parse_params
+from stages.training import (
+    Device,
+    Latency,
+    NonFiniteLoss,
+    SeedResult,
+    batch_order,
+    chance_level_warning,
+    check_reload,
+    divergence_message,
+    load_splits,
+    summarize,
+)
+from tests.conftest import write_processed
+
+
+@given(st.integers(2, 500), st.integers(0, 2**31 - 1), st.integers(1, 50))
+@settings(max_examples=50, deadline=None)
+def test_batch_order_is_a_permutation_that_changes_every_epoch(size, seed, epoch):
+    order = batch_order(size, seed, epoch)
+    assert sorted(order.tolist()) == list(range(size))
+    np.testing.assert_array_equal(order, batch_order(size, seed, epoch))  # same for both
+    if size >= 10:  # 10! orders: a repeat across epochs or seeds would be a bug, not chance
+        assert not np.array_equal(order, batch_order(size, seed, epoch + 1))
+        assert not np.array_equal(order, batch_order(size, seed + 1, epoch))
+
+
+class FakeTrainer:
+    framework = "torch"
+    model_suffix = ".pt"
+
+    def count_parameters(self, network):
+        return 7
+
+
+def seed_result(seed, accuracy, seconds):
+    return SeedResult(
+        seed=seed,
+        model=object(),
+        history=[{"epoch": 1, "train_accuracy": 0.9}],
+        probabilities=np.zeros((2, 10)),
+        test_loss=1.0 - accuracy,
+        test_accuracy=accuracy,
+        train_seconds=seconds,
+        samples_per_second=1000 / seconds,
+        first_step_done=0.0,
+    )
+
+
+def test_summary_is_the_mean_accuracy_and_the_median_time_over_seeds(tmp_path):
+    results = [seed_result(3, 0.80, 10.0), seed_result(5, 0.90, 30.0), seed_result(9, 0.97, 11.0)]
+    model_file = tmp_path / "m.pt"
+    model_file.write_bytes(b"x" * 123)
+    device = Device("cpu", "test cpu", "1.0", "none", 2)
+    summary = summarize(
+        FakeTrainer(), results, Latency(0.1, 0.2, 3.0), device, model_file, 0.0, "run-1"
+    )
+    assert summary.test_accuracy == pytest.approx(0.89)  # not the first seed's 0.80
+    assert summary.test_loss == pytest.approx(0.11)
+    assert summary.test_accuracy_per_seed == [0.80, 0.90, 0.97] and summary.seeds == [3, 5, 9]
+    assert summary.train_seconds == 11.0  # the median, not the mean (17)
+    assert summary.model_file_bytes == 123 and summary.parameters == 7
+    assert summary.mlflow_run_id == "run-1" and summary.device == "cpu"
+    assert "test_accuracy_per_seed" not in summary.headline()  # lists are not MLflow metrics
+
+
+def test_divergence_message_counts_steps_across_epochs():
+    config = parse_params({"train": {"learning_rate": 0.5}}).run_config("torch")
+    message = divergence_message(NonFiniteLoss(3, float("nan"), 2.5), config, 7, 2, 10)
+    assert "loss is nan at step 13 (epoch 2, seed 7), after a loss of 2.5 at step 12" in message
+    assert "train.learning_rate=0.5 with optimizer adam" in message
+    first = divergence_message(NonFiniteLoss(1, float("inf"), None), config, 0, 1, 10)
+    assert "at step 1 (epoch 1, seed 0), at the epoch's first step" in first
+
+
+def test_chance_level_training_is_a_warning():
+    config = parse_params({"train": {"learning_rate": 10.0}}).run_config("tf")
+    stuck = seed_result(0, 0.1, 1.0)
+    stuck = SeedResult(**{**stuck.__dict__, "history": [{"train_accuracy": 0.11}]})
+    warning = chance_level_warning("tf", stuck, config)
+    assert "training accuracy 0.110, chance level" in warning
+    assert "train.learning_rate=10.0" in warning
+    assert chance_level_warning("tf", seed_result(0, 0.9, 1.0), config) is None
+
+
+def test_inputs_are_checked_against_meta_before_any_work(tmp_path):
+    data = write_processed(tmp_path / "processed")
+    meta = json.loads((data / "meta.json").read_text())
+    splits = load_splits(data, "scale", meta)
+    assert splits.train.x.shape == (300, 28, 28) and splits.test.y.dtype == np.int64
+
+    x_train = data / "scale" / "x_train.npy"
+    np.save(x_train, np.zeros((299, 28, 28), np.float32))  # a row short of meta.json
+    with pytest.raises(StageError, match=r"x_train.npy holds float32 \(299, 28, 28\), expected"):
+        load_splits(data, "scale", meta)
+    np.save(x_train, np.full((300, 28, 28), np.nan, np.float32))
+    with pytest.raises(StageError, match="x_train.npy contains NaN or infinite values"):
+        load_splits(data, "scale", meta)
+    np.save(x_train, np.zeros((300, 28, 28), np.float32))
+    x_train.write_bytes(x_train.read_bytes()[:1000])  # truncated
+    with pytest.raises(
+        StageError, match=r"x_train.npy is not a readable .npy file .*rerun `dvc repro normalize`"
+    ):
+        load_splits(data, "scale", meta)
+    np.save(x_train, np.zeros((300, 28, 28), np.float64))
+    with pytest.raises(StageError, match=r"holds float64 .*expected float32"):
+        load_splits(data, "scale", meta)
+    np.save(data / "y_val.npy", np.full(100, 12, np.int64))
+    np.save(x_train, np.zeros((300, 28, 28), np.float32))
+    with pytest.raises(StageError, match=r"y_val.npy holds labels outside 0..9"):
+        load_splits(data, "scale", meta)
+
+
+class ReloadTrainer:
+    """Predicts fixed probabilities per model name; a reload may come back as another model."""
+
+    def __init__(self, reloaded):
+        self.reloaded = reloaded
+
+    def load_model(self, path, model, device):
+        return self.reloaded
+
+    def predict_proba(self, network, x):
+        rng = np.random.default_rng(0 if network == "trained" else 1)
+        return rng.random((len(x), 10))
+
+
+def test_a_reload_must_predict_the_same_classes(tmp_path):
+    x = np.zeros((50, 28, 28))
+    check_reload(ReloadTrainer("trained"), tmp_path / "m", "trained", None, x, "cpu")
+    with pytest.raises(StageError, match=r"the reloaded model predicts \d+ of 50 classes"):
+        check_reload(ReloadTrainer("other"), tmp_path / "m", "trained", None, x, "cpu")
+
+
+def test_a_failed_block_removes_its_temporaries_and_the_stale_finals(tmp_path):
+    final = tmp_path / "out" / "metrics.json"
+    final.parent.mkdir()
+    final.write_text("from an earlier run")  # stale: must not survive a failed run
+    with pytest.raises(RuntimeError), staged_outputs(final) as (temp,):
+        temp.write_text("half")
+        raise RuntimeError("boom")
+    assert list(final.parent.iterdir()) == []
+
+
+def test_a_dead_process_leftovers_are_removed_a_live_ones_kept(tmp_path):
+    final = tmp_path / "model"
+    dead = tmp_path / f".tmp-{2**22 + 12345}-abcd1234-model"  # no such pid
+    dead.mkdir()
+    (dead / "seed-0.pt").write_text("half")
+    import os
+
+    live = tmp_path / f".tmp-{os.getppid()}-abcd1234-model"  # our parent: alive
+    live.mkdir()
+    with staged_outputs(final) as (temp,):
+        temp.mkdir()
+    assert final.is_dir() and not dead.exists() and live.exists()
