@@ -33,13 +33,17 @@ def readme(
     bench: Path = typer.Option(Path("bench/results.md")),
     blog_gap: Path = typer.Option(Path("experiments/blog_gap.md")),
     step_profile: Path = typer.Option(Path("bench/step_profile.md")),
+    export: Path = typer.Option(Path("metrics/export.json")),
     readme_path: Path = typer.Option(Path("README.md"), "--readme"),
 ) -> None:
     """Regenerate the README's results section from the outputs."""
     from .readme import update_readme
 
     try:
-        update_readme(readme_path, read_json(metrics, "evaluate"), bench, blog_gap, step_profile)
+        deployment = read_json(export, "export") if export.exists() else None
+        update_readme(
+            readme_path, read_json(metrics, "evaluate"), bench, blog_gap, step_profile, deployment
+        )
     except StageError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -55,14 +59,12 @@ def server(
     workers: int = typer.Option(2, help="mlflow server worker processes."),
 ) -> None:
     """Run a throwaway team MLflow server (PostgreSQL, proxied artifacts, basic auth) until Ctrl-C."""
-    import signal
     import time
 
-    from .common import Terminated, raise_on_sigterm
+    from .common import Terminated, handle_stop_signals
     from .team_server import team_server
 
-    raise_on_sigterm()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    handle_stop_signals()
     try:
         with team_server(port, artifacts_destination or None, workers) as running:
             typer.echo(f"MLflow team server at {running.url}, storing in {running.folder}")

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import psutil
@@ -31,13 +32,35 @@ class Terminated(KeyboardInterrupt):
     as KILLED and outputs are removed."""
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
+# Code a signal must not interrupt: a store write cut short leaves its transaction open and the
+# database locked, and then the run could not be ended as KILLED.
+UNINTERRUPTIBLE = ("sqlalchemy", "mlflow.store", "alembic")
+
+
+def _in_uninterruptible(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(UNINTERRUPTIBLE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """Raise Terminated (SIGTERM) or KeyboardInterrupt (SIGINT) in the main thread, unless it is
+    inside a store write: then deliver the signal again 50 ms later."""
+    if _in_uninterruptible(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Terminated(f"received signal {signum}")
 
 
-def raise_on_sigterm() -> None:
-    """Make SIGTERM raise Terminated in this process, so cleanup runs as for Ctrl-C."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
+def handle_stop_signals() -> None:
+    """Make SIGTERM raise Terminated and SIGINT KeyboardInterrupt in this process, also where it
+    was started in the background with SIGINT ignored, so cleanup runs on both."""
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
 
 
 def _launcher(process: psutil.Process) -> psutil.Process | None:
@@ -75,7 +98,7 @@ def watch_launcher(interval_seconds: float = 1.0) -> threading.Thread | None:
 def run_cli(main: Callable[..., None]) -> None:
     """Run a stage's typer command: a StageError is one message on stderr and exit 1; SIGTERM
     exits 143 and Ctrl-C 130, each after the stage removed its outputs and ended its run."""
-    raise_on_sigterm()
+    handle_stop_signals()
     watch_launcher()
 
     @functools.wraps(main)

@@ -23,6 +23,8 @@ Framework = Literal["tf", "torch"]
 FRAMEWORKS: tuple[Framework, ...] = ("tf", "torch")
 Scheme = Literal["scale", "symmetric", "standardize"]
 Init = Literal["framework", "glorot", "shared"]
+TfFormat = Literal["onnx", "saved_model", "litert"]
+TorchFormat = Literal["onnx", "torch_export"]
 # Strict: `epochs: true` is not 1 and `learning_rate: yes` is not a number. Ranges via Field.
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
@@ -147,6 +149,38 @@ class Overrides(_Frozen):
     torch: FrameworkOverrides = FrameworkOverrides()
 
 
+def _distinct_values(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"values must be distinct, found {values}")
+    return values
+
+
+class ExportFormats(_Frozen):
+    """The deployment formats written per framework; ONNX in both makes the side-by-side row."""
+
+    tf: list[TfFormat] = ["onnx", "saved_model", "litert"]
+    torch: list[TorchFormat] = ["onnx", "torch_export"]
+
+    _distinct = field_validator("tf", "torch")(_distinct_values)
+
+
+class LoadTestConfig(_Frozen):
+    """A bounded HTTP load test: a fixed number of requests per concurrency level, a time limit."""
+
+    requests: Annotated[int, Field(ge=1, le=100_000)] = 400
+    concurrency: Annotated[list[Annotated[int, Field(ge=1, le=64)]], Field(min_length=1)] = [1, 8]
+    time_limit_seconds: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    server_start_seconds: Annotated[float, Field(gt=0, le=3600)] = 180.0
+
+    _distinct = field_validator("concurrency")(_distinct_values)
+
+
+class ExportConfig(_Frozen):
+    formats: ExportFormats = ExportFormats()
+    serve: bool = True
+    load_test: LoadTestConfig = LoadTestConfig()
+
+
 class Params(_Frozen):
     mlflow: MlflowConfig = MlflowConfig()
     data: DataConfig = DataConfig()
@@ -154,6 +188,7 @@ class Params(_Frozen):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     overrides: Overrides = Overrides()
+    export: ExportConfig = ExportConfig()
 
     def schemes(self) -> list[Scheme]:
         """Return every normalization scheme some trainer reads, the shared one first."""

@@ -1,7 +1,8 @@
 """Stage `evaluate`: compare the two trainers from their framework-neutral outputs.
 
 Imports neither framework. Reads test probabilities (seeds, N, 10), the trainers' metrics and
-histories, and writes `metrics/evaluate.json`, `reports/comparison.md` and the PNGs it shows.
+histories and the `export` stage's measurements, and writes `metrics/evaluate.json`,
+`reports/comparison.md` and the PNGs it shows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from .common import StageError, read_json, run_cli, staged_outputs, write_json
 from .config import FRAMEWORKS, load_params
 from .dataset import NUM_CLASSES
+from .exporting import FORMAT_LABELS, RUNTIMES
 from .stats import difference, mcnemar_exact, mean_interval
 from .training import load_splits, loss_and_accuracy
 
@@ -41,6 +43,12 @@ PLOTS = (
     "disagreements.png",
     "speed_memory.png",
 )
+DEPLOYMENT_PLOT = "deployment.png"  # only with the `export` stage's metrics
+NATIVE = {  # the trained model as its trainer saved it: the reference each export is checked against
+    "tf": ("trained model (.keras)", "Keras"),
+    "torch": ("trained model (state_dict)", "PyTorch, eager"),
+}
+SAME_SPEED_WITHIN = 1.1  # ratios closer to 1 than this are "about the same": run-to-run noise
 
 
 def count_code_lines(source: str) -> int:
@@ -255,7 +263,144 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(["| Measure | TensorFlow/Keras | PyTorch |", "|---|---:|---:|", *rows])
 
 
-def markdown_report(result: dict[str, Any], dataset: str) -> str:
+def deployment_rows(deployment: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Return one row per exported format: framework, format, runtime, size, load, speed, check."""
+    rows = []
+    for fw in FRAMEWORKS:
+        for name, row in deployment[fw]["formats"].items():
+            rows.append(
+                (
+                    LABELS[fw],
+                    *(NATIVE[fw] if name == "native" else (FORMAT_LABELS[name], RUNTIMES[name])),
+                    f"{row['file_bytes']:,} bytes",
+                    f"{1000 * row['load_seconds']:.3g} ms",
+                    f"{row['latency_batch1_p50_ms']:.3g} / {row['latency_batch1_p95_ms']:.3g} ms",
+                    f"{row['throughput_batch1000_samples_per_second']:,.0f} samples/s",
+                    "reference" if name == "native" else f"{row['max_abs_difference']:.1e}",
+                )
+            )
+    return rows
+
+
+def serving_rows(deployment: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Return one row per served model and concurrency level of the HTTP load test."""
+    rows = []
+    for fw in FRAMEWORKS:
+        served = deployment[fw].get("served", {})
+        for key, level in served.items():
+            if not key.startswith("concurrency_"):
+                continue
+            rows.append(
+                (
+                    LABELS[fw],
+                    str(level["concurrency"]),
+                    f"{level['answered']:,} / {level['requests']:,}",
+                    str(level["errors"]),
+                    f"{level['latency_p50_ms']:.3g} / {level['latency_p95_ms']:.3g} / "
+                    f"{level['latency_p99_ms']:.3g} ms",
+                    f"{level['throughput_requests_per_second']:,.0f} requests/s",
+                )
+            )
+    return rows
+
+
+def _times(a: float, b: float) -> str:
+    ratio = max(a, b) / min(a, b)
+    return f"{ratio:.1f}x" if ratio >= SAME_SPEED_WITHIN else ""
+
+
+def onnx_sentence(deployment: dict[str, Any]) -> str:
+    """Return one sentence comparing the two ONNX exports in the one ONNX Runtime."""
+    rows = {fw: deployment[fw]["formats"].get("onnx") for fw in FRAMEWORKS}
+    if not all(rows.values()):
+        return ""
+    tf, torch = rows["tf"], rows["torch"]
+    latency = (tf["latency_batch1_p50_ms"], torch["latency_batch1_p50_ms"])
+    throughput = (
+        tf["throughput_batch1000_samples_per_second"],
+        torch["throughput_batch1000_samples_per_second"],
+    )
+
+    def compare_pair(tf_value: float, torch_value: float, lower_is_faster: bool) -> str:
+        factor = _times(tf_value, torch_value)
+        if not factor:
+            return "about the same"
+        tf_faster = (tf_value < torch_value) == lower_is_faster
+        return f"{'Keras' if tf_faster else 'PyTorch'}'s export {factor} faster"
+
+    return (
+        "In one ONNX Runtime, the two exporters' files answer one image in "
+        f"{1000 * latency[0]:.1f} µs (Keras, tf2onnx) and {1000 * latency[1]:.1f} µs "
+        "(PyTorch, torch.onnx), "
+        f"{compare_pair(*latency, lower_is_faster=True)}; a batch of 1,000 runs at "
+        f"{throughput[0]:,.0f} and {throughput[1]:,.0f} samples/s, "
+        f"{compare_pair(*throughput, lower_is_faster=False)}."
+    )
+
+
+def _markdown(header: tuple[str, ...], rows: list[tuple[str, ...]], align: str) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def deployment_markdown(deployment: dict[str, Any]) -> str:
+    """Return the Deployment section's text and tables, from the `export` stage's metrics."""
+    lines = [
+        f"Each framework's seed-{deployment['seed']} model, exported and reloaded in the runtime "
+        f"its users deploy with, predicts the same class as the trained model on all "
+        f"{deployment['test_images']:,} test images, its probabilities within "
+        f"{deployment['tolerance']:g} of the trained model's. Batch-1 latency and batch-1000 "
+        "throughput on this machine's CPU; load time is a second load, the runtime already "
+        "imported. The two ONNX rows are measured in one process, in interleaved rounds.",
+        "",
+        *_markdown(
+            (
+                "Framework",
+                "Format",
+                "Runtime",
+                "File",
+                "Load",
+                "Batch 1 (p50 / p95)",
+                "Batch 1000",
+                "Max prob. difference",
+            ),
+            deployment_rows(deployment),
+            "lllrrrrr",
+        ),
+    ]
+    sentence = onnx_sentence(deployment)
+    if sentence:
+        lines += ["", sentence]
+    served = serving_rows(deployment)
+    if served:
+        lines += [
+            "",
+            "Served over HTTP, the same way for both: the registered MLflow model that training "
+            "logged, `mlflow models serve` (local environment, one worker) on 127.0.0.1, one "
+            "test image per request, every answer checked against the trained model:",
+            "",
+            *_markdown(
+                (
+                    "Framework",
+                    "Concurrency",
+                    "Answered",
+                    "Errors",
+                    "Latency p50 / p95 / p99",
+                    "Throughput",
+                ),
+                served,
+                "lrrrrr",
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def markdown_report(
+    result: dict[str, Any], dataset: str, deployment: dict[str, Any] | None = None
+) -> str:
     """Return reports/comparison.md: the table, the verdict, and the plots."""
     lines = [
         f"# TensorFlow vs PyTorch on {dataset}",
@@ -289,6 +434,15 @@ def markdown_report(result: dict[str, Any], dataset: str) -> str:
         "![](speed_memory.png)",
         "",
     ]
+    if deployment:
+        lines += [
+            "## Deployment",
+            "",
+            deployment_markdown(deployment),
+            "",
+            f"![]({DEPLOYMENT_PLOT})",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -433,6 +587,33 @@ def plot_speed_memory(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_deployment(deployment: dict[str, Any], path: Path) -> None:
+    """Save one chart: batch-1 p50 latency of every format and of the served model, per framework."""
+    plt = _pyplot()
+    bars = []
+    for fw in FRAMEWORKS:
+        for name, row in deployment[fw]["formats"].items():
+            label = NATIVE[fw][0] if name == "native" else FORMAT_LABELS[name]
+            bars.append((f"{LABELS[fw]}: {label}", row["latency_batch1_p50_ms"], fw))
+        level = deployment[fw].get("served", {}).get("concurrency_1")
+        if level:
+            bars.append((f"{LABELS[fw]}: HTTP, mlflow models serve", level["latency_p50_ms"], fw))
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(bars) + 1.2))
+    positions = np.arange(len(bars))[::-1]
+    values = [value for _, value, _ in bars]
+    ax.barh(positions, values, color=[COLORS[fw] for _, _, fw in bars])
+    for position, value in zip(positions, values, strict=True):
+        ax.text(value * 1.08, position, f"{value:.3g} ms", va="center", fontsize=7)
+    ax.set_yticks(positions, [label for label, _, _ in bars], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(values) / 2, max(values) * 6)
+    ax.set_xlabel("batch-1 latency, p50 (ms, log scale)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(
     data: Path = typer.Option(Path("data/processed"), help="Folder written by `normalize`."),
     predictions_tf: Path = typer.Option(Path("predictions/tf.npy")),
@@ -443,6 +624,7 @@ def main(
     history_torch: Path = typer.Option(Path("metrics/history_torch.csv")),
     code_tf: Path = typer.Option(Path("stages/train_tf.py")),
     code_torch: Path = typer.Option(Path("stages/train_torch.py")),
+    export: Path | None = typer.Option(None, help="The `export` stage's metrics file."),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="DVC metrics file."),
     report: Path = typer.Option(Path("reports"), help="Folder for comparison.md and its PNGs."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
@@ -478,6 +660,9 @@ def main(
     result = compare(labels, probabilities, trainer_metrics, code_lines)
     first = {fw: p[0].argmax(axis=1) for fw, p in probabilities.items()}  # the McNemar pair
     tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
+    deployment = read_json(export, "export") if export else None
+    if deployment:
+        tags["export_run_id"] = deployment.get("mlflow_run_id", "")
 
     with (
         stage_run("evaluate", config.mlflow.experiment_name, tags) as run,
@@ -493,7 +678,11 @@ def main(
             images, labels, first, meta["class_names"], tmp_report / "disagreements.png"
         )
         plot_speed_memory(result, tmp_report / "speed_memory.png")
-        (tmp_report / "comparison.md").write_text(markdown_report(result, meta["dataset"]))
+        if deployment:
+            plot_deployment(deployment, tmp_report / DEPLOYMENT_PLOT)
+        (tmp_report / "comparison.md").write_text(
+            markdown_report(result, meta["dataset"], deployment)
+        )
         write_json(
             tmp_metrics, result | {"dataset": meta["dataset"], "mlflow_run_id": run.info.run_id}
         )

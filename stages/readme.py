@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import StageError
-from .evaluate import agreement_sentence, markdown_table, verdict
+from .evaluate import agreement_sentence, deployment_markdown, markdown_table, verdict
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -18,6 +18,7 @@ def results_section(
     bench: str | None,
     blog_gap: str | None,
     step_profile: str | None,
+    deployment: dict[str, Any] | None = None,
 ) -> str:
     """Return the markdown between the README's result markers."""
     lines = [
@@ -30,6 +31,13 @@ def results_section(
         agreement_sentence(result),
         "",
     ]
+    if deployment:
+        lines += [
+            "### Deployment (`dvc repro`, stage `export`)",
+            "",
+            deployment_markdown(deployment),
+            "",
+        ]
     if bench:
         lines += ["### Training speed (`python bench/speed.py`)", "", bench.strip(), ""]
     if step_profile:
@@ -50,7 +58,12 @@ def results_section(
 
 
 def update_readme(
-    readme: Path, result: dict[str, Any], bench: Path, blog_gap: Path, step_profile: Path
+    readme: Path,
+    result: dict[str, Any],
+    bench: Path,
+    blog_gap: Path,
+    step_profile: Path,
+    deployment: dict[str, Any] | None = None,
 ) -> None:
     """Replace the README's results section in place; missing bench or experiment files are left out."""
     text = readme.read_text()
@@ -63,6 +76,7 @@ def update_readme(
         bench.read_text() if bench.exists() else None,
         blog_gap.read_text() if blog_gap.exists() else None,
         step_profile.read_text() if step_profile.exists() else None,
+        deployment,
     )
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]

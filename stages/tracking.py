@@ -348,3 +348,11 @@ def _start_run_retrying(stage: str, tags: dict[str, str], attempts: int = 5) -> 
                 raise
             time.sleep(0.5 * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def model_version(name: str, run_id: str) -> str | None:
+    """Return the newest version of registered model `name` that run `run_id` created, or None."""
+    versions = mlflow.MlflowClient().search_model_versions(
+        f"name = '{name}' and run_id = '{run_id}'"
+    )
+    return str(max(int(v.version) for v in versions)) if versions else None

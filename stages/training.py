@@ -393,27 +393,26 @@ class Latency:
 
 
 def measure_latency(
-    trainer: Trainer, model: Any, x: np.ndarray, device: str, repeats: int = 200
+    predict: Callable[[Any], np.ndarray], one: Any, thousand: Any, repeats: int = 200
 ) -> Latency:
-    """Return batch-1 p50/p95 latency in ms and batch-1000 throughput, measured after warm-up."""
-    one = trainer.to_device(x[:1], device)
-    thousand = trainer.to_device(x[:1000], device)
+    """Return batch-1 p50/p95 latency in ms and batch-1000 throughput of `predict`, after warm-up;
+    `one` and `thousand` are inputs of 1 and 1,000 images, already where `predict` reads them."""
     for _ in range(10):
-        trainer.predict_proba(model, one)
-    trainer.predict_proba(model, thousand)
+        predict(one)
+    predict(thousand)
     single = []
     for _ in range(repeats):
         start = time.perf_counter()
-        trainer.predict_proba(model, one)
+        predict(one)
         single.append(time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(5):
-        trainer.predict_proba(model, thousand)
+        predict(thousand)
     batch_seconds = (time.perf_counter() - start) / 5
     return Latency(
         latency_batch1_p50_ms=float(np.percentile(single, 50) * 1000),
         latency_batch1_p95_ms=float(np.percentile(single, 95) * 1000),
-        throughput_batch1000_samples_per_second=float(len(x[:1000]) / batch_seconds),
+        throughput_batch1000_samples_per_second=float(len(thousand) / batch_seconds),
     )
 
 
@@ -571,17 +570,6 @@ def log_summary(metrics: TrainerMetrics, mean_rows: list[dict[str, float]], hist
     mlflow.log_artifact(str(history), "history")
 
 
-def registered_version(framework: str, run_id: str) -> str:
-    """Return the registry version that the run `run_id` created for the framework's model."""
-    import mlflow
-
-    name = MODEL_NAME.format(framework=framework)
-    versions = mlflow.MlflowClient().search_model_versions(
-        f"name = '{name}' and run_id = '{run_id}'"
-    )
-    return versions[0].version if versions else "?"
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 
@@ -672,7 +660,11 @@ def run_trainer_stage(
                 for seed in config.train.seeds
             ]
         with phases.phase("latency"):
-            latency = measure_latency(trainer, results[0].model, splits.test.x, device.kind)
+            latency = measure_latency(
+                lambda batch: trainer.predict_proba(results[0].model, batch),
+                trainer.to_device(splits.test.x[:1], device.kind),
+                trainer.to_device(splits.test.x[:1000], device.kind),
+            )
         first_model = tmp.model_dir / f"seed-{results[0].seed}{trainer.model_suffix}"
         metrics = summarize(
             trainer, results, latency, device, first_model, process_start, run.info.run_id
@@ -689,5 +681,8 @@ def run_trainer_stage(
         )
         log_summary(metrics, rows, tmp.history)
         write_json(tmp.metrics, asdict(metrics))
-    print(summary_line(metrics, registered_version(framework, run.info.run_id)), flush=True)
+    from .tracking import model_version
+
+    version = model_version(MODEL_NAME.format(framework=framework), run.info.run_id) or "?"
+    print(summary_line(metrics, version), flush=True)
     return metrics

@@ -111,6 +111,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)  # MLflow's own setting outranks the variable: set both
     yield uri
     mlflow.set_tracking_uri(None)
 

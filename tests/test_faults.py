@@ -51,12 +51,13 @@ def stage(
 
 
 def start(workspace: Path, module: str, *args: str) -> subprocess.Popen:
+    """Start a stage; its console goes to `<workspace>/console.log`."""
     return subprocess.Popen(
         [sys.executable, "-m", f"stages.{module}", *args],
         cwd=workspace,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=open(workspace / "console.log", "w"),  # noqa: SIM115  (closed with the process)
+        stderr=subprocess.STDOUT,
         text=True,
     )
 
@@ -72,13 +73,19 @@ def run_statuses(name: str = "tf-vs-torch") -> dict[str, str]:
     }
 
 
-def wait_for_seed_run(timeout: float = 120) -> None:
+def wait_for_training(process: subprocess.Popen, workspace: Path, timeout: float = 120) -> None:
+    """Wait until the stage printed its first epoch (reading the console, not the store, which
+    the stage may still be creating)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if any(name.startswith("train-torch-seed-0") for name in run_statuses()):
+        if "epoch 1/" in (workspace / "console.log").read_text():
             return
-        time.sleep(0.5)
-    raise AssertionError("the stage never started its seed run")
+        if process.poll() is not None:
+            raise AssertionError(
+                f"the stage ended early:\n{(workspace / 'console.log').read_text()}"
+            )
+        time.sleep(0.3)
+    raise AssertionError("the stage never finished its first epoch")
 
 
 def one_message(stderr: str) -> str:
@@ -138,13 +145,12 @@ def test_sigkill_debris_is_cleaned_by_the_next_run(long_training, params_dict):
     workspace = long_training
     process = start(workspace, "train_torch", *TRAINER_ARGS)
     try:
-        wait_for_seed_run()
-        time.sleep(1.0)
+        wait_for_training(process, workspace)
         process.kill()  # SIGKILL, as the out-of-memory killer does: no clean-up possible
         process.wait(timeout=30)
     finally:
         process.kill()
-    leftovers = [p for p in workspace.iterdir() if p.name.startswith(".tmp-")]
+    leftovers = [p for p in workspace.iterdir() if p.name.startswith(".tmp-")]  # killed mid-way
     assert leftovers and set(run_statuses().values()) == {"RUNNING"}
 
     params_dict["train"]["epochs"] = 1
@@ -163,10 +169,10 @@ def test_ctrl_c_exits_130_saying_so_and_leaves_nothing(long_training):
     workspace = long_training
     process = start(workspace, "train_torch", *TRAINER_ARGS)
     try:
-        wait_for_seed_run()
-        time.sleep(1.0)
+        wait_for_training(process, workspace)
         process.send_signal(signal.SIGINT)
-        stderr = process.communicate(timeout=60)[1]
+        process.wait(timeout=60)
+        stderr = (workspace / "console.log").read_text()
     finally:
         process.kill()
     assert process.returncode == 130, stderr
@@ -298,3 +304,24 @@ def test_a_checksum_of_the_other_dataset_says_which_one_it_is(tmp_path, monkeypa
         verify(tmp_path / "tiny" / f"{stem}.gz", stem, datasets.MNIST.sha256[stem])
     assert "checksum mismatch" in str(error.value)
     assert f"it is fashion-mnist's {stem}, so set data.dataset=fashion-mnist" in str(error.value)
+
+
+def test_a_signal_inside_a_store_write_is_delivered_after_it(monkeypatch):
+    from stages import common
+
+    store_code: dict = {"__name__": "sqlalchemy.engine.base", "sys": sys}
+    exec("def write():\n    return sys._getframe()", store_code)
+    inside = store_code["write"]()
+    timers = []
+    monkeypatch.setattr(common.threading, "Timer", lambda *args: timers.append(args) or FakeTimer())
+    common._on_signal(signal.SIGTERM, inside)  # deferred, not raised
+    assert timers and timers[0][1] is os.kill and timers[0][2][1] == signal.SIGTERM
+    with pytest.raises(common.Terminated):
+        common._on_signal(signal.SIGTERM, sys._getframe())
+    with pytest.raises(KeyboardInterrupt):
+        common._on_signal(signal.SIGINT, sys._getframe())
+
+
+class FakeTimer:
+    def start(self) -> None:
+        pass

@@ -32,7 +32,7 @@ pytestmark = [
         reason="needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)",
     ),
 ]
-STAGES = {"download", "normalize", "train-tf", "train-torch", "evaluate"}
+STAGES = {"download", "normalize", "train-tf", "train-torch", "export", "evaluate"}
 
 
 def dvc(
@@ -129,6 +129,7 @@ def repo(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["dataset"] = "fashion-mnist"
+    params["export"]["load_test"]["requests"] = 100  # per level: enough to check, quick to run
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(repo, "init", "-q")
     git(repo, "add", "-A")
@@ -201,7 +202,21 @@ def test_full_pipeline_report_fair_defaults_and_a_quiet_console(repo, full_run):
     assert abs(result["tf"]["test_accuracy"] - result["torch"]["test_accuracy"]) < 0.005
     report = (repo / "reports/comparison.md").read_text()
     assert f"over {result['seeds']} seeds" in report
+    assert "## Deployment" in (repo / "reports/comparison.md").read_text()
     assert set(stage_names(runs(repo))) >= STAGES
+    deployment = json.loads((repo / "metrics/export.json").read_text())
+    assert deployment["test_images"] == 10_000  # every export checked on every test image
+    expected = {
+        "tf": {"native", "onnx", "saved_model", "litert"},
+        "torch": {"native", "onnx", "torch_export"},
+    }
+    for framework, formats in expected.items():
+        assert set(deployment[framework]["formats"]) == formats
+        for concurrency in (1, 8):
+            level = deployment[framework]["served"][f"concurrency_{concurrency}"]
+            assert level["answered"] == 100 and level["errors"] == 0
+    assert (repo / "exports/tf/saved_model/saved_model.pb").exists()
+    assert (repo / "exports/torch/model.pt2").exists()
     show = dvc(repo, "metrics", "show", "--json")
     assert "metrics/train_tf.json" in show and "metrics/train_torch.json" in show
     assert "Data and pipelines are up to date." in dvc(repo, "status")
@@ -279,11 +294,11 @@ def test_exp_run_epochs_reruns_trainers_only_and_temp_lands_in_main_store(repo, 
     before = len(runs(repo))
     output = dvc(repo, "exp", "run", "--temp", "-S", "train.epochs=1", "-S", "train.seeds=[0]")
     assert "Running stage 'train-tf'" in output and "Running stage 'train-torch'" in output
-    assert "Running stage 'evaluate'" in output
+    assert "Running stage 'export'" in output and "Running stage 'evaluate'" in output
     assert "Running stage 'download'" not in output and "Running stage 'normalize'" not in output
     after = runs(repo)
-    new = [r for r in after if r.info.run_name in {"train-tf", "train-torch", "evaluate"}]
-    assert len(after) - before == 5  # two trainers, their two seed runs, evaluate
+    new = [r for r in after if r.info.run_name in {"train-tf", "train-torch", "export", "evaluate"}]
+    assert len(after) - before == 6  # two trainers, their two seed runs, export, evaluate
     assert any(r.data.tags.get("dvc_exp_name") for r in new)
     assert not (repo / ".dvc/tmp/exps").exists() or not list(
         (repo / ".dvc/tmp/exps").glob("*/mlflow.db")
@@ -327,7 +342,7 @@ def test_queued_experiments_with_two_workers_land_once_each(repo, full_run, queu
     assert "Failed" not in status, status
     after = runs(repo)
     new = after[: len(after) - before]
-    assert len(after) - before == 10  # 2 experiments x 5 runs, nothing lost or duplicated
+    assert len(after) - before == 12  # 2 experiments x 6 runs, nothing lost or duplicated
     names = sorted(r.info.run_name for r in new)
     assert names.count("evaluate") == 2 and names.count("train-tf-seed-0") == 2
     assert {

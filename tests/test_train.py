@@ -4,9 +4,6 @@ import inspect
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import mlflow
 import numpy as np
@@ -28,7 +25,7 @@ from stages.training import (
     to_device_data,
     train_one_seed,
 )
-from tests.conftest import ROOT, run_trainer, tiny_arrays, write_processed
+from tests.conftest import run_trainer, tiny_arrays, write_processed
 
 TRAINERS = {"tf": KerasTrainer(), "torch": TorchTrainer()}
 
@@ -401,50 +398,23 @@ def test_mlflow_runs_have_the_same_keys_in_both_frameworks(workspace):
 
 
 def test_sigterm_ends_the_run_killed_and_leaves_no_model(workspace, params_dict):
+    from tests.test_faults import TRAINER_ARGS, start, wait_for_training
+
     params_dict["train"]["epochs"] = 500
     (workspace / "params.yaml").write_text(yaml.safe_dump(params_dict))
     write_processed(workspace / "processed")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stages.train_torch",
-            "--data",
-            "processed",
-            "--model",
-            "model",
-            "--predictions",
-            "p.npy",
-            "--metrics",
-            "m.json",
-            "--history",
-            "h.csv",
-        ],
-        cwd=workspace,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    client = mlflow.MlflowClient()
-    deadline = time.time() + 120
-    experiment = None
+    process = start(workspace, "train_torch", *TRAINER_ARGS)
     try:
-        while time.time() < deadline:
-            experiment = client.get_experiment_by_name("tf-vs-torch")
-            if experiment and client.search_runs(
-                [experiment.experiment_id], "tags.mlflow.runName = 'train-torch-seed-0'"
-            ):
-                break
-            time.sleep(0.5)
-        time.sleep(1.0)
+        wait_for_training(process, workspace)
         process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=60)[0]
+        process.wait(timeout=60)
     finally:
         process.kill()
+    output = (workspace / "console.log").read_text()
     assert process.returncode == 143, output
     assert "stopped by SIGTERM" in output
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("tf-vs-torch")
     runs = client.search_runs([experiment.experiment_id])
     assert {r.info.run_name: r.info.status for r in runs} == {
         "train-torch": "KILLED",

@@ -1,0 +1,266 @@
+"""Stage `export`: each framework's first-seed model in the formats its users deploy with,
+verified, measured, and both registered models served over HTTP the same way.
+
+Imports neither framework. Each framework's half (`export_tf.py`, `export_torch.py`, mirrored)
+runs in a process of its own: it writes its exports and verifies each one in its own runtime
+against the trained model on every test image. This process then runs both ONNX files in one
+ONNX Runtime (one runtime, two exporters), serves the two registered MLflow models with
+`mlflow models serve` and load-tests them, and writes `metrics/export.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from .common import StageError, read_json, run_cli, staged_outputs, write_json
+from .config import FRAMEWORKS, Framework, LoadTestConfig, load_params
+from .exporting import (
+    FILE_NAMES,
+    PROBABILITY_TOLERANCE,
+    find_trained_model,
+    load_and_check,
+    load_onnx,
+    measure_interleaved,
+    read_half_result,
+)
+from .serving import free_port, load_test, model_server, registered_version, serve_command
+from .training import MODEL_NAME
+
+HALF_TIMEOUT_SECONDS = 900  # one framework's exports, checks and measurements
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where `python -m stages.export_*` is found
+
+
+def run_half(
+    framework: Framework,
+    model: Path,
+    images: Path,
+    out: Path,
+    scratch: Path,
+    params: Path,
+    env: Mapping[str, str],
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Run one framework's half in its own process; return its result and reference probabilities."""
+    result, reference = scratch / f"{framework}.json", scratch / f"{framework}-reference.npy"
+    command = [sys.executable, "-m", f"stages.export_{framework}", "--model", str(model)]
+    command += ["--images", str(images), "--out", str(out), "--result", str(result)]
+    command += ["--reference", str(reference), "--params", str(params)]
+    try:
+        done = subprocess.run(
+            command, env=dict(env), capture_output=True, text=True, timeout=HALF_TIMEOUT_SECONDS
+        )
+    except subprocess.TimeoutExpired:
+        raise StageError(
+            f"the {framework} export did not finish within {HALF_TIMEOUT_SECONDS} s and was stopped"
+        ) from None
+    print(done.stdout, end="", flush=True)
+    if done.returncode != 0:
+        reported = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        reason = reported[-1].removeprefix("error: ") if reported else done.stderr[-2000:]
+        raise StageError(f"the {framework} export failed: {reason}")
+    return read_half_result(result, framework), np.load(reference)
+
+
+def onnx_side_by_side(
+    paths: dict[str, Path], images: dict[str, np.ndarray], references: dict[str, np.ndarray]
+) -> dict[str, dict[str, Any]]:
+    """Check both ONNX files in this process's ONNX Runtime, then measure them taking turns."""
+    predictors, rows = {}, {}
+    for fw, path in paths.items():
+        label = f"onnx export of the {fw} model in ONNX Runtime"
+        predictors[fw], rows[fw] = load_and_check(
+            label, load_onnx, path, images[fw], references[fw]
+        )
+    x = next(iter(images.values()))  # the same test images; any scheme times the same
+    speeds = measure_interleaved(predictors, x)
+    return {fw: rows[fw] | speeds[fw] for fw in paths}
+
+
+def serve_and_load_test(
+    model_uri: str,
+    images: np.ndarray,
+    reference: np.ndarray,
+    load: LoadTestConfig,
+    env: Mapping[str, str],
+    log: Path,
+) -> dict[str, Any]:
+    """Serve `model_uri`, run the load test at each concurrency, stop the server; raise on wrong answers."""
+    port = free_port()
+    mlflow_executable = Path(sys.executable).parent / "mlflow"
+    command = serve_command(mlflow_executable, model_uri, port)
+    with model_server(command, env, port, log, load.server_start_seconds) as (server, start):
+        print(f"serving {model_uri} on 127.0.0.1:{port} (answered /ping after {start:.1f} s)")
+        levels = {}
+        for concurrency in load.concurrency:
+            level = load_test(
+                server.port,
+                images,
+                reference,
+                load.requests,
+                concurrency,
+                load.time_limit_seconds,
+            )
+            levels[f"concurrency_{concurrency}"] = level
+            print(
+                f"  concurrency {concurrency}: {level['answered']}/{level['requests']} answered, "
+                f"p50 {level['latency_p50_ms']:.1f} ms, {level['throughput_requests_per_second']:.0f}"
+                " requests/s",
+                flush=True,
+            )
+    for level in levels.values():
+        if level["answered"] == 0:
+            raise StageError(
+                f"{model_uri} served over HTTP answered none of {level['requests']} requests "
+                f"(concurrency {level['concurrency']}): {level['first_error']}; server output:\n"
+                + log.read_text(errors="replace")[-1500:]
+            )
+        if level["disagreements"] or not level["max_abs_difference"] <= PROBABILITY_TOLERANCE:
+            raise StageError(
+                f"{model_uri} served over HTTP answers unlike the trained model: another class on "
+                f"{level['disagreements']} of {level['answered']} requests, probabilities off by up "
+                f"to {level['max_abs_difference']:.3g} (tolerance {PROBABILITY_TOLERANCE:g})"
+            )
+    return {"model_uri": model_uri, "start_seconds": start, **levels}
+
+
+def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Return every number of the result as flat `framework_part_key` MLflow metrics."""
+    flat: dict[str, float] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                key = str(key).replace("concurrency_", "c")  # torch_served_c8_latency_p50_ms
+                walk(f"{prefix}_{key}" if prefix else key, value)
+        elif isinstance(node, int | float) and not isinstance(node, bool):
+            flat[prefix] = float(node)
+
+    walk("", result)
+    return {k: v for k, v in flat.items() if np.isfinite(v)}
+
+
+def main(
+    data: Path = typer.Option(Path("data/processed"), help="Folder written by `normalize`."),
+    models_tf: Path = typer.Option(Path("models/tf"), help="Folder written by `train-tf`."),
+    models_torch: Path = typer.Option(
+        Path("models/torch"), help="Folder written by `train-torch`."
+    ),
+    metrics_tf: Path = typer.Option(Path("metrics/train_tf.json")),
+    metrics_torch: Path = typer.Option(Path("metrics/train_torch.json")),
+    out_tf: Path = typer.Option(Path("exports/tf"), help="Folder for the TensorFlow exports."),
+    out_torch: Path = typer.Option(Path("exports/torch"), help="Folder for the PyTorch exports."),
+    metrics: Path = typer.Option(Path("metrics/export.json"), help="DVC metrics file."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+) -> None:
+    """Export both frameworks' models, verify and measure every export, serve both over HTTP."""
+    config = load_params(params)
+    seed = config.train.seeds[0]
+    trained = {
+        "tf": find_trained_model(models_tf, seed, "train-tf"),
+        "torch": find_trained_model(models_torch, seed, "train-torch"),
+    }
+    trainer_metrics = {
+        "tf": read_json(metrics_tf, "train-tf"),
+        "torch": read_json(metrics_torch, "train-torch"),
+    }
+    test_images = {fw: data / config.run_config(fw).scheme / "x_test.npy" for fw in FRAMEWORKS}
+    for path in test_images.values():
+        if not path.exists():
+            raise StageError(f"{path} not found; run `dvc repro normalize`")
+    formats = config.export.formats
+    import mlflow
+
+    from .tracking import stage_run
+
+    tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
+    # the halves and the model servers: this interpreter's packages and this checkout's stages
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    with (
+        stage_run("export", config.mlflow.experiment_name, tags) as run,
+        staged_outputs(out_tf, out_torch, metrics) as (tmp_tf, tmp_torch, tmp_metrics),
+        tempfile.TemporaryDirectory(prefix="export-") as scratch_dir,
+    ):
+        scratch = Path(scratch_dir)
+        env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()  # where `models:/` resolves
+        outs = {"tf": tmp_tf, "torch": tmp_torch}
+        mlflow.log_params(
+            {
+                "seed": seed,
+                "formats.tf": ",".join(formats.tf),
+                "formats.torch": ",".join(formats.torch),
+                "tolerance": PROBABILITY_TOLERANCE,
+                "serve": config.export.serve,
+                **{f"load_test.{k}": v for k, v in config.export.load_test.model_dump().items()},
+            }
+        )
+        halves, references = {}, {}
+        for fw in FRAMEWORKS:
+            halves[fw], references[fw] = run_half(
+                fw, trained[fw], test_images[fw], outs[fw], scratch, params, env
+            )
+        images = {fw: np.load(test_images[fw]) for fw in FRAMEWORKS}
+        onnx = {
+            fw: outs[fw] / FILE_NAMES["onnx"] for fw in FRAMEWORKS if "onnx" in getattr(formats, fw)
+        }
+        for fw, row in onnx_side_by_side(onnx, images, references).items():
+            halves[fw]["formats"]["onnx"] |= row
+        result: dict[str, Any] = {
+            "seed": seed,
+            "test_images": int(len(references["tf"])),
+            "tolerance": PROBABILITY_TOLERANCE,
+        }
+        for fw in FRAMEWORKS:
+            result[fw] = {"model": str(trained[fw]), "formats": halves[fw]["formats"]}
+        if config.export.serve:
+            for fw in FRAMEWORKS:
+                uri = registered_version(MODEL_NAME.format(framework=fw), tags[f"{fw}_run_id"])
+                log = scratch / f"serve-{fw}.log"
+                try:
+                    result[fw]["served"] = serve_and_load_test(
+                        uri, images[fw], references[fw], config.export.load_test, env, log
+                    )
+                finally:
+                    if log.exists():
+                        mlflow.log_artifact(str(log), "serving")
+        result["mlflow_run_id"] = run.info.run_id
+        write_json(tmp_metrics, result)
+        mlflow.log_metrics(flat_metrics({fw: result[fw] for fw in FRAMEWORKS}))
+        for fw in FRAMEWORKS:
+            mlflow.log_artifacts(str(outs[fw]), f"exports/{fw}")
+        mlflow.log_artifact(str(tmp_metrics))
+    print_summary(result)
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """Print one line per export and per served model."""
+    for fw in FRAMEWORKS:
+        for name, row in result[fw]["formats"].items():
+            line = f"[{fw}] {name}: {row['file_bytes']:,} bytes"
+            if "latency_batch1_p50_ms" in row:
+                line += (
+                    f", batch-1 p50 {row['latency_batch1_p50_ms']:.3f} ms, batch-1000 "
+                    f"{row['throughput_batch1000_samples_per_second']:,.0f} samples/s"
+                )
+            print(line)
+        for key, level in result[fw].get("served", {}).items():
+            if key.startswith("concurrency_"):
+                print(
+                    f"[{fw}] served, concurrency {level['concurrency']}: p50 "
+                    f"{level['latency_p50_ms']:.1f} ms, p99 {level['latency_p99_ms']:.1f} ms, "
+                    f"{level['throughput_requests_per_second']:.0f} requests/s, "
+                    f"{level['errors']} errors"
+                )
+
+
+if __name__ == "__main__":
+    run_cli(main)

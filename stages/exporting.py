@@ -1,0 +1,247 @@
+"""What the two export halves (`export_tf.py`, `export_torch.py`) and the `export` stage share,
+written once and framework-free: file names, the check that an export predicts like the trained
+model, the runtime measurements, and the ONNX Runtime both frameworks' ONNX files run in.
+
+Each half module supplies the same small set of names — `FRAMEWORK`, `load_trained`,
+`FORMATS` (format -> `Format`) — and hands itself to `export_half`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .common import StageError, read_json, write_json
+from .config import ModelConfig, load_params
+from .training import measure_latency
+
+# Largest |p_export - p_trained| allowed for any image and class. float32 kernels that fuse or
+# reorder the same arithmetic differ by ~1e-6; a wrong weight or layer differs by far more.
+PROBABILITY_TOLERANCE = 1e-4
+FILE_NAMES = {
+    "onnx": "model.onnx",
+    "saved_model": "saved_model",  # a folder: what TensorFlow Serving loads
+    "litert": "model.tflite",
+    "torch_export": "model.pt2",
+}
+FORMAT_LABELS = {
+    "onnx": "ONNX",
+    "saved_model": "SavedModel",
+    "litert": "LiteRT (.tflite)",
+    "torch_export": "torch.export (.pt2)",
+}
+RUNTIMES = {
+    "onnx": "ONNX Runtime",
+    "saved_model": "tf.saved_model.load",
+    "litert": "LiteRT interpreter (ai_edge_litert)",
+    "torch_export": "torch.export.load",
+}
+# Measured by the `export` stage itself, both frameworks' files in one framework-free process.
+SHARED_RUNTIME_FORMATS = ("onnx",)
+
+MEASURE_ROUNDS = 3  # interleaved rounds per measurement; the median is kept
+EXAMPLE_BATCH = 8  # >1: exporters specialise a batch dimension traced at size 1
+Predict = Callable[[np.ndarray], np.ndarray]  # (N, 28, 28) float32 -> (N, 10) probabilities
+
+
+@dataclass(frozen=True)
+class Format:
+    """One deployment format: how a half writes it and how its own runtime loads it."""
+
+    export: Callable[[Any, Path, np.ndarray], None]  # (deployable model, path, example batch)
+    load: Callable[[Path], Predict]  # path -> a predict function running in the format's runtime
+
+
+class ExportHalf(Protocol):
+    """What `export_tf` and `export_torch` each provide."""
+
+    FRAMEWORK: str
+    FORMATS: dict[str, Format]
+
+    def load_trained(self, path: Path, model: ModelConfig) -> tuple[Any, Predict]: ...
+
+
+def find_trained_model(folder: Path, seed: int, produced_by: str) -> Path:
+    """Return the one file a trainer saved for `seed` (`seed-<seed>.<suffix>`) in `folder`."""
+    found = sorted(folder.glob(f"seed-{seed}.*"))
+    if len(found) != 1:
+        raise StageError(
+            f"expected one saved model for seed {seed} in {folder}, found "
+            f"{[p.name for p in found] or 'none'}; the export takes train.seeds' first seed: "
+            f"run `dvc repro {produced_by}`"
+        )
+    return found[0]
+
+
+def file_bytes(path: Path) -> int:
+    """Return the size of a file, or of every file under a folder, in bytes."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def agreement(reference: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Return how far (N, 10) probabilities are from the reference: disagreeing images, max diff."""
+    if probabilities.shape != reference.shape:
+        return {"disagreements": len(reference), "max_abs_difference": float("inf")}
+    return {
+        "disagreements": int((probabilities.argmax(axis=1) != reference.argmax(axis=1)).sum()),
+        "max_abs_difference": float(np.abs(probabilities - reference).max()),
+    }
+
+
+def check_agreement(
+    label: str,
+    reference: np.ndarray,
+    probabilities: np.ndarray,
+    tolerance: float = PROBABILITY_TOLERANCE,
+) -> dict[str, Any]:
+    """Return the agreement of an export with the trained model; raise StageError if it is off."""
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    found = agreement(reference, probabilities)
+    if probabilities.shape != reference.shape:
+        raise StageError(
+            f"{label}: the export answers with shape {probabilities.shape}, the trained model "
+            f"with {reference.shape}; the export is broken, delete it and rerun `dvc repro export`"
+        )
+    if found["disagreements"] or not found["max_abs_difference"] <= tolerance:
+        raise StageError(
+            f"{label}: the export predicts another class than the trained model on "
+            f"{found['disagreements']} of {len(reference)} test images, and its probabilities "
+            f"differ by up to {found['max_abs_difference']:.3g} (tolerance {tolerance:g}); "
+            "the export is not the trained model: check the exporter's version and rerun "
+            "`dvc repro export`"
+        )
+    return found
+
+
+def load_checked(label: str, load: Callable[[Path], Predict], path: Path) -> Predict:
+    """Return `load(path)`, turning a runtime's failure to read the file into a StageError."""
+    try:
+        return load(path)
+    except Exception as exc:  # every runtime raises its own types for an unreadable file
+        raise StageError(
+            f"{label}: {path} could not be loaded by its runtime ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); the file is corrupt or was written by another version: "
+            "rerun `dvc repro export`"
+        ) from None
+
+
+def measure(predict: Predict, x: np.ndarray) -> dict[str, float]:
+    """Return batch-1 p50/p95 latency in ms and batch-1000 throughput, measured after warm-up."""
+    return asdict(measure_latency(predict, x[:1], x[:1000]))
+
+
+def timed_load(load: Callable[[Path], Predict], path: Path, label: str) -> tuple[Predict, float]:
+    """Return the loaded predictor and the seconds a second, warm load took (runtime imported)."""
+    load_checked(label, load, path)  # the first load pays for importing the runtime
+    start = time.perf_counter()
+    predict = load_checked(label, load, path)
+    return predict, time.perf_counter() - start
+
+
+def load_onnx(path: Path) -> Predict:
+    """Return a predict function running the ONNX file in ONNX Runtime on the CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: np.ascontiguousarray(x, np.float32)})[0]
+
+
+def load_and_check(
+    label: str,
+    load: Callable[[Path], Predict],
+    path: Path,
+    x: np.ndarray,
+    reference: np.ndarray,
+) -> tuple[Predict, dict[str, Any]]:
+    """Load an export in its runtime and check it on every test image; return it and its row."""
+    predict, load_seconds = timed_load(load, path, label)
+    return predict, {
+        "file": FILE_NAMES.get(path.name, path.name),
+        "file_bytes": file_bytes(path),
+        "load_seconds": load_seconds,
+        **check_agreement(label, reference, predict(x)),
+    }
+
+
+def measure_interleaved(
+    predictors: dict[str, Predict], x: np.ndarray, rounds: int = MEASURE_ROUNDS
+) -> dict[str, dict[str, float]]:
+    """Return each predictor's speed, the median of `rounds` rounds that take turns.
+
+    Taking turns spreads a slow moment of a busy machine over every predictor alike.
+    """
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in predictors}
+    for _ in range(rounds):
+        for name, predict in predictors.items():
+            runs[name].append(measure(predict, x))
+    return {
+        name: {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
+        for name, rows in runs.items()
+    }
+
+
+def export_half(
+    half: ExportHalf,
+    model_path: Path,
+    images: Path,
+    out: Path,
+    result: Path,
+    reference_path: Path,
+    params_path: Path,
+) -> None:
+    """Write, verify and measure every format params.yaml asks of one framework.
+
+    Writes the exports into `out`, the trained model's test probabilities to `reference_path`
+    and one row per format (plus `native`, the trained model itself) to `result`.
+    """
+    params = load_params(params_path)
+    formats = getattr(params.export.formats, half.FRAMEWORK)
+    x = np.load(images)
+    half.load_trained(model_path, params.model)  # warm-up: imports, first graph
+    start = time.perf_counter()
+    model, predict_native = half.load_trained(model_path, params.model)
+    native_load_seconds = time.perf_counter() - start
+    reference = np.asarray(predict_native(x), dtype=np.float32)
+    rows = {
+        "native": {
+            "file": model_path.name,
+            "file_bytes": file_bytes(model_path),
+            "disagreements": 0,
+            "max_abs_difference": 0.0,
+            "load_seconds": native_load_seconds,
+        }
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    predictors = {"native": predict_native}
+    for name in formats:
+        path = out / FILE_NAMES[name]
+        label = f"{name} export of {half.FRAMEWORK} model {model_path.name}"
+        start = time.perf_counter()
+        half.FORMATS[name].export(model, path, x[:EXAMPLE_BATCH])
+        export_seconds = time.perf_counter() - start
+        predict, row = load_and_check(label, half.FORMATS[name].load, path, x, reference)
+        rows[name] = {"export_seconds": export_seconds, **row}
+        if name not in SHARED_RUNTIME_FORMATS:
+            predictors[name] = predict
+        print(
+            f"[{half.FRAMEWORK}] {name}: {row['file_bytes']:,} bytes, agrees on every test "
+            f"image (max difference {row['max_abs_difference']:.2g})",
+            flush=True,
+        )
+    for name, speed in measure_interleaved(predictors, x).items():
+        rows[name] |= speed
+    np.save(reference_path, reference)
+    write_json(result, {"framework": half.FRAMEWORK, "model": str(model_path), "formats": rows})
+
+
+def read_half_result(path: Path, framework: str) -> dict[str, Any]:
+    """Return one half's result JSON."""
+    return read_json(path, f"export (its {framework} half)")

@@ -1,0 +1,376 @@
+"""Stage `export`: tiny models round-tripped through every format, the check that catches a wrong
+export, the owned model server, and the stage end to end with both models served over HTTP."""
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from stages import evaluate, export, export_tf, export_torch, exporting, serving
+from stages.common import StageError
+from stages.config import Params, ParamsError, load_params, parse_params
+from stages.readme import results_section
+from tests.conftest import ROOT, run_stage
+from tests.test_train import run_trainer, write_processed
+
+HALVES = {"tf": export_tf, "torch": export_torch}
+FILES = {
+    "tf": {"model.onnx", "saved_model", "model.tflite"},
+    "torch": {"model.onnx", "model.pt2"},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny models of both frameworks, trained and registered once in a throwaway MLflow store."""
+    root = tmp_path_factory.mktemp("export")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["normalize"]["val_size"] = 100
+    params["model"]["hidden_units"] = [32]
+    params["train"].update(epochs=2, seeds=[0], batch_size=32, device="cpu")
+    params["export"]["load_test"].update(requests=24, concurrency=[1, 4], time_limit_seconds=60)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        patch.delenv("DVC_ROOT", raising=False)
+        patch.delenv("DVC_EXP_NAME", raising=False)
+        patch.chdir(root)
+        write_processed(root / "processed")
+        for framework in ("tf", "torch"):
+            run_trainer(root, framework, framework)
+        yield root
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def staged(trained):
+    """The stage run once on the tiny models, both halves in their own processes, both served."""
+    options = export_options(trained, "stage")
+    run_stage(export.main, **options)
+    return options
+
+
+def reference(root: Path, framework: str) -> np.ndarray:
+    """Return the trained model's test probabilities, as its trainer wrote them (first seed)."""
+    return np.load(root / framework / "predictions.npy")[0]
+
+
+@pytest.fixture
+def in_trained(trained, monkeypatch):
+    """Run a test in the trained workspace with its MLflow store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained / 'mlflow.db'}")
+    monkeypatch.chdir(trained)
+    yield trained
+    mlflow.set_tracking_uri(None)
+
+
+def export_options(root: Path, tag: str) -> dict:
+    return {
+        "data": root / "processed",
+        "models_tf": root / "tf/model",
+        "models_torch": root / "torch/model",
+        "metrics_tf": root / "tf/metrics.json",
+        "metrics_torch": root / "torch/metrics.json",
+        "out_tf": root / tag / "exports/tf",
+        "out_torch": root / tag / "exports/torch",
+        "metrics": root / tag / "export.json",
+        "params": root / "params.yaml",
+    }
+
+
+def stage_runs(status: str | None = None) -> list:
+    experiment = mlflow.get_experiment_by_name("tf-vs-torch")
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment.experiment_id], "tags.mlflow.runName = 'export'"
+    )
+    return [r for r in runs if status is None or r.info.status == status]
+
+
+def test_check_names_format_disagreements_and_largest_difference():
+    rng = np.random.default_rng(0)
+    reference = rng.dirichlet(np.ones(10), size=50).astype(np.float32)
+    close = reference + 1e-6
+    assert exporting.check_agreement("onnx", reference, close)["disagreements"] == 0
+    wrong = reference.copy()
+    wrong[:3] = np.roll(reference[:3], 1, axis=1)  # three images now predict another class
+    with pytest.raises(StageError) as error:
+        exporting.check_agreement("litert export of tf model seed-0.keras", reference, wrong)
+    message = str(error.value)
+    assert message.startswith("litert export of tf model seed-0.keras: ")
+    assert "another class than the trained model on 3 of 50 test images" in message
+    assert f"differ by up to {np.abs(wrong - reference).max():.3g}" in message
+    assert "(tolerance 0.0001)" in message
+    with pytest.raises(StageError, match="answers with shape \\(50, 9\\)"):
+        exporting.check_agreement("onnx", reference, reference[:, :9])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("formats", {"tf": ["pt2"]}, r"'export.formats.tf.0' = 'pt2' is invalid"),
+        ("formats", {"torch": ["onnx", "onnx"]}, r"'export.formats.torch' .* must be distinct"),
+        ("load_test", {"concurrency": [0]}, r"'export.load_test.concurrency.0' = 0 is invalid"),
+        ("load_test", {"requests": 0}, r"'export.load_test.requests' = 0 is invalid"),
+        ("serve", "maybe", r"'export.serve' = 'maybe' is invalid"),
+    ],
+)
+def test_bad_export_params_name_the_key(params_dict, key, value, message):
+    params_dict["export"][key] = value
+    with pytest.raises(ParamsError, match=message):
+        parse_params(params_dict)
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_tiny_model_round_trips_through_every_format(trained, staged, framework):
+    formats = json.loads(staged["metrics"].read_text())[framework]["formats"]
+    out = staged[f"out_{framework}"]
+    assert {p.name for p in out.iterdir()} == FILES[framework]
+    assert set(formats) == {"native", *HALVES[framework].FORMATS}
+    x, expected = np.load(trained / "processed/scale/x_test.npy"), reference(trained, framework)
+    for name, row in formats.items():
+        assert row["disagreements"] == 0 and row["max_abs_difference"] <= 1e-4, name
+        assert row["file_bytes"] > 10_000, name  # the weights are inside, not beside it
+        assert row["latency_batch1_p50_ms"] > 0 and row["load_seconds"] > 0, name
+        if name != "native":  # reloaded in its runtime here: the trained model's probabilities
+            predict = HALVES[framework].FORMATS[name].load(out / row["file"])
+            np.testing.assert_allclose(predict(x), expected, atol=1e-4)
+
+
+def _corrupt(path: Path) -> None:
+    target = path / "saved_model.pb" if path.is_dir() else path
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 3])
+
+
+@pytest.mark.parametrize(
+    ("framework", "name"),
+    [("tf", "onnx"), ("tf", "saved_model"), ("tf", "litert"), ("torch", "torch_export")],
+)
+def test_corrupted_file_is_an_error_naming_the_format(staged, tmp_path, framework, name):
+    source = staged[f"out_{framework}"] / exporting.FILE_NAMES[name]
+    broken = tmp_path / source.name
+    (shutil.copytree if source.is_dir() else shutil.copy)(source, broken)
+    _corrupt(broken)
+    label = f"{name} export of the {framework} model"
+    with pytest.raises(StageError, match=f"^{label}: .* could not be loaded by its runtime"):
+        exporting.load_and_check(
+            label,
+            HALVES[framework].FORMATS[name].load,
+            broken,
+            np.zeros((4, 28, 28), np.float32),
+            np.full((4, 10), 0.1, np.float32),
+        )
+
+
+def test_server_that_exits_at_once_says_why(tmp_path):
+    command = [sys.executable, "-c", "print('no such model: mnist-mlp-x'); raise SystemExit(3)"]
+    with (
+        pytest.raises(StageError, match="exited with code 3 before answering GET /ping") as error,
+        serving.model_server(command, os.environ, serving.free_port(), tmp_path / "log", 30),
+    ):
+        pass
+    assert "no such model: mnist-mlp-x" in str(error.value)
+
+
+def test_registered_model_is_served_over_rest_and_stopped(in_trained, tmp_path):
+    run_id = json.loads((in_trained / "torch/metrics.json").read_text())["mlflow_run_id"]
+    uri = serving.registered_version("mnist-mlp-torch", run_id)
+    assert uri.startswith("models:/mnist-mlp-torch/")
+    with pytest.raises(StageError, match="no version of the registered model 'mnist-mlp-torch'"):
+        serving.registered_version("mnist-mlp-torch", "0" * 32)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    port = serving.free_port()
+    command = serving.serve_command(Path(sys.executable).parent / "mlflow", uri, port)
+    x = np.load(in_trained / "processed/scale/x_test.npy")[:3]
+    expected = reference(in_trained, "torch")[:3]
+    with serving.model_server(command, env, port, tmp_path / "log", 180) as (server, _):
+        connection = serving.http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.request(
+            "POST",
+            "/invocations",
+            body=json.dumps({"inputs": x.tolist()}),
+            headers={"Content-Type": "application/json"},
+        )
+        answer = json.loads(connection.getresponse().read())
+        connection.close()
+    np.testing.assert_allclose(
+        serving.softmax(np.array(answer["predictions"])), expected, atol=1e-5
+    )
+    with pytest.raises(ConnectionRefusedError):  # stopped: nothing listens any more
+        serving.socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def _fake_halves(staged: dict, corrupt: str | None = None):
+    """Return a run_half that copies the stage's exports instead of running the halves again."""
+
+    def run_half(framework, model, images, out, scratch, params, env):
+        shutil.copytree(staged[f"out_{framework}"], out, dirs_exist_ok=True)
+        if corrupt == framework:
+            _corrupt(out / "model.onnx")
+        result = json.loads(staged["metrics"].read_text())[framework]
+        return {"formats": result["formats"]}, reference(model.parents[2], framework)
+
+    return run_half
+
+
+def _assert_nothing_written(root: Path, tag: str) -> None:
+    leftovers = [p for p in (root / tag).rglob("*")] if (root / tag).exists() else []
+    assert not [p for p in leftovers if p.is_file()], leftovers
+
+
+def test_corrupted_export_fails_the_stage_and_leaves_no_outputs(in_trained, staged, monkeypatch):
+    monkeypatch.setattr(export, "run_half", _fake_halves(staged, corrupt="torch"))
+    failed_before = len(stage_runs("FAILED"))
+    with pytest.raises(
+        StageError,
+        match=r"^onnx export of the torch model in ONNX Runtime: .*model.onnx could not be "
+        r"loaded by its runtime \(.*\); the file is corrupt",
+    ):
+        run_stage(export.main, **export_options(in_trained, "corrupt"))
+    _assert_nothing_written(in_trained, "corrupt")
+    assert len(stage_runs("FAILED")) == failed_before + 1
+
+
+def test_server_that_never_starts_fails_the_stage_stopped_and_no_outputs(
+    in_trained, staged, monkeypatch, tmp_path
+):
+    params = yaml.safe_load((in_trained / "params.yaml").read_text())
+    params["export"]["load_test"]["server_start_seconds"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    pid_file = tmp_path / "server.pid"
+    hang = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    monkeypatch.setattr(export, "run_half", _fake_halves(staged))
+    monkeypatch.setattr(export, "serve_command", lambda *_: [sys.executable, "-c", hang])
+    options = export_options(in_trained, "hang") | {"params": tmp_path / "params.yaml"}
+    start = time.perf_counter()
+    with pytest.raises(
+        StageError,
+        match=r"the model server did not answer GET /ping on 127.0.0.1:\d+ within 3 s "
+        r"\(export.load_test.server_start_seconds\); it was stopped",
+    ):
+        run_stage(export.main, **options)
+    assert time.perf_counter() - start < 60
+    _assert_nothing_written(in_trained, "hang")
+    assert not alive(int(pid_file.read_text()))  # the hung server is gone
+    run = stage_runs("FAILED")[0]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "serving")}
+    assert "serving/serve-tf.log" in artifacts
+
+
+def alive(pid: int) -> bool:
+    """Return whether a process runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stage_exports_serves_and_reports_both_frameworks(in_trained, staged, tmp_path):
+    options = staged
+    result = json.loads(options["metrics"].read_text())
+    assert result["seed"] == 0 and result["test_images"] == 100 and result["tolerance"] == 1e-4
+    for framework in ("tf", "torch"):
+        out = options[f"out_{framework}"]
+        assert {p.name for p in out.iterdir()} == FILES[framework]
+        formats = result[framework]["formats"]
+        assert set(formats) == {"native", *HALVES[framework].FORMATS}
+        assert formats["onnx"]["latency_batch1_p50_ms"] > 0  # measured side by side, here
+        served = result[framework]["served"]
+        assert served["model_uri"].startswith(f"models:/mnist-mlp-{framework}/")
+        for concurrency in (1, 4):
+            level = served[f"concurrency_{concurrency}"]
+            assert level["answered"] == 24 and level["errors"] == 0, level
+            assert level["disagreements"] == 0 and level["max_abs_difference"] <= 1e-4
+            assert 0 < level["latency_p50_ms"] <= level["latency_p99_ms"]
+    run = mlflow.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "export"
+    assert run.data.metrics["torch_served_c1_answered"] == 24
+    client = mlflow.MlflowClient()
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "exports/tf")}
+    assert logged == {f"exports/tf/{name}" for name in FILES["tf"]}
+    assert "serving/serve-torch.log" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "serving")
+    }
+
+    # evaluate renders the Deployment section and its chart from metrics/export.json
+    run_stage(
+        evaluate.main,
+        data=in_trained / "processed",
+        predictions_tf=in_trained / "tf/predictions.npy",
+        predictions_torch=in_trained / "torch/predictions.npy",
+        metrics_tf=in_trained / "tf/metrics.json",
+        metrics_torch=in_trained / "torch/metrics.json",
+        history_tf=in_trained / "tf/history.csv",
+        history_torch=in_trained / "torch/history.csv",
+        code_tf=ROOT / "stages/train_tf.py",
+        code_torch=ROOT / "stages/train_torch.py",
+        export=options["metrics"],
+        metrics=tmp_path / "evaluate.json",
+        report=tmp_path / "reports",
+        params=in_trained / "params.yaml",
+    )
+    report = (tmp_path / "reports/comparison.md").read_text()
+    assert "## Deployment" in report and "![](deployment.png)" in report
+    assert (tmp_path / "reports/deployment.png").read_bytes()[:4] == b"\x89PNG"
+    onnx_tf = result["tf"]["formats"]["onnx"]
+    assert f"| TensorFlow/Keras | ONNX | ONNX Runtime | {onnx_tf['file_bytes']:,} bytes |" in report
+    assert "| PyTorch | torch.export (.pt2) | torch.export.load |" in report
+    level = result["torch"]["served"]["concurrency_4"]
+    assert f"| PyTorch | 4 | 24 / 24 | 0 | {level['latency_p50_ms']:.3g} / " in report
+    assert f"{1000 * onnx_tf['latency_batch1_p50_ms']:.1f} µs (Keras, tf2onnx)" in report
+    assert "| TensorFlow/Keras | trained model (.keras) | Keras |" in report
+    # and the README's results section carries the same Deployment tables
+    evaluated = json.loads((tmp_path / "evaluate.json").read_text())
+    section = results_section(evaluated, "mnist", None, None, None, result)
+    assert "### Deployment (`dvc repro`, stage `export`)" in section
+    assert f"| PyTorch | 4 | 24 / 24 | 0 | {level['latency_p50_ms']:.3g} / " in section
+
+
+def test_halves_import_only_their_own_framework():
+    for framework, other in (("tf", "torch"), ("torch", "tensorflow")):
+        source = (ROOT / f"stages/export_{framework}.py").read_text()
+        assert f"import {other}" not in source
+    for module in ("export", "exporting", "serving"):
+        source = (ROOT / f"stages/{module}.py").read_text()
+        assert "import torch" not in source and "import tensorflow" not in source
+        assert "import keras" not in source
+
+
+def test_stop_kills_the_whole_process_group(tmp_path):
+    # a leader that ignores SIGTERM and a child: both gone after stop()
+    script = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        f"open({str(tmp_path / 'child')!r}, 'w').write(str(c.pid)); time.sleep(600)"
+    )
+    process = serving.subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "child").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    child = int((tmp_path / "child").read_text())
+    serving.stop(process, grace_seconds=1)
+    assert process.returncode == -signal.SIGKILL
+    deadline = time.time() + 5
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)
+
+
+def test_export_defaults_match_the_file():
+    assert load_params(ROOT / "params.yaml").export == Params().export
+
+
+def test_load_test_against_a_dead_port_counts_every_request_as_an_error():
+    images = np.zeros((3, 28, 28), np.float32)
+    level = serving.load_test(
+        serving.free_port(), images, np.full((3, 10), 0.1), 6, 2, time_limit_seconds=20
+    )
+    assert (level["answered"], level["errors"], level["concurrency"]) == (0, 6, 2)
+    assert "ConnectionRefusedError" in level["first_error"]
