@@ -55,8 +55,18 @@ pytestmark = [
 ]
 EXPERIMENT = "tf-vs-torch"
 FAULT_EXPERIMENT = "mid-stage-fault"  # the one run that may stay RUNNING: its server was killed
-STAGE_RUNS = {"download", "normalize", "train-tf", "train-torch", "evaluate"}
-EXPERIMENT_RUNS = 5  # an experiment reruns train-tf, train-torch (a seed run each) and evaluate
+STAGE_RUNS = {"download", "normalize", "train-tf", "train-torch", "export", "evaluate"}
+# An experiment reruns train-tf, train-torch (a seed run each), export and evaluate.
+EXPERIMENT_RUNS = 6
+# Experiments export nothing and serve nothing: the baseline checks that through the server.
+NO_EXPORT = (
+    "-S",
+    "export.formats.tf=[]",
+    "-S",
+    "export.formats.torch=[]",
+    "-S",
+    "export.serve=false",
+)
 QUEUED_BATCH_SIZES = (256, 512, 1024, 2048)  # four queued experiments on the first machine
 SECOND_MACHINE_BATCH_SIZE = 4096  # one experiment on the second machine, at the same time
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -150,6 +160,9 @@ def alice(tmp_path_factory, origin) -> Iterator[Path]:
     params["data"]["dataset"] = "fashion-mnist"
     params["train"]["epochs"] = 1
     params["train"]["seeds"] = [0]
+    # Export one format each, and serve both registered models briefly (from the team server).
+    params["export"]["formats"] = {"tf": ["onnx"], "torch": ["onnx"]}
+    params["export"]["load_test"].update(requests=20, concurrency=[1])
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(repo, "init", "-q", "-b", "main")
     commit_all(repo, "copy")
@@ -210,7 +223,14 @@ def experiments(team, client, baseline, bob, bob_user, tmp_path_factory) -> dict
     admin_env = env_as(team.url, team.admin)
     for batch_size in QUEUED_BATCH_SIZES:
         dvc(
-            baseline, "exp", "run", "--queue", "-S", f"train.batch_size={batch_size}", env=admin_env
+            baseline,
+            "exp",
+            "run",
+            "--queue",
+            "-S",
+            f"train.batch_size={batch_size}",
+            *NO_EXPORT,
+            env=admin_env,
         )
     logs = tmp_path_factory.mktemp("logs")
     with open(logs / "queue-start.log", "w") as out:  # the workers detach: no pipes
@@ -225,7 +245,7 @@ def experiments(team, client, baseline, bob, bob_user, tmp_path_factory) -> dict
     assert started.returncode == 0, (logs / "queue-start.log").read_text()
     with open(logs / "bob.log", "w") as out:
         second = subprocess.Popen(
-            [DVC, "exp", "run", "-S", f"train.batch_size={SECOND_MACHINE_BATCH_SIZE}"],
+            [DVC, "exp", "run", "-S", f"train.batch_size={SECOND_MACHINE_BATCH_SIZE}", *NO_EXPORT],
             cwd=bob,
             env=env_as(team.url, bob_user),
             stdout=out,
@@ -286,6 +306,9 @@ def test_repro_logs_runs_artifacts_models_and_lineage_through_the_server(team, c
         assert metrics["mlflow_run_id"] == trainer.info.run_id
         versions = client.search_model_versions(f"name='mnist-mlp-{framework}'")
         assert trainer.info.run_id in {v.run_id for v in versions}
+        # `export` served the registered model, fetched through the server with the login.
+        served = json.loads((baseline / "metrics/export.json").read_text())[framework]["served"]
+        assert served["concurrency_1"]["answered"] == 20 and served["concurrency_1"]["errors"] == 0
 
 
 def test_a_colleague_clone_pulls_everything_and_trains_nothing(client, bob):
