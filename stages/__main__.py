@@ -1,4 +1,5 @@
-"""`python -m stages`: commands that work from the pipeline's outputs at any time."""
+"""`python -m stages`: commands that work from the pipeline's outputs at any time, and a
+throwaway team MLflow server to try the team set-up with."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import typer
 
 from .common import StageError, read_json
 
-app = typer.Typer(help="Read the comparison the pipeline produced.", no_args_is_help=True)
+app = typer.Typer(
+    help="Read the comparison the pipeline produced; try a team MLflow server.",
+    no_args_is_help=True,
+)
 
 
 @app.command()
@@ -44,6 +48,38 @@ def readme(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"updated the results section of {readme_path}")
+
+
+@app.command()
+def server(
+    port: int = typer.Option(5000, help="Port of the MLflow server on 127.0.0.1."),
+    artifacts_destination: str = typer.Option(
+        "", help="Where the server stores artifacts (default: a folder removed on exit)."
+    ),
+    workers: int = typer.Option(2, help="mlflow server worker processes."),
+) -> None:
+    """Run a throwaway team MLflow server (PostgreSQL, proxied artifacts, basic auth) until Ctrl-C."""
+    import time
+
+    from .common import Terminated, handle_stop_signals
+    from .team_server import team_server
+
+    handle_stop_signals()
+    try:
+        with team_server(port, artifacts_destination or None, workers) as running:
+            typer.echo(f"MLflow team server at {running.url}, storing in {running.folder}")
+            typer.echo("In the shell that runs the pipeline:")
+            for name, value in running.client_env().items():
+                typer.echo(f"  export {name}={value}")
+            typer.echo("Ctrl-C stops it and deletes everything it stored.")
+            while running.alive():
+                time.sleep(1)
+            raise StageError(f"the team server stopped by itself; see the logs in {running.folder}")
+    except StageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (KeyboardInterrupt, Terminated):
+        typer.echo("stopped; its databases and artifacts are deleted", err=True)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,13 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise Terminated(f"received signal {signum}")
 
 
+def handle_stop_signals() -> None:
+    """Make SIGTERM raise Terminated and SIGINT KeyboardInterrupt in this process, also where it
+    was started in the background with SIGINT ignored, so cleanup runs on both."""
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+
 def _launcher(process: psutil.Process) -> psutil.Process | None:
     """Return the nearest ancestor that is a `dvc` command (DVC runs stages through a shell)."""
     for ancestor in process.parents():
@@ -91,8 +98,7 @@ def watch_launcher(interval_seconds: float = 1.0) -> threading.Thread | None:
 def run_cli(main: Callable[..., None]) -> None:
     """Run a stage's typer command: a StageError is one message on stderr and exit 1; SIGTERM
     exits 143 and Ctrl-C 130, each after the stage removed its outputs and ended its run."""
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    handle_stop_signals()
     watch_launcher()
 
     @functools.wraps(main)

@@ -1,4 +1,5 @@
-"""MLflow wiring shared by every stage: where the store is, one tagged run per stage execution."""
+"""MLflow wiring shared by every stage: where the store is, one tagged run per stage execution,
+and one clear error when the store fails."""
 
 from __future__ import annotations
 
@@ -17,14 +18,37 @@ from urllib.request import url2pathname
 
 import mlflow
 import psutil
+import requests
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
-from .common import Terminated
+from .common import StageError, Terminated
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about the store
 
+INHERITED_TAGS = ("dvc_exp_name", "mlflow.user")  # what a seed run shares with its stage run
 TRACKED_PACKAGES = ("numpy", "mlflow", "dvc", "tensorflow-cpu", "tensorflow", "keras", "torch")
+# MLflow's HTTP client retries 7 times over about 4 minutes by default; a stage gives up on an
+# unreachable server in about 10 s instead. Set any of these to override.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+# Ending a run after a failure is one quick attempt: the stage is already failing.
+END_AFTER_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+STORE_ERRORS = (MlflowException, requests.RequestException)
+# What a connection failure's text says, in a few words; MLflow wraps these in its own message.
+UNREACHABLE = {
+    "connection refused": "connection refused",
+    "name or service not known": "unknown host",
+    "nameresolutionerror": "unknown host",
+    "timed out": "timed out",
+    "timeout exception": "timed out",
+    "remotedisconnected": "connection dropped",
+    "connection aborted": "connection dropped",
+    "connection reset": "connection dropped",
+}
 
 
 def workspace_root(environ: Mapping[str, str], cwd: Path) -> Path:
@@ -40,6 +64,11 @@ def workspace_root(environ: Mapping[str, str], cwd: Path) -> Path:
 def tracking_uri(environ: Mapping[str, str], root: Path) -> str:
     """Return MLFLOW_TRACKING_URI when set, else MLflow's default SQLite store at the workspace root."""
     return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def is_server(uri: str) -> bool:
+    """Return whether `uri` names a tracking server (which then chooses where artifacts go)."""
+    return uri.startswith(("http://", "https://"))
 
 
 # MLflow 3's UI opens an experiment on its GenAI overview (traces, tokens) unless told it holds
@@ -72,17 +101,20 @@ def relocate_store(database: Path, old: Path, new: Path) -> int:
     return changed
 
 
-def use_experiment(name: str, root: Path, own_store: bool) -> str:
+def use_experiment(name: str, root: Path, own_store: bool, server: bool = False) -> str:
     """Create (once, race-safe) and activate the experiment; artifacts go to `<root>/mlruns`.
 
     `own_store`: the store is this repository's mlflow.db, so an experiment that records another
     folder's mlruns/ came with a copy or move of the repository and is relocated here.
+    `server`: the store is a tracking server, which chooses where artifacts go (it proxies them
+    to its --artifacts-destination when it serves artifacts).
     """
     artifacts = root / "mlruns"
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
+        location = None if server else artifacts.as_uri()
         with suppress(MlflowException):  # a parallel queued experiment may create it first
-            mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+            mlflow.create_experiment(name, artifact_location=location)
     elif own_store:
         recorded = Path(url2pathname(urlparse(experiment.artifact_location).path))
         if recorded.name == "mlruns" and recorded != artifacts:
@@ -92,6 +124,71 @@ def use_experiment(name: str, root: Path, own_store: bool) -> str:
     if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    # MLflow reports a request that got no answer as "failed with [timeout ]exception ..."
+    text = str(exc).lower()
+    no_answer = isinstance(exc, requests.ConnectionError | requests.Timeout) or (
+        isinstance(exc, MlflowException)
+        and ("failed with exception" in text or "failed with timeout exception" in text)
+    )
+    if not no_answer:
+        return None
+    return next((reason for needle, reason in UNREACHABLE.items() if needle in text), "no answer")
+
+
+def _http_status(exc: BaseException) -> int | None:
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return exc.response.status_code
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code()
+    return None
+
+
+def store_error(exc: BaseException, uri: str, environ: Mapping[str, str]) -> str:
+    """Return one line for a failure of the MLflow store at `uri`: what failed, which setting
+    to fix and what to do."""
+    text = " ".join(str(exc).split())
+    if not is_server(uri):
+        return (
+            f"the MLflow store {uri} failed: {text[:300]}. Check that store, or set "
+            "MLFLOW_TRACKING_URI to another one"
+        )
+    where = f"the MLflow tracking server at {uri}"
+    status = _http_status(exc)
+    user = environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401 and not user:
+        return (
+            f"{where} requires a login: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to a user of that server"
+        )
+    if status == 401:
+        return (
+            f"{where} rejected user '{user}': check MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (ask the server's admin for an account or a new password)"
+        )
+    if status == 403:
+        return (
+            f"{where} denied user '{user}' this request ({text[:200]}): ask the server's admin "
+            "to grant EDIT on the experiment and the registered models, or set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user who has it"
+        )
+    reason = _unreachable(exc)
+    if reason:
+        return (
+            f"cannot reach {where} ({reason}): start the server, or set MLFLOW_TRACKING_URI "
+            "to one that is up (unset, stages log to mlflow.db in the repository)"
+        )
+    if "mlflow-artifacts" in text:
+        return (
+            f"{where} could not store an artifact ({text[:300]}): check the server's log and "
+            "its --artifacts-destination"
+        )
+    return (
+        f"{where} failed: {text[:300]}. Check the server's log, or set MLFLOW_TRACKING_URI "
+        "to another store"
+    )
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -156,6 +253,8 @@ def run_tags(stage: str, environ: Mapping[str, str], cwd: Path) -> dict[str, str
     }
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    if environ.get("MLFLOW_TRACKING_USERNAME"):
+        tags["mlflow.user"] = environ["MLFLOW_TRACKING_USERNAME"]  # who, on a shared server
     for package in TRACKED_PACKAGES:
         try:
             tags[f"version.{package}"] = metadata.version(package)
@@ -183,20 +282,27 @@ def stage_run(
     own_store = not environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri(environ, root)
     _DEFAULT_STORE_SET[0] = uri if own_store else None
-    mlflow.set_tracking_uri(uri)
-    experiment_id = use_experiment(experiment_name, root, own_store)
-    for run_id in end_stale_runs(experiment_id):
-        print(f"ended MLflow run {run_id} as KILLED: the process that ran it had died")
-    tags = {**run_tags(stage, environ, cwd), **(extra_tags or {})}
-    run = _start_run_retrying(stage, tags)
-    with _ended(run):
-        yield run
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # MLflow's client reads them from the process
+    try:
+        mlflow.set_tracking_uri(uri)
+        experiment_id = use_experiment(experiment_name, root, own_store, is_server(uri))
+        for run_id in end_stale_runs(experiment_id):
+            print(f"ended MLflow run {run_id} as KILLED: the process that ran it had died")
+        tags = {**run_tags(stage, environ, cwd), **(extra_tags or {})}
+        run = _start_run_retrying(stage, tags)
+        with _ended(run):
+            yield run
+    except STORE_ERRORS as exc:
+        raise StageError(store_error(exc, uri, environ)) from None
 
 
 @contextmanager
 def child_run(name: str, tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """Start a run nested under the active one, ended like a stage run."""
-    run = mlflow.start_run(run_name=name, nested=True, tags={**tags, **process_tags()})
+    """Start a run nested under the active one, with its experiment and user, ended like it."""
+    parent = mlflow.active_run()
+    inherited = {k: v for k, v in parent.data.tags.items() if k in INHERITED_TAGS} if parent else {}
+    run = mlflow.start_run(run_name=name, nested=True, tags={**inherited, **tags, **process_tags()})
     with _ended(run):
         yield run
 
@@ -207,12 +313,29 @@ def _ended(run: mlflow.ActiveRun) -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, Terminated):
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        _end_failing(RunStatus.KILLED)
         raise
     except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_failing(RunStatus.FAILED)
         raise
     mlflow.end_run()
+
+
+def _end_failing(status: int) -> None:
+    # One quick attempt; if the store is what failed, the stage's own error says so, and a
+    # store that cannot be reached cannot be told either. The run leaves the active stack anyway.
+    saved = {name: os.environ.get(name) for name in END_AFTER_FAILURE}
+    os.environ.update(END_AFTER_FAILURE)
+    try:
+        mlflow.end_run(RunStatus.to_string(status))
+    except STORE_ERRORS:
+        pass
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _start_run_retrying(stage: str, tags: dict[str, str], attempts: int = 5) -> mlflow.ActiveRun:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
 import struct
 import sys
@@ -16,6 +17,10 @@ import torch._inductor  # noqa: F401  before TensorFlow: triton segfaults if loa
 import yaml
 
 from stages.dataset import STEMS, Dataset  # noqa: F401  (STEMS: re-exported for tests)
+
+# MLflow's and DVC's documented switches: no usage reports from the tests or what they start.
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "true"}
+os.environ.update(TELEMETRY_OFF)
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "::1", "localhost", None}

@@ -1,13 +1,25 @@
-"""MLflow wiring: the store's location, the tags of every run, how failed runs end."""
+"""MLflow wiring: the store's location, the tags of every run, how failed runs end, and the one
+message a store fault becomes."""
 
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
 
-from stages.common import Terminated
-from stages.tracking import run_tags, stage_run, tracking_uri, workspace_root
+from stages.common import StageError, Terminated
+from stages.tracking import (
+    child_run,
+    run_tags,
+    stage_run,
+    store_error,
+    tracking_uri,
+    workspace_root,
+)
 
 
 def test_dvc_root_wins_so_temp_experiments_log_to_the_main_store(tmp_path):
@@ -72,3 +84,95 @@ def test_artifacts_go_to_mlruns_at_the_root(tmp_path, monkeypatch):
         assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
     finally:
         mlflow.set_tracking_uri(None)
+
+
+SERVER = "http://127.0.0.1:5000"
+REFUSED = MlflowException(
+    f"API request to {SERVER}/api/2.0/mlflow/experiments/get-by-name failed with exception "
+    "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded with url: /api "
+    "(Caused by NewConnectionError('<urllib3.connection.HTTPConnection object>: Failed to "
+    "establish a new connection: [Errno 111] Connection refused'))"
+)
+NOT_AUTHENTICATED = MlflowException(
+    "API request to endpoint /api/2.0/mlflow/runs/create failed with error code 401 != 200. "
+    "Response body: 'You are not authenticated.'",
+    error_code=UNAUTHENTICATED,
+)
+DENIED = MlflowException("Permission denied", error_code=PERMISSION_DENIED)
+
+
+@pytest.mark.parametrize(
+    ("error", "environ", "expected"),
+    [
+        (
+            REFUSED,
+            {},
+            [
+                "cannot reach the MLflow tracking server at",
+                "(connection refused)",
+                "MLFLOW_TRACKING_URI",
+            ],
+        ),
+        (
+            NOT_AUTHENTICATED,
+            {},
+            ["requires a login", "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"],
+        ),
+        (
+            NOT_AUTHENTICATED,
+            {"MLFLOW_TRACKING_USERNAME": "bob"},
+            ["rejected user 'bob'", "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"],
+        ),
+        (DENIED, {"MLFLOW_TRACKING_USERNAME": "bob"}, ["denied user 'bob'", "EDIT"]),
+        (
+            MlflowException("INTERNAL_ERROR: database\nis on fire"),
+            {},
+            ["failed: INTERNAL_ERROR: database is on fire", "MLFLOW_TRACKING_URI"],
+        ),
+    ],
+)
+def test_a_server_fault_is_one_line_naming_the_setting(error, environ, expected):
+    message = store_error(error, SERVER, environ)
+    assert "\n" not in message and SERVER in message
+    for part in expected:
+        assert part in message
+
+
+def test_a_local_store_fault_names_the_store_and_the_setting():
+    message = store_error(MlflowException("database is locked"), "sqlite:///x/mlflow.db", {})
+    assert message.startswith("the MLflow store sqlite:///x/mlflow.db failed: database is locked")
+    assert "MLFLOW_TRACKING_URI" in message
+
+
+def test_a_server_that_is_down_fails_within_seconds(mlflow_store, monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens once closed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    started = time.monotonic()
+    with (
+        pytest.raises(StageError, match="MLFLOW_TRACKING_URI") as raised,
+        stage_run("download", "exp"),
+    ):
+        pass
+    assert time.monotonic() - started < 30
+    assert str(raised.value).startswith(f"cannot reach the MLflow tracking server at {url}")
+    assert mlflow.active_run() is None
+
+
+def test_a_store_fault_inside_the_stage_ends_the_run_failed(mlflow_store):
+    failing = pytest.raises(StageError, match="the MLflow store sqlite:.* failed: boom")
+    with failing, stage_run("download", "exp") as run:
+        raise MlflowException("boom")
+    assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
+    assert mlflow.active_run() is None
+
+
+def test_seed_runs_share_the_stage_runs_experiment_and_user(mlflow_store, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-bass")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    with stage_run("train-tf", "exp"), child_run("train-tf-seed-0", {"seed": "0"}) as child:
+        pass
+    run = mlflow.get_run(child.info.run_id)
+    assert run.data.tags["dvc_exp_name"] == "brisk-bass" and run.data.tags["seed"] == "0"
+    assert run.info.user_id == "bob"
