@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -107,6 +108,16 @@ def run_cli(main: Callable[..., None]) -> None:
             main(*args, **kwargs)
         except StageError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(
+                f"error: no space left on the device writing {exc.filename or 'an output'} "
+                f"({exc.strerror}): free space there, or move the repository (or MLflow's "
+                "store, MLFLOW_TRACKING_URI) to a disk with room, then rerun",
+                file=sys.stderr,
+            )
             raise SystemExit(1) from None
         except Terminated:
             print(

@@ -19,6 +19,7 @@ from urllib.request import url2pathname
 import mlflow
 import psutil
 import requests
+import sqlalchemy.exc
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
@@ -37,7 +38,10 @@ HTTP_DEFAULTS = {
 }
 # Ending a run after a failure is one quick attempt: the stage is already failing.
 END_AFTER_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-STORE_ERRORS = (MlflowException, requests.RequestException)
+# MLflow wraps most store failures in MlflowException; a SQLite store that is locked while MLflow
+# sets it up surfaces as SQLAlchemy's own error.
+STORE_ERRORS = (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError)
+SQLITE_WAIT_SECONDS = 5  # SQLite's busy timeout, as the sqlite3 driver sets it
 # What a connection failure's text says, in a few words; MLflow wraps these in its own message.
 UNREACHABLE = {
     "connection refused": "connection refused",
@@ -150,6 +154,13 @@ def store_error(exc: BaseException, uri: str, environ: Mapping[str, str]) -> str
     """Return one line for a failure of the MLflow store at `uri`: what failed, which setting
     to fix and what to do."""
     text = " ".join(str(exc).split())
+    if not is_server(uri) and "database is locked" in text:
+        return (
+            f"the MLflow store {uri} stayed locked by another process (each write waits "
+            f"{SQLITE_WAIT_SECONDS} s, and starting a run retried for about 30 s): let that "
+            "process finish (`fuser` on the file names it), or set MLFLOW_TRACKING_URI to another "
+            "store"
+        )
     if not is_server(uri):
         return (
             f"the MLflow store {uri} failed: {text[:300]}. Check that store, or set "

@@ -325,3 +325,56 @@ def test_a_signal_inside_a_store_write_is_delivered_after_it(monkeypatch):
 class FakeTimer:
     def start(self) -> None:
         pass
+
+
+# 3 -------------------------------------------------------------------------------------------
+
+
+def test_a_locked_store_fails_after_a_bounded_wait_naming_it(workspace, mlflow_store):
+    import sqlite3
+
+    with stage_run("download", "tf-vs-torch"):
+        pass  # the store exists, with its tables and the experiment
+    lock = sqlite3.connect(workspace / "mlflow.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # another process holds the database
+    start = time.perf_counter()
+    try:
+        done = stage(workspace, "download", "--out", "raw", timeout=240)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert time.perf_counter() - start < 180  # bounded: the waits add up to about a minute
+    assert done.returncode == 1
+    message = one_message(done.stderr)
+    assert f"the MLflow store {mlflow_store} stayed locked by another process" in message
+    assert "MLFLOW_TRACKING_URI" in message
+    assert not (workspace / "raw").exists()
+
+
+def test_a_full_disk_names_the_path_it_could_not_write(workspace, tiny_idx, monkeypatch, capsys):
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    from stages import common, download
+
+    folder, dataset = tiny_idx
+    monkeypatch.setitem(download.DATASETS, "mnist", dataset)
+    monkeypatch.setenv("DATASET_MIRROR", str(folder))
+
+    def full(self, local_file, artifact_path=None):
+        target = Path(self.artifact_dir) / (artifact_path or "") / Path(local_file).name
+        raise OSError(28, "No space left on device", str(target))
+
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifact", full)
+    monkeypatch.setattr(sys, "argv", ["download", "--out", str(workspace / "raw")])
+    with pytest.raises(SystemExit) as exit_code:
+        common.run_cli(download.main)
+    assert exit_code.value.code == 1
+    message = capsys.readouterr().err
+    assert (
+        "error: no space left on the device writing " in message
+        and "mlruns" not in message
+        or ("/artifacts/" in message)
+    )
+    assert "free space there" in message and "Traceback" not in message
+    assert not (workspace / "raw").exists()
+    assert set(run_statuses().values()) == {"FAILED"}
