@@ -139,9 +139,11 @@ def test_a_server_fault_is_one_line_naming_the_setting(error, environ, expected)
 
 
 def test_a_local_store_fault_names_the_store_and_the_setting():
-    message = store_error(MlflowException("database is locked"), "sqlite:///x/mlflow.db", {})
-    assert message.startswith("the MLflow store sqlite:///x/mlflow.db failed: database is locked")
+    message = store_error(MlflowException("disk I/O error"), "sqlite:///x/mlflow.db", {})
+    assert message.startswith("the MLflow store sqlite:///x/mlflow.db failed: disk I/O error")
     assert "MLFLOW_TRACKING_URI" in message
+    locked = store_error(MlflowException("database is locked"), "sqlite:///x/mlflow.db", {})
+    assert locked.startswith("the MLflow store sqlite:///x/mlflow.db stayed locked")
 
 
 def test_a_server_that_is_down_fails_within_seconds(mlflow_store, monkeypatch):
