@@ -15,13 +15,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psutil
 import typer
+
+T = TypeVar("T")
 
 
 class StageError(RuntimeError):
@@ -184,6 +186,39 @@ def staged_outputs(*finals: Path) -> Iterator[list[Path]]:
             raise StageError(f"internal error: the stage did not write {final}")
         _remove(final)
         os.replace(temp, final)
+
+
+class Deferred(Generic[T]):
+    """A context manager that is entered the first time `get()` needs what it yields, not
+    before; a block that fails first still enters it, so that it sees the failure.
+
+    The trainers open their MLflow runs this way: MLflow's import and store set-up (seconds)
+    then come after the first training step, not before it, and a stage that fails early still
+    gets its FAILED or KILLED run.
+    """
+
+    def __init__(self, opener: Callable[[], AbstractContextManager[T]]):
+        self._opener = opener
+        self._stack = ExitStack()
+        self._value: T | None = None
+        self.entered = False
+
+    def get(self) -> T:
+        """Return what the context manager yields, entering it on the first call."""
+        if not self.entered:
+            self._value = self._stack.enter_context(self._opener())
+            self.entered = True
+        return self._value  # type: ignore[return-value]
+
+    def __enter__(self) -> Deferred[T]:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
+    ) -> bool:
+        if kind is not None and not self.entered:
+            self.get()  # so that the failure is recorded
+        return self._stack.__exit__(kind, error, tb)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .common import (
+    Deferred,
     StageError,
     native_stderr_filtered,
     peak_rss_mb,
@@ -417,20 +418,33 @@ def measure_latency(
 
 
 class Phases:
-    """Wall-clock seconds per named part of a stage, to see where a stage's time goes."""
+    """Wall-clock seconds per named part of a stage, to see where a stage's time goes. A phase
+    inside another is its own: the outer one's clock stops meanwhile, so the parts add up."""
 
     def __init__(self, process_start: float):
         self.seconds: dict[str, float] = {"imports": time.time() - process_start}
         self.process_start = process_start
+        self._open: list[list] = []  # [name, started] of the phases in progress, innermost last
+
+    def _charge(self, now: float) -> None:
+        name, started = self._open[-1]
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - started
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Add the wall-clock time of the block to `name`."""
-        start = time.time()
+        """Add the wall-clock time of the block to `name` (and not to an enclosing phase)."""
+        now = time.time()
+        if self._open:
+            self._charge(now)
+        self._open.append([name, now])
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - start
+            now = time.time()
+            self._charge(now)
+            self._open.pop()
+            if self._open:
+                self._open[-1][1] = now
 
     def since_start(self) -> float:
         """Return seconds since the process started."""
@@ -584,6 +598,35 @@ class TrainerOutputs:
     history: Path
 
 
+@contextmanager
+def trainer_run(
+    framework: str, experiment: str, tags: Mapping[str, str], params: Mapping[str, object]
+) -> Iterator[Any]:
+    """Open the trainer stage's MLflow run and log its parameters; yield the active run."""
+    import mlflow
+
+    from .tracking import stage_run
+
+    with stage_run(f"train-{framework}", experiment, tags) as run:
+        mlflow.log_params(params)
+        yield run
+
+
+@contextmanager
+def seed_run(
+    stage: Deferred, name: str, tags: Mapping[str, str], params: Mapping[str, object]
+) -> Iterator[Any]:
+    """Open a seed's MLflow run, nested in the stage's (opened first if need be)."""
+    import mlflow
+
+    from .tracking import child_run
+
+    stage.get()
+    with child_run(name, tags) as run:
+        mlflow.log_params(params)
+        yield run
+
+
 def train_seed_run(
     trainer: Trainer,
     config: RunConfig,
@@ -592,18 +635,19 @@ def train_seed_run(
     seed: int,
     model_dir: Path,
     device: Device,
+    stage: Deferred,
     tags: Mapping[str, str],
+    phases: Phases,
 ) -> SeedResult:
-    """Train, save and check one seed inside its own nested MLflow run."""
-    import mlflow
-
-    from .tracking import child_run
-
+    """Train, save and check one seed inside its own nested MLflow run, which opens when the
+    first epoch has something to log."""
     framework, epochs = trainer.framework, config.train.epochs
-    with child_run(f"train-{framework}-seed-{seed}", {**tags, "seed": str(seed)}):
-        mlflow.log_params({**config.flat(), "seed": seed})
+    name, params = f"train-{framework}-seed-{seed}", {**config.flat(), "seed": seed}
+    with Deferred(lambda: seed_run(stage, name, {**tags, "seed": str(seed)}, params)) as run:
 
         def on_epoch(row: dict[str, float]) -> None:
+            with phases.phase("mlflow_start"):
+                run.get()
             log_epoch(row)
             print(progress(framework, seed, epochs, row), flush=True)
 
@@ -635,30 +679,45 @@ def run_trainer_stage(
         device = trainer.describe_device(config.train.device, config.train.allow_tf32)
         meta = read_json(data / "meta.json", "normalize")
         splits = load_splits(data, config.scheme, meta)
-    with phases.phase("imports"):  # MLflow is slow to import: only once the inputs are good
-        import mlflow
-
-        from .tracking import stage_run
-
     tags = {
         "framework": framework,
         "normalize_run_id": meta.get("mlflow_run_id", ""),
         "device": device.kind,
     }
+    experiment, params_logged = (
+        all_params.mlflow.experiment_name,
+        {
+            **config.flat(),
+            **device.as_params(),
+        },
+    )
+    # MLflow's import and store set-up take seconds: the runs open when the first epoch has
+    # something to log, so training starts first.
     with (
-        stage_run(f"train-{framework}", all_params.mlflow.experiment_name, tags) as run,
+        Deferred(lambda: trainer_run(framework, experiment, tags, params_logged)) as stage,
         staged_outputs(*asdict(outputs).values()) as temps,
     ):
         tmp = TrainerOutputs(*temps)
         tmp.model_dir.mkdir()
-        mlflow.log_params({**config.flat(), **device.as_params()})
         with phases.phase("setup"):
             tensors = to_device_data(trainer, splits, device.kind)
         with phases.phase("training"):
             results = [
-                train_seed_run(trainer, config, splits, tensors, seed, tmp.model_dir, device, tags)
+                train_seed_run(
+                    trainer,
+                    config,
+                    splits,
+                    tensors,
+                    seed,
+                    tmp.model_dir,
+                    device,
+                    stage,
+                    tags,
+                    phases,
+                )
                 for seed in config.train.seeds
             ]
+        run = stage.get()
         with phases.phase("latency"):
             latency = measure_latency(
                 lambda batch: trainer.predict_proba(results[0].model, batch),

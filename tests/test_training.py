@@ -165,3 +165,48 @@ def test_a_dead_process_leftovers_are_removed_a_live_ones_kept(tmp_path):
     with staged_outputs(final) as (temp,):
         temp.mkdir()
     assert final.is_dir() and not dead.exists() and live.exists()
+
+
+def test_a_deferred_context_opens_on_first_use_or_on_failure():
+    from contextlib import contextmanager
+
+    from stages.common import Deferred
+
+    events = []
+
+    @contextmanager
+    def opened(name):
+        events.append(f"open {name}")
+        try:
+            yield name
+        except RuntimeError:
+            events.append(f"{name} saw the failure")
+            raise
+        events.append(f"close {name}")
+
+    with Deferred(lambda: opened("unused")):
+        pass
+    assert events == []  # never needed, never opened
+    with Deferred(lambda: opened("used")) as run:
+        events.append("work before")
+        assert run.get() == "used" and run.get() == "used"  # opened once
+    assert events == ["work before", "open used", "close used"]
+    events.clear()
+    with pytest.raises(RuntimeError), Deferred(lambda: opened("early")):
+        raise RuntimeError("fails before anything was logged")
+    assert events == ["open early", "early saw the failure"]
+
+
+def test_nested_phases_are_counted_once():
+    import time
+
+    from stages.training import Phases
+
+    phases = Phases(time.time())
+    with phases.phase("training"):
+        time.sleep(0.05)
+        with phases.phase("mlflow_start"):
+            time.sleep(0.1)
+        time.sleep(0.05)
+    assert phases.seconds["mlflow_start"] == pytest.approx(0.1, abs=0.04)
+    assert phases.seconds["training"] == pytest.approx(0.1, abs=0.04)
