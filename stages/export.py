@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,15 @@ from .exporting import (
     measure_interleaved,
     read_half_result,
 )
-from .serving import free_port, load_test, model_server, registered_version, serve_command
+from .serving import (
+    Server,
+    free_port,
+    load_test,
+    registered_version,
+    serve_command,
+    started_server,
+    wait_until_ready,
+)
 from .training import MODEL_NAME
 
 HALF_TIMEOUT_SECONDS = 900  # one framework's exports, checks and measurements
@@ -85,42 +94,65 @@ def onnx_side_by_side(
 
 
 def serve_and_load_test(
+    uris: dict[str, str],
+    images: dict[str, np.ndarray],
+    references: dict[str, np.ndarray],
+    load: LoadTestConfig,
+    env: Mapping[str, str],
+    logs: dict[str, Path],
+) -> dict[str, dict[str, Any]]:
+    """Serve each model (the servers start together, so their start-ups overlap), then load-test
+    them one at a time while the other idles; stop them; raise on wrong answers."""
+    mlflow_executable = Path(sys.executable).parent / "mlflow"
+    with ExitStack() as servers:
+        started = {}
+        for fw, uri in uris.items():
+            port = free_port()
+            command = serve_command(mlflow_executable, uri, port)
+            started[fw] = servers.enter_context(started_server(command, env, port, logs[fw]))
+        ready = {
+            fw: wait_until_ready(process, server, load.server_start_seconds)
+            for fw, (server, process) in started.items()
+        }
+        return {
+            fw: load_test_levels(
+                uris[fw], started[fw][0], ready[fw], images[fw], references[fw], load
+            )
+            for fw in uris
+        }
+
+
+def load_test_levels(
     model_uri: str,
+    server: Server,
+    start_seconds: float,
     images: np.ndarray,
     reference: np.ndarray,
     load: LoadTestConfig,
-    env: Mapping[str, str],
-    log: Path,
 ) -> dict[str, Any]:
-    """Serve `model_uri`, run the load test at each concurrency, stop the server; raise on wrong answers."""
-    port = free_port()
-    mlflow_executable = Path(sys.executable).parent / "mlflow"
-    command = serve_command(mlflow_executable, model_uri, port)
-    with model_server(command, env, port, log, load.server_start_seconds) as (server, start):
-        print(f"serving {model_uri} on 127.0.0.1:{port} (answered /ping after {start:.1f} s)")
-        levels = {}
-        for concurrency in load.concurrency:
-            level = load_test(
-                server.port,
-                images,
-                reference,
-                load.requests,
-                concurrency,
-                load.time_limit_seconds,
-            )
-            levels[f"concurrency_{concurrency}"] = level
-            print(
-                f"  concurrency {concurrency}: {level['answered']}/{level['requests']} answered, "
-                f"p50 {level['latency_p50_ms']:.1f} ms, {level['throughput_requests_per_second']:.0f}"
-                " requests/s",
-                flush=True,
-            )
+    """Run the load test at each concurrency against a ready server; raise on wrong answers."""
+    print(
+        f"serving {model_uri} on 127.0.0.1:{server.port} (answered /ping after "
+        f"{start_seconds:.1f} s)"
+    )
+    levels = {}
+    for concurrency in load.concurrency:
+        level = load_test(
+            server.port, images, reference, load.requests, concurrency, load.time_limit_seconds
+        )
+        levels[f"concurrency_{concurrency}"] = level
+        print(
+            f"  concurrency {concurrency}: {level['answered']}/{level['requests']} answered, "
+            f"p50 {level['latency_p50_ms']:.1f} ms, {level['throughput_requests_per_second']:.0f}"
+            " requests/s",
+            flush=True,
+        )
     for level in levels.values():
         if level["answered"] == 0:
             raise StageError(
                 f"{model_uri} served over HTTP answered none of {level['requests']} requests "
                 f"(concurrency {level['concurrency']}): {level['first_error']}; server output:\n"
-                + log.read_text(errors="replace")[-1500:]
+                + server.log.read_text(errors="replace")[-1500:]
             )
         if level["disagreements"] or not level["max_abs_difference"] <= PROBABILITY_TOLERANCE:
             raise StageError(
@@ -128,7 +160,7 @@ def serve_and_load_test(
                 f"{level['disagreements']} of {level['answered']} requests, probabilities off by up "
                 f"to {level['max_abs_difference']:.3g} (tolerance {PROBABILITY_TOLERANCE:g})"
             )
-    return {"model_uri": model_uri, "start_seconds": start, **levels}
+    return {"model_uri": model_uri, "start_seconds": start_seconds, **levels}
 
 
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -222,16 +254,21 @@ def main(
         for fw in FRAMEWORKS:
             result[fw] = {"model": str(trained[fw]), "formats": halves[fw]["formats"]}
         if config.export.serve:
-            for fw in FRAMEWORKS:
-                uri = registered_version(MODEL_NAME.format(framework=fw), tags[f"{fw}_run_id"])
-                log = scratch / f"serve-{fw}.log"
-                try:
-                    result[fw]["served"] = serve_and_load_test(
-                        uri, images[fw], references[fw], config.export.load_test, env, log
-                    )
-                finally:
+            uris = {
+                fw: registered_version(MODEL_NAME.format(framework=fw), tags[f"{fw}_run_id"])
+                for fw in FRAMEWORKS
+            }
+            logs = {fw: scratch / f"serve-{fw}.log" for fw in FRAMEWORKS}
+            try:
+                served = serve_and_load_test(
+                    uris, images, references, config.export.load_test, env, logs
+                )
+            finally:
+                for log in logs.values():
                     if log.exists():
                         mlflow.log_artifact(str(log), "serving")
+            for fw in FRAMEWORKS:
+                result[fw]["served"] = served[fw]
         result["mlflow_run_id"] = run.info.run_id
         write_json(tmp_metrics, result)
         mlflow.log_metrics(flat_metrics({fw: result[fw] for fw in FRAMEWORKS}))

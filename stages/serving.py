@@ -142,11 +142,10 @@ def stop(process: subprocess.Popen, grace_seconds: float = STOP_GRACE_SECONDS) -
 
 
 @contextmanager
-def model_server(
-    command: list[str], env: Mapping[str, str], port: int, log: Path, start_seconds: float
-) -> Iterator[tuple[Server, float]]:
-    """Start `command` (a server on `port`), yield it once /ping answers; always stop it."""
-    server = Server(port, log)
+def started_server(
+    command: list[str], env: Mapping[str, str], port: int, log: Path
+) -> Iterator[tuple[Server, subprocess.Popen]]:
+    """Start `command` (a server on `port`) and yield it at once, not yet ready; always stop it."""
     with open(log, "wb") as output:
         process = subprocess.Popen(
             command,
@@ -157,9 +156,18 @@ def model_server(
             start_new_session=True,  # its own process group, stopped as one
         )
         try:
-            yield server, wait_until_ready(process, server, start_seconds)
+            yield Server(port, log), process
         finally:
             stop(process)
+
+
+@contextmanager
+def model_server(
+    command: list[str], env: Mapping[str, str], port: int, log: Path, start_seconds: float
+) -> Iterator[tuple[Server, float]]:
+    """Start `command` (a server on `port`), yield it once /ping answers; always stop it."""
+    with started_server(command, env, port, log) as (server, process):
+        yield server, wait_until_ready(process, server, start_seconds)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
