@@ -70,7 +70,7 @@ class Device:
 
 
 @runtime_checkable
-class Trainer(Protocol):
+class Trainer(Protocol):  # pragma: no mutate block  (stubs: nothing runs)
     """What a framework must provide to be compared; both implementations mirror each other."""
 
     framework: Framework
