@@ -423,6 +423,15 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}".strip().rstrip(":")
 
 
+def report_worker_error(exc: BaseException) -> str:
+    """Return the worker's error line; print the traceback first when it is a bug (neither a
+    StageError nor a report of another worker's failure), as a single process would."""
+    line = describe_exception(exc)
+    if not isinstance(exc, StageError) and not Failure(0, line, 0.0).lost_peer:
+        traceback.print_exc()
+    return line
+
+
 def describe_exit(returncode: int) -> str:
     """Return what a worker's exit code means."""
     if returncode < 0:
@@ -550,9 +559,8 @@ def worker_main() -> None:
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except BaseException as exc:
-        job.error.write_text(json.dumps({"error": describe_exception(exc), "time": time.time()}))
-        if not isinstance(exc, StageError):
-            traceback.print_exc()
+        report = {"error": report_worker_error(exc), "time": time.time()}
+        job.error.write_text(json.dumps(report))
         raise SystemExit(1) from None
     if job.plan.rank == 0:
         job.result.write_bytes(pickle.dumps(result))

@@ -13,7 +13,6 @@ import platform
 import random
 import signal
 import time
-import traceback
 from contextlib import nullcontext
 from datetime import timedelta
 from itertools import pairwise
@@ -42,9 +41,9 @@ from .distributed import (
     WorkerBatches,
     WorkerFailed,
     WorkerPlan,
-    describe_exception,
     first_failure,
     free_port,
+    report_worker_error,
     run_stage,
     run_worker,
     worker_device,
@@ -104,9 +103,7 @@ def _elastic_worker(trainer: TorchTrainer, task: Task, argument: Any, requested:
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except BaseException as exc:
-        if not isinstance(exc, StageError):  # a bug: its traceback, as a single process prints
-            traceback.print_exc()
-        raise WorkerError(describe_exception(exc)) from None
+        raise WorkerError(report_worker_error(exc)) from None
 
 
 class TorchTrainer:
