@@ -238,12 +238,13 @@ def table(payload: dict) -> str:
         f"average {payload['load_average_median']:.1f} during the runs): the default network "
         f"and batch 64 over {payload['training_samples']:,} images ({steps} steps per epoch), "
         f"seconds per epoch after the first, median of "
-        f"{max(c['runs'] for c in configs.values())} runs each. Efficiency: the per-core "
-        "baseline's seconds / (workers x these seconds), 100% = perfect scaling.",
+        f"{max(c['runs'] for c in configs.values())} runs each. Efficiency: the speed-up over "
+        "1 worker on 1 core, per worker (100% = perfect scaling).",
         "",
         "| framework | configuration | seconds per epoch | all-reduce per step (alone) | "
-        "all-reduce's share of the epoch | launch | vs 1 core: efficiency | vs the default |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "all-reduce's share of the epoch | launch | vs 1 worker on 1 core | efficiency | "
+        "vs the default |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (framework, workers, description) in CONFIGS.items():
         if name not in configs:
@@ -260,7 +261,8 @@ def table(payload: dict) -> str:
             f"{reduce_ms:.2f} ms" if reduce_ms else "-",
             f"{100 * share:.0f}%" if share else "-",
             f"{result['launch_seconds']:.0f} s" if result["launch_seconds"] else "-",
-            f"{100 * per_core / workers:.0f}%" if per_core else "-",
+            f"{per_core:.2f}x" if per_core else "-",
+            f"{100 * per_core / workers:.0f}%" if per_core and workers > 1 else "-",
             f"{default:.2f}x" if default else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")

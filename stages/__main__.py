@@ -29,13 +29,21 @@ def readme(
     bench: Path = typer.Option(Path("bench/results.md")),
     blog_gap: Path = typer.Option(Path("experiments/blog_gap.md")),
     step_profile: Path = typer.Option(Path("bench/step_profile.md")),
+    distributed: Path = typer.Option(Path("bench/distributed.md")),
     readme_path: Path = typer.Option(Path("README.md"), "--readme"),
 ) -> None:
     """Regenerate the README's results section from the outputs."""
     from .readme import update_readme
 
     try:
-        update_readme(readme_path, read_json(metrics, "evaluate"), bench, blog_gap, step_profile)
+        update_readme(
+            readme_path,
+            read_json(metrics, "evaluate"),
+            bench,
+            blog_gap,
+            step_profile,
+            distributed,
+        )
     except StageError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

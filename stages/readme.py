@@ -18,6 +18,7 @@ def results_section(
     bench: str | None,
     blog_gap: str | None,
     step_profile: str | None,
+    distributed: str | None = None,
 ) -> str:
     """Return the markdown between the README's result markers."""
     lines = [
@@ -39,6 +40,13 @@ def results_section(
             step_profile.strip(),
             "",
         ]
+    if distributed:
+        lines += [
+            "### Data-parallel scaling on this CPU (`python bench/distributed.py`)",
+            "",
+            distributed.strip(),
+            "",
+        ]
     if blog_gap:
         lines += [
             "### The blog's gap, one change at a time (`python experiments/blog_gap.py`)",
@@ -50,7 +58,12 @@ def results_section(
 
 
 def update_readme(
-    readme: Path, result: dict[str, Any], bench: Path, blog_gap: Path, step_profile: Path
+    readme: Path,
+    result: dict[str, Any],
+    bench: Path,
+    blog_gap: Path,
+    step_profile: Path,
+    distributed: Path | None = None,
 ) -> None:
     """Replace the README's results section in place; missing bench or experiment files are left out."""
     text = readme.read_text()
@@ -63,6 +76,7 @@ def update_readme(
         bench.read_text() if bench.exists() else None,
         blog_gap.read_text() if blog_gap.exists() else None,
         step_profile.read_text() if step_profile.exists() else None,
+        distributed.read_text() if distributed and distributed.exists() else None,
     )
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]

@@ -8,6 +8,7 @@ the test ends.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -46,7 +47,7 @@ from stages.train_tf import KerasTrainer
 from stages.train_torch import TorchTrainer
 from stages.training import Trainer, TrainerOutputs, batch_order
 from tests import distributed_tasks
-from tests.conftest import ROOT, write_processed
+from tests.conftest import DEBIAN_FASHION, ROOT, copy_repo, write_processed
 from tests.distributed_tasks import Experiment, FailingTrainer
 from tests.test_train import tiny_splits
 
@@ -413,3 +414,84 @@ def test_two_nodes_on_loopback(workspace, params_dict, framework):
     assert not (node_1 / "out").exists()  # node 1 writes nothing
     assert "node 1: 1 workers trained alongside node 0" in output_1
     assert "epoch" not in output_1  # and reports nothing of its own
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark's arithmetic, and the whole pipeline on two workers
+
+
+def test_scaling_table_efficiency_is_against_one_core():
+    spec = importlib.util.spec_from_file_location(
+        "bench_distributed", ROOT / "bench/distributed.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look themselves up there
+    spec.loader.exec_module(bench)
+    payload = {
+        "machine": "test",
+        "epochs": 3,
+        "training_samples": 64_000,  # 1,000 steps
+        "load_average_median": 1.0,
+        "configs": {
+            "torch-1": {
+                "seconds_per_epoch": 2.0,
+                "all_reduce_ms": None,
+                "launch_seconds": None,
+                "runs": 3,
+            },
+            "torch-1-core": {
+                "seconds_per_epoch": 3.0,
+                "all_reduce_ms": None,
+                "launch_seconds": None,
+                "runs": 3,
+            },
+            "torch-2": {
+                "seconds_per_epoch": 2.5,
+                "all_reduce_ms": 1.0,
+                "launch_seconds": 9.0,
+                "runs": 3,
+            },
+        },
+    }
+    rows = {
+        line.split(" | ")[1]: line
+        for line in bench.table(payload).splitlines()
+        if "| PyTorch" in line
+    }
+    # 3.0 / (2 x 2.5) = 60%; 1 ms x 1,000 steps = 1 s of a 2.5 s epoch; 2.0 / 2.5 = 0.80x
+    assert rows["2 workers, 1 core each"].endswith(
+        "| 2.50 | 1.00 ms | 40% | 9 s | 1.20x | 60% | 0.80x |"
+    )
+    assert rows["1 worker on 1 core (1 thread): the per-core baseline"].endswith(
+        "| 1.00x | - | 0.67x |"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEBIAN_FASHION.exists(), reason="needs dataset-fashion-mnist (.ci/run)")
+def test_exp_run_on_two_workers_runs_the_pipeline_and_reports_the_worker_count(tmp_path):
+    from tests.test_pipeline import dvc, git, kill_processes_in, runs
+
+    repo = copy_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["dataset"] = "fashion-mnist"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "copy")
+    try:
+        output = dvc(
+            repo, "exp", "run", "-S", "train.workers=2", "-S", "train.epochs=1",
+            "-S", "train.seeds=[0,1]", timeout=1500,
+        )  # fmt: skip
+    finally:
+        kill_processes_in(repo)
+    assert "Running stage 'train-tf'" in output and "Running stage 'evaluate'" in output
+    report = (repo / "reports/comparison.md").read_text()
+    assert "| Data-parallel workers | 2 (ring) | 2 (gloo) |" in report
+    for framework in ("tf", "torch"):
+        metrics = json.loads((repo / f"metrics/train_{framework}.json").read_text())
+        assert metrics["workers"] == 2 and metrics["test_accuracy"] > 0.75
+    stages = [r for r in runs(repo) if r.info.run_name in ("train-tf", "train-torch")]
+    assert len(stages) == 2
+    assert all(r.info.status == "FINISHED" and r.data.tags["workers"] == "2" for r in stages)
