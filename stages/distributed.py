@@ -401,18 +401,21 @@ PEER_LOST = (
 
 @dataclass(frozen=True)
 class Failure:
+    """One failed worker, as its launcher saw it."""
+
     rank: int
     error: str  # one line: "RuntimeError: ...", the StageError's message, or the signal
-    seconds: float  # time.time() when it was seen
+    seen_at: float  # time.time() when it failed
 
     @property
     def lost_peer(self) -> bool:
+        """Return True when the error only reports that another worker went away."""
         return any(pattern in self.error for pattern in PEER_LOST)
 
 
 def first_failure(failures: Sequence[Failure]) -> Failure:
     """Return the failure that caused the others: the earliest that is not a report of a lost peer."""
-    return min(failures, key=lambda f: (f.lost_peer, f.seconds))
+    return min(failures, key=lambda f: (f.lost_peer, f.seen_at))
 
 
 def describe_exception(exc: BaseException) -> str:

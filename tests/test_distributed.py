@@ -256,7 +256,7 @@ def busy_port(monkeypatch):
 def test_stage_on_two_workers_writes_rank_0s_outputs_deterministically(
     workspace, params_dict, framework, capfd
 ):
-    stage_workspace(workspace, params_dict, seeds=[0, 1])
+    stage_workspace(workspace, params_dict)  # one seed: the slow test below runs two
     params = workspace / "params.yaml"
     start = psutil.Process().create_time()
     first = run_stage(
@@ -270,19 +270,16 @@ def test_stage_on_two_workers_writes_rank_0s_outputs_deterministically(
     )
 
     predictions = np.load(workspace / "first/predictions.npy")
-    assert predictions.shape == (2, 100, 10)
+    assert predictions.shape == (1, 100, 10)
     np.testing.assert_array_equal(predictions, np.load(workspace / "second/predictions.npy"))
     metrics = json.loads((workspace / "first/metrics.json").read_text())
     assert (metrics["workers"], metrics["backend"]) == (2, BACKENDS[framework])
     assert metrics["test_accuracy"] > 0.5 and first.test_accuracy == second.test_accuracy
     suffix = TRAINERS[framework].model_suffix
-    assert sorted(p.name for p in (workspace / "first/model").iterdir()) == [
-        f"seed-0{suffix}",
-        f"seed-1{suffix}",
-    ]
+    assert [p.name for p in (workspace / "first/model").iterdir()] == [f"seed-0{suffix}"]
     runs = stage_runs(f"train-{framework}")
     parents = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 2 and len(runs) == 6  # one stage run per stage, a run per seed
+    assert len(parents) == 2 and len(runs) == 4  # one stage run per stage, a run per seed
     for run in runs.values():
         assert run.info.status == "FINISHED"
         assert (run.data.tags["workers"], run.data.tags["backend"]) == ("2", BACKENDS[framework])
