@@ -9,6 +9,7 @@ the test ends.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import signal
@@ -127,8 +128,23 @@ def test_the_reported_failure_is_the_cause_not_a_peer_losing_it():
 
 
 def test_both_trainers_offer_the_data_parallel_contract():
+    extra = [
+        name
+        for name in dir(ParallelTrainer)
+        if not name.startswith("_")
+        and callable(getattr(ParallelTrainer, name))
+        and not hasattr(Trainer, name)
+    ]
+    assert sorted(extra) == sorted(
+        ["launch", "join", "backend", "replica_scope", "replicate", "train_steps"]
+        + ["all_reduce_sum", "leave"]
+    )
     for trainer in TRAINERS.values():
         assert isinstance(trainer(), ParallelTrainer)
+        for name in extra:
+            expected = inspect.signature(getattr(ParallelTrainer, name))
+            actual = inspect.signature(getattr(trainer, name))
+            assert list(actual.parameters) == list(expected.parameters), name
     wrapped = DistributedTrainer(TorchTrainer(), distributed.WorkerPlan(0, 2, 0, 2), "cpu")
     assert isinstance(wrapped, Trainer) and wrapped.framework == "torch"
 
