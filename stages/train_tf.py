@@ -368,9 +368,12 @@ class KerasTrainer:
             rpc_layer="grpc",
         )
         implementation = tf.distribute.experimental.CommunicationImplementation
+        # No timeout on the strategy's own collectives (each step's gradients): TensorFlow
+        # starts a thread per timed collective that sleeps out the whole timeout (issue 62466),
+        # thousands a minute at this step rate. A worker that dies or stops is caught anyway by
+        # the coordination service's heartbeats; `all_reduce_sum` carries the timeout.
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation.NCCL if device == "cuda" else implementation.RING,
-            timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS,
+            implementation=implementation.NCCL if device == "cuda" else implementation.RING
         )
         self._strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=cluster, communication_options=options
@@ -416,10 +419,20 @@ class KerasTrainer:
         if "all-reduce" not in _collectives:
             strategy = self._strategy
 
+            timed = tf.distribute.experimental.CommunicationOptions(
+                timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS
+            )
+
+            def replica_sum(vector):
+                context = tf.distribute.get_replica_context()
+                # (a copy made in the replica: an input as such has no device to reduce to)
+                local = tf.identity(vector)
+                return context.all_reduce(tf.distribute.ReduceOp.SUM, local, options=timed)
+
             @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)])
             def reduce(vector):
-                replicas = strategy.run(lambda: tf.identity(vector))
-                return strategy.reduce(tf.distribute.ReduceOp.SUM, replicas, axis=None)
+                summed = strategy.run(replica_sum, args=(vector,))
+                return strategy.experimental_local_results(summed)[0]
 
             _collectives["all-reduce"] = reduce
         return _collectives["all-reduce"](tf.constant(values, tf.float64)).numpy()
