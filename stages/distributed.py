@@ -410,7 +410,12 @@ class Failure:
     @property
     def lost_peer(self) -> bool:
         """Return True when the error only reports that another worker went away."""
-        return any(pattern in self.error for pattern in PEER_LOST)
+        return reports_lost_peer(self.error)
+
+
+def reports_lost_peer(error: str) -> bool:
+    """Return True when an error message only says that another worker went away."""
+    return any(pattern in error for pattern in PEER_LOST)
 
 
 def first_failure(failures: Sequence[Failure]) -> Failure:
@@ -419,18 +424,25 @@ def first_failure(failures: Sequence[Failure]) -> Failure:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """Return one line for a worker's error: a StageError's message, else `Type: message`."""
+    """Return one line for a worker's error: a StageError's message, else `Type: message`, the
+    message's last line (TensorFlow ends with the cause) before any C++ stack (PyTorch's)."""
     if isinstance(exc, StageError):
         return str(exc)
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}".strip().rstrip(":")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cpp_stack = next(
+        (i for i, line in enumerate(lines) if line.startswith("Exception raised")), None
+    )
+    lines = lines[:cpp_stack]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
 
 
-def report_worker_error(exc: BaseException) -> str:
-    """Return the worker's error line; print the traceback first when it is a bug (neither a
-    StageError nor a report of another worker's failure), as a single process would."""
+def report_worker_error(exc: BaseException, expected: Sequence[str] = ()) -> str:
+    """Return the worker's error line; print the traceback first when it is a bug: neither a
+    StageError, nor a report of another worker's failure, nor an `expected` error (a port
+    taken: the launch is retried), as a single process would."""
     line = describe_exception(exc)
-    if not isinstance(exc, StageError) and not Failure(0, line, 0.0).lost_peer:
+    quiet = isinstance(exc, StageError) or reports_lost_peer(str(exc))
+    if not quiet and not any(pattern in str(exc) for pattern in expected):
         traceback.print_exc()
     return line
 
@@ -539,6 +551,7 @@ class WorkerJob:
     parent_pid: int
     result: Path
     error: Path
+    port_taken: str  # the engine's error when a worker cannot bind its port
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -562,7 +575,7 @@ def worker_main() -> None:
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except BaseException as exc:
-        report = {"error": report_worker_error(exc), "time": time.time()}
+        report = {"error": report_worker_error(exc, [job.port_taken]), "time": time.time()}
         job.error.write_text(json.dumps(report))
         raise SystemExit(1) from None
     if job.plan.rank == 0:
@@ -653,6 +666,7 @@ def _launch_once(
                     os.getpid(),
                     Path(folder, f"result-{plan.rank}.pickle"),
                     Path(folder, f"error-{plan.rank}.json"),
+                    port_taken,
                 )
                 path = Path(folder, f"job-{plan.rank}.pickle")
                 with open(path, "wb") as file:

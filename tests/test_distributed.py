@@ -38,6 +38,7 @@ from stages.distributed import (
     Launch,
     ParallelTrainer,
     WorkerFailed,
+    describe_exception,
     exchange_addresses,
     first_failure,
     run_stage,
@@ -125,6 +126,17 @@ def test_the_reported_failure_is_the_cause_not_a_peer_losing_it():
     cause = Failure(1, "RuntimeError: deliberate failure in worker 1", 10.4)
     assert first_failure([lost, cause]) == cause
     assert first_failure([cause, Failure(0, "killed by SIGKILL", 10.1)]).rank == 0  # earlier
+    gloo = RuntimeError(
+        "[pair.cc:561] Connection closed by peer [127.0.0.1]:4242\n"
+        "Exception raised from recv at pair.cc:561 (most recent call first):\nframe #0: c10"
+    )
+    assert describe_exception(gloo) == (
+        "RuntimeError: [pair.cc:561] Connection closed by peer [127.0.0.1]:4242"
+    )  # PyTorch's message before its C++ stack; TensorFlow's last line, its cause
+    assert describe_exception(ValueError("in user code:\n\n  File x\n  bad shape\n")) == (
+        "ValueError: bad shape"
+    )
+    assert describe_exception(StageError("data/x.npy not found")) == "data/x.npy not found"
 
 
 def test_both_trainers_offer_the_data_parallel_contract():
@@ -387,6 +399,7 @@ def test_a_killed_worker_or_ctrl_c_stops_every_worker(workspace, params_dict, fr
                 os.killpg(process.pid, signal.SIGKILL)
     assert not alive, "workers outlived the stage"
     assert seconds < 60, seconds
+    print(f"the stage stopped {seconds:.1f} s after the {stop.name}")
     if stop == signal.SIGKILL:
         assert process.returncode == 1, output[-3000:]
         assert "error: worker 1 of 2 failed: killed by SIGKILL" in output
