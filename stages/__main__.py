@@ -30,10 +30,8 @@ def report(metrics: Path = typer.Option(Path("metrics/evaluate.json"))) -> None:
 @app.command()
 def readme(
     metrics: Path = typer.Option(Path("metrics/evaluate.json")),
-    bench: Path = typer.Option(Path("bench/results.md")),
-    blog_gap: Path = typer.Option(Path("experiments/blog_gap.md")),
-    step_profile: Path = typer.Option(Path("bench/step_profile.md")),
     export: Path = typer.Option(Path("metrics/export.json")),
+    root: Path = typer.Option(Path("."), help="Where bench/, experiments/ and tests/ results are."),
     readme_path: Path = typer.Option(Path("README.md"), "--readme"),
 ) -> None:
     """Regenerate the README's results section from the outputs."""
@@ -41,9 +39,7 @@ def readme(
 
     try:
         deployment = read_json(export, "export") if export.exists() else None
-        update_readme(
-            readme_path, read_json(metrics, "evaluate"), bench, blog_gap, step_profile, deployment
-        )
+        update_readme(readme_path, read_json(metrics, "evaluate"), root, deployment)
     except StageError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -162,6 +162,14 @@ def remove_stale_temporaries(final: Path) -> list[Path]:
     return removed
 
 
+def remove_outputs(*finals: Path) -> None:
+    """Remove `finals` and the temporaries beside them that dead processes left: what a stage
+    whose outputs were written by another process (a worker it started) leaves when it fails."""
+    for final in finals:
+        remove_stale_temporaries(final)
+        _remove(final)
+
+
 @contextmanager
 def staged_outputs(*finals: Path) -> Iterator[list[Path]]:
     """Yield temporary paths beside `finals`; move them into place only if the block succeeds.

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import typer
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -110,6 +111,16 @@ class OptimizerConfig(_Frozen):
         return self
 
 
+def _rendezvous_address(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"{value!r} is not host:port (node 0's address and a free port on it, "
+            "e.g. 10.0.0.1:29500)"
+        )
+    return value
+
+
 class TrainConfig(_Frozen):
     epochs: Annotated[Int, Field(ge=1, le=1000)] = 5
     batch_size: Annotated[Int, Field(ge=1, le=65536)] = 64
@@ -125,6 +136,20 @@ class TrainConfig(_Frozen):
     deterministic: Bool = True
     allow_tf32: Bool = False
     dropout_at_test: Bool = False
+    # Data-parallel training (stages/training.py, "Distributed training" in the README).
+    workers: Annotated[Int, Field(ge=1, le=1024)] = 1  # on this machine
+    nodes: Annotated[Int, Field(ge=1, le=1024)] = 1  # machines taking part
+    node_rank: Annotated[Int, Field(ge=0)] = 0  # this machine's place; node 0 writes the outputs
+    rendezvous: Annotated[str, AfterValidator(_rendezvous_address)] = "127.0.0.1:29500"
+
+    @model_validator(mode="after")
+    def _one_slice_per_worker(self) -> TrainConfig:
+        if self.node_rank >= self.nodes:
+            raise ValueError(
+                f"train.node_rank={self.node_rank} must be below train.nodes={self.nodes} "
+                "(nodes count from 0)"
+            )
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -190,6 +215,27 @@ class Params(_Frozen):
     overrides: Overrides = Overrides()
     export: ExportConfig = ExportConfig()
 
+    @model_validator(mode="after")
+    def _batches_split_evenly(self) -> Params:
+        workers = self.train.workers * self.train.nodes
+        for framework in FRAMEWORKS:
+            batch_size = self.run_config(framework).train.batch_size
+            if batch_size % workers:
+                key = (
+                    f"overrides.{framework}.batch_size"
+                    if getattr(self.overrides, framework).batch_size
+                    else "train.batch_size"
+                )
+                lower, higher = batch_size // workers * workers, -(-batch_size // workers) * workers
+                suggestion = f"{lower} or {higher}" if lower else str(higher)
+                raise ValueError(
+                    f"{key}={batch_size} does not split over {workers} workers "
+                    f"(train.workers={self.train.workers} x train.nodes={self.train.nodes}): it is "
+                    f"the global batch, and every worker takes an equal slice of it. Use a "
+                    f"multiple of {workers}, e.g. {suggestion}"
+                )
+        return self
+
     def schemes(self) -> list[Scheme]:
         """Return every normalization scheme some trainer reads, the shared one first."""
         wanted = [self.normalize.scheme] + [self.run_config(f).scheme for f in FRAMEWORKS]
@@ -247,6 +293,8 @@ def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'; remove it or fix its spelling (see params.yaml's comments)"
+    if error["type"] == "value_error" and not error["loc"]:  # across sections: names its keys
+        return error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error":  # our own validators: the message names the value
         return f"'{key}' is invalid: {error['msg'].removeprefix('Value error, ')}"
     value = error.get("input")

@@ -120,6 +120,8 @@ def compare(
             "code_lines": code_lines[fw],
             **{key: trainer_metrics[fw].get(key) for key in SPEED_KEYS},
             "device": trainer_metrics[fw].get("device"),
+            "workers": trainer_metrics[fw].get("workers", 1),  # before data-parallel training: 1
+            "backend": trainer_metrics[fw].get("backend", "none"),
         }
     diff = difference(accuracy["tf"], accuracy["torch"])
     pairs = min(len(predicted["tf"]), len(predicted["torch"]))
@@ -209,6 +211,10 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         spread = "" if math.isnan(half) else f" ± {100 * half:.2f}"
         return f"{100 * m['test_accuracy']:.2f}{spread} %"
 
+    def workers(fw: str) -> str:
+        count = result[fw].get("workers", 1)
+        return f"{count} ({result[fw].get('backend')})" if count > 1 else str(count)
+
     def fmt(key: str, pattern: str) -> tuple[str, str]:
         values = [result[fw].get(key) for fw in FRAMEWORKS]
         return tuple("n/a" if v is None else pattern.format(v) for v in values)  # type: ignore
@@ -236,6 +242,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("Trainer code (non-blank, non-comment lines)", *fmt("code_lines", "{}")),
         ("Device", *fmt("device", "{}")),
+        ("Data-parallel workers", *(workers(fw) for fw in FRAMEWORKS)),
     ]
     return rows
 

@@ -1,4 +1,4 @@
-"""Regenerate the README's results section from the pipeline's, the benchmark's and the
+"""Regenerate the README's results section from the pipeline's, the benchmarks' and the
 experiments' outputs, so that every number in it comes from a command anyone can rerun."""
 
 from __future__ import annotations
@@ -10,17 +10,33 @@ from .common import StageError
 from .evaluate import agreement_sentence, deployment_markdown, markdown_table, verdict
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+# The sections after the comparison, in order: heading, and the markdown file a command writes.
+SECTIONS = (
+    ("Deployment (`dvc repro`, stage `export`)", None),  # from metrics/export.json
+    ("Training speed (`python bench/speed.py`)", Path("bench/results.md")),
+    (
+        "Where a default `dvc repro` spends its time (`python bench/stage_time.py`)",
+        Path("bench/stage_time.md"),
+    ),
+    (
+        "Where a `train-torch` step's time goes (`python bench/step_profile.py`)",
+        Path("bench/step_profile.md"),
+    ),
+    (
+        "Data-parallel scaling on this CPU (`python bench/distributed.py`)",
+        Path("bench/distributed.md"),
+    ),
+    (
+        "The blog's gap, one change at a time (`python experiments/blog_gap.py`)",
+        Path("experiments/blog_gap.md"),
+    ),
+    ("Mutation testing (`python tests/mutation.py`)", Path("tests/mutation.md")),
+)
 
 
-def results_section(
-    result: dict[str, Any],
-    dataset: str,
-    bench: str | None,
-    blog_gap: str | None,
-    step_profile: str | None,
-    deployment: dict[str, Any] | None = None,
-) -> str:
-    """Return the markdown between the README's result markers."""
+def results_section(result: dict[str, Any], dataset: str, sections: dict[str, str | None]) -> str:
+    """Return the markdown between the README's result markers: the comparison, then each
+    section in `sections` (heading -> markdown) that has content."""
     lines = [
         f"### The comparison (`dvc repro` with data.dataset={dataset}, {result['seeds']} seeds, CPU)",
         "",
@@ -31,53 +47,26 @@ def results_section(
         agreement_sentence(result),
         "",
     ]
-    if deployment:
-        lines += [
-            "### Deployment (`dvc repro`, stage `export`)",
-            "",
-            deployment_markdown(deployment),
-            "",
-        ]
-    if bench:
-        lines += ["### Training speed (`python bench/speed.py`)", "", bench.strip(), ""]
-    if step_profile:
-        lines += [
-            "### Where a `train-torch` step's time goes (`python bench/step_profile.py`)",
-            "",
-            step_profile.strip(),
-            "",
-        ]
-    if blog_gap:
-        lines += [
-            "### The blog's gap, one change at a time (`python experiments/blog_gap.py`)",
-            "",
-            blog_gap.strip(),
-            "",
-        ]
+    for heading, text in sections.items():
+        if text:
+            lines += [f"### {heading}", "", text.strip(), ""]
     return "\n".join(lines)
 
 
 def update_readme(
-    readme: Path,
-    result: dict[str, Any],
-    bench: Path,
-    blog_gap: Path,
-    step_profile: Path,
-    deployment: dict[str, Any] | None = None,
+    readme: Path, result: dict[str, Any], root: Path, deployment: dict[str, Any] | None
 ) -> None:
-    """Replace the README's results section in place; missing bench or experiment files are left out."""
+    """Replace the README's results section in place; sections whose file is missing are left out."""
     text = readme.read_text()
     if START not in text or END not in text:
         raise StageError(f"{readme} has no {START} ... {END} markers to fill")
     dataset = result.get("dataset", "the dataset in params.yaml")
-    section = results_section(
-        result,
-        dataset,
-        bench.read_text() if bench.exists() else None,
-        blog_gap.read_text() if blog_gap.exists() else None,
-        step_profile.read_text() if step_profile.exists() else None,
-        deployment,
-    )
+    sections = {}
+    for heading, path in SECTIONS:
+        if path is None:
+            sections[heading] = deployment_markdown(deployment) if deployment else None
+        else:
+            sections[heading] = (root / path).read_text() if (root / path).exists() else None
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n{section}\n{END}{tail}")
+    readme.write_text(f"{head}{START}\n{results_section(result, dataset, sections)}\n{END}{tail}")

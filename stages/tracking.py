@@ -250,6 +250,32 @@ def end_stale_runs(experiment_id: str) -> list[str]:
     return [run.info.run_id for run in stale]
 
 
+def end_runs_tagged(
+    experiment_name: str,
+    key: str,
+    value: str,
+    status: str,
+    environ: Mapping[str, str] | None = None,
+) -> list[str]:
+    """End with `status` every run of the experiment tagged `key`=`value`, whatever it was
+    (RUNNING after its process was killed, or ended by it before another process failed the
+    stage); return their ids. For a stage whose runs a worker process it started logged."""
+    environ = os.environ if environ is None else environ
+    mlflow.set_tracking_uri(tracking_uri(environ, workspace_root(environ, Path.cwd())))
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    client = mlflow.MlflowClient()
+    found = client.search_runs([experiment.experiment_id], f"tags.{key} = '{value}'")
+    for run in found:
+        if run.info.status != status:
+            client.set_tag(
+                run.info.run_id, "ended_by", "the stage process: a worker failed or stopped"
+            )
+            client.set_terminated(run.info.run_id, status)
+    return [run.info.run_id for run in found]
+
+
 def run_tags(stage: str, environ: Mapping[str, str], cwd: Path) -> dict[str, str]:
     """Return the tags every stage run carries: git commit and dirtiness, DVC experiment, versions,
     and the process that owns the run."""

@@ -63,6 +63,8 @@ class Device:
     framework_version: str
     cuda_version: str
     threads: int  # intra-op threads the framework runs one operation on
+    workers: int = 1  # data-parallel workers training together (stages/distributed.py)
+    backend: str = "none"  # their collective backend: gloo, nccl, ring (TensorFlow's gRPC ring)
 
     def as_params(self) -> dict[str, object]:
         """Return the description as MLflow parameters, `device.<field>`."""
@@ -485,6 +487,8 @@ class TrainerMetrics:
     mlflow_run_id: str
     stage_seconds: float = 0.0  # from process start to the outputs written
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    workers: int = 1  # data-parallel workers (train.workers x train.nodes)
+    backend: str = "none"  # their collective backend
 
     def headline(self) -> dict[str, float]:
         """Return the numeric metrics, for the stage run's MLflow metrics."""
@@ -526,6 +530,8 @@ def summarize(
         framework_version=device.framework_version,
         cuda_version=device.cuda_version,
         mlflow_run_id=run_id,
+        workers=device.workers,
+        backend=device.backend,
     )
 
 
@@ -668,7 +674,12 @@ def train_seed_run(
 
 
 def run_trainer_stage(
-    trainer: Trainer, data: Path, outputs: TrainerOutputs, params: Path, process_start: float
+    trainer: Trainer,
+    data: Path,
+    outputs: TrainerOutputs,
+    params: Path,
+    process_start: float,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> TrainerMetrics:
     """Run a trainer stage: load, train every seed, write the outputs, log and register."""
     phases = Phases(process_start)
@@ -683,6 +694,9 @@ def run_trainer_stage(
         "framework": framework,
         "normalize_run_id": meta.get("mlflow_run_id", ""),
         "device": device.kind,
+        "workers": str(device.workers),
+        "backend": device.backend,
+        **(extra_tags or {}),
     }
     experiment, params_logged = (
         all_params.mlflow.experiment_name,

@@ -137,11 +137,11 @@ def test_readme_command_fills_only_the_results_section(workspace):
     result = run_evaluate(workspace)
     readme = workspace / "README.md"
     readme.write_text("# Title\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
-    (workspace / "bench.md").write_text("| speed table |\n")
-    (workspace / "profile.md").write_text("| step table |\n")
+    (workspace / "bench").mkdir()
+    (workspace / "bench/results.md").write_text("| speed table |\n")
+    (workspace / "bench/step_profile.md").write_text("| step table |\n")
     command = ["readme", "--metrics", str(workspace / "evaluate.json"), "--readme", str(readme)]
-    command += ["--bench", str(workspace / "bench.md"), "--step-profile"]
-    command += [str(workspace / "profile.md"), "--blog-gap", str(workspace / "missing.md")]
+    command += ["--root", str(workspace), "--export", str(workspace / "missing.json")]
 
     done = CliRunner().invoke(app, command)
     assert done.exit_code == 0, done.output
@@ -150,8 +150,10 @@ def test_readme_command_fills_only_the_results_section(workspace):
         "end -->\nafter\n"
     )
     assert "old" not in text and "| speed table |" in text and "| step table |" in text
-    assert "blog's gap" not in text  # no experiment output, no section
+    assert text.index("| speed table |") < text.index("| step table |")  # in SECTIONS' order
+    assert "blog's gap" not in text and "Deployment" not in text  # no output, no section
     assert f"{100 * result['tf']['test_accuracy']:.2f}" in text
+    assert evaluate.agreement_sentence(result) in text
 
     readme.write_text("# Title without markers\n")
     done = CliRunner().invoke(app, command)

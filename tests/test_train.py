@@ -245,7 +245,10 @@ def test_device_threads_mean_the_same_in_both(framework):
         "device.framework_version",
         "device.cuda_version",
         "device.threads",
+        "device.workers",
+        "device.backend",
     }
+    assert (device.workers, device.backend) == (1, "none")  # one process: no launcher
 
 
 @pytest.mark.parametrize("framework", ["tf", "torch"])

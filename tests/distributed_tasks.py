@@ -1,0 +1,90 @@
+"""What tests/test_distributed.py runs inside worker processes. Framework-free on purpose: a
+PyTorch worker that imported TensorFlow (or the reverse) would load both frameworks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stages.config import parse_params
+from stages.distributed import DistributedTrainer, WorkerPlan
+from stages.training import Splits, shared_weights, to_device_data, train_one_seed
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One training set-up, run alike by one process (in the test) and by every worker."""
+
+    params: dict
+    splits: Splits
+    steps: int = 20  # global steps whose losses are compared
+
+
+def step_losses(trainer: Any, experiment: Experiment) -> np.ndarray:
+    """Return the loss of each global step from shared initial weights, one batch at a time."""
+    config = parse_params(experiment.params).run_config(trainer.framework)
+    batch_size = config.train.batch_size
+    trainer.seed_everything(0, True)
+    model = trainer.build_model(config.model, shared_weights(config.model, seed=0))
+    optimizer = trainer.make_optimizer(config.train, model)
+    x = trainer.to_device(experiment.splits.train.x, "cpu")
+    y = trainer.to_device(experiment.splits.train.y, "cpu")
+    order = np.random.default_rng(0).permutation(len(experiment.splits.train.y))
+    order = np.resize(order, experiment.steps * batch_size)  # wraps around: as many as asked
+    return np.array(
+        [
+            trainer.train_epoch(model, optimizer, x, y, order[i : i + batch_size], batch_size).loss
+            for i in range(0, len(order), batch_size)
+        ]
+    )
+
+
+def one_seed(trainer: Any, experiment: Experiment) -> dict[str, Any]:
+    """Return the per-epoch history and test probabilities of train_one_seed (seed 0)."""
+    config = parse_params(experiment.params).run_config(trainer.framework)
+    tensors = to_device_data(trainer, experiment.splits, "cpu")
+    result = train_one_seed(trainer, config, experiment.splits, tensors, seed=0)
+    return {"history": result.history, "probabilities": result.probabilities}
+
+
+def equivalence(trainer: DistributedTrainer, experiments: dict[str, Experiment]) -> dict:
+    """In each worker: the SGD steps and the Adam epoch of the equivalence test."""
+    return {
+        "sgd": step_losses(trainer, experiments["sgd"]),
+        "adam": one_seed(trainer, experiments["adam"]),
+        "rank": trainer.plan.rank,
+    }
+
+
+def world(trainer: DistributedTrainer, _: object) -> tuple[int, int, int]:
+    """Return (rank, world size, the sum of every rank plus one): who joined."""
+    total = trainer.inner.all_reduce_sum(np.array([trainer.plan.rank + 1.0]))
+    return trainer.plan.rank, trainer.plan.world_size, int(total[0])
+
+
+class FailingTrainer:
+    """A framework's trainer whose worker `rank` raises in its `epoch`-th epoch (from 1)."""
+
+    def __init__(self, inner: Any, rank: int, epoch: int):
+        self.inner, self.failing_rank, self.failing_epoch = inner, rank, epoch
+        self.rank, self.epochs = -1, 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # while unpickling, before __init__'s attributes exist
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def launch(self, *args: Any) -> Any:  # the framework's launcher, starting this wrapper
+        return type(self.inner).launch(self, *args)
+
+    def join(self, plan: WorkerPlan, requested: str) -> str:
+        self.rank = plan.rank
+        return self.inner.join(plan, requested)
+
+    def train_steps(self, *args: Any) -> Any:
+        self.epochs += 1
+        if (self.rank, self.epochs) == (self.failing_rank, self.failing_epoch):
+            raise RuntimeError(f"deliberate failure in worker {self.rank}")
+        return self.inner.train_steps(*args)
