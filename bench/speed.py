@@ -311,6 +311,26 @@ def versus(baseline: dict | None, result: dict) -> str:
     return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
 
 
+TARGETS = {  # configuration: (its blog baseline, how many times faster it must be)
+    "ours-torch": ("blog-torch", 6.0),
+    "ours-tf": ("blog-keras", 3.0),
+}
+
+
+def targets(configs: dict) -> list[str]:
+    """Return one line per speed target that this run measured, saying whether it is met."""
+    lines = []
+    for name, (baseline, factor) in TARGETS.items():
+        if name in configs and baseline in configs:
+            ratio = configs[baseline]["seconds"] / configs[name]["seconds"]
+            verdict = "met" if ratio >= factor else "not met"
+            lines.append(
+                f"Target: `{name}` at least {factor:g}x faster than `{baseline}`: "
+                f"{ratio:.1f}x, {verdict}."
+            )
+    return [" ".join(lines), ""] if lines else []
+
+
 def table(payload: dict) -> str:
     """Return the results as a markdown table, with ratios against the blog baselines."""
     configs = payload["configs"]
@@ -320,6 +340,7 @@ def table(payload: dict) -> str:
         f"rate {payload['matmul_gflops']:.0f} GFLOP/s, so the arithmetic floor "
         f"(6 x 101,770 FLOPs per sample) is {payload['floor_seconds']:.1f} s.",
         "",
+        *targets(configs),
         "| configuration | batch | seconds | vs blog (same framework) | x floor | peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]

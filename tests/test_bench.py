@@ -57,3 +57,16 @@ def test_speed_table_ratios_are_against_the_same_frameworks_blog_script():
     assert "| 37.5 | 1.2x slower |" in row["tf-jit-compile"]
     assert "| baseline |" in row["blog-keras"]
     assert set(row) == set(payload["configs"])
+
+
+def test_speed_targets_say_met_or_not_from_the_same_run():
+    configs = {
+        "blog-torch": {"seconds": 40.0},
+        "ours-torch": {"seconds": 8.0},  # 5x: short of 6x
+        "blog-keras": {"seconds": 30.0},
+        "ours-tf": {"seconds": 6.0},  # 5x: at least 3x
+    }
+    line = speed.targets(configs)[0]
+    assert "`ours-torch` at least 6x faster than `blog-torch`: 5.0x, not met." in line
+    assert "`ours-tf` at least 3x faster than `blog-keras`: 5.0x, met." in line
+    assert speed.targets({"ours-tf": {"seconds": 1.0}}) == []  # no baseline measured, no claim
