@@ -203,6 +203,7 @@ def table(payload: dict) -> str:
     for phase, label in (
         ("imports", "imports (Python, the framework, the project)"),
         ("setup", "params, device, data loaded and checked"),
+        ("mlflow_start", "MLflow's import and store, once the first epoch ends"),
         ("training", "training, every seed (with per-epoch MLflow logging)"),
         ("latency", "latency and throughput measurement"),
         ("model_logging", "MLflow model logging and registration"),

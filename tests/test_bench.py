@@ -6,6 +6,7 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import speed  # noqa: E402
+import stage_time  # noqa: E402
 import step_profile  # noqa: E402
 
 
@@ -70,3 +71,34 @@ def test_speed_targets_say_met_or_not_from_the_same_run():
     assert "`ours-torch` at least 6x faster than `blog-torch`: 5.0x, not met." in line
     assert "`ours-tf` at least 3x faster than `blog-keras`: 5.0x, met." in line
     assert speed.targets({"ours-tf": {"seconds": 1.0}}) == []  # no baseline measured, no claim
+
+
+def test_stage_time_table_judges_the_pipeline_and_each_first_step():
+    phases = {"imports": 3.0, "setup": 0.5, "mlflow_start": 2.0, "training": 25.0}
+    payload = {
+        "machine": "test",
+        "dataset": "fashion-mnist",
+        "repeats": 3,
+        "pipeline_seconds": 130.4,
+        "stage_seconds": {"train-tf": 30.0, "train-torch": 28.0},
+        "frameworks": {
+            "tf": {
+                "import_seconds": 4.5,
+                "seconds_to_first_step": 7.0,
+                "stage_seconds": 35.0,
+                "phase_seconds": phases,
+                "peak_rss_mb": 1500,
+            },
+            "torch": {
+                "import_seconds": 2.0,
+                "seconds_to_first_step": 5.5,
+                "stage_seconds": 33.0,
+                "phase_seconds": phases,
+                "peak_rss_mb": 1100,
+            },
+        },
+    }
+    text = stage_time.table(payload)
+    assert "takes 130 s, against a target of 120 s: not met." in text
+    assert "| first step minus import (target: at most 3 s) | 2.5 s, met | 3.5 s, not met |" in text
+    assert "`train-tf` 30, `train-torch` 28" in text
