@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 import psutil
 import typer
 
@@ -245,6 +246,17 @@ def read_json(path: Path, produced_by: str) -> dict[str, Any]:
         raise StageError(
             f"{path} is not valid JSON ({exc}); rerun `dvc repro {produced_by}`"
         ) from None
+
+
+def load_npy(path: Path, produced_by: str) -> np.ndarray:
+    """Return the array in a .npy file, or raise StageError naming the file and the stage to rerun."""
+    rerun = f"rerun `dvc repro {produced_by}`"
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        raise StageError(f"{path} not found; {rerun}") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise StageError(f"{path} is not a readable .npy file ({exc}); {rerun}") from None
 
 
 def peak_rss_mb() -> int:

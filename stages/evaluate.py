@@ -16,7 +16,7 @@ import numpy as np
 import typer
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from .common import StageError, read_json, run_cli, staged_outputs, write_json
+from .common import StageError, load_npy, read_json, run_cli, staged_outputs, write_json
 from .config import FRAMEWORKS, load_params
 from .dataset import NUM_CLASSES
 from .exporting import FORMAT_LABELS, RUNTIMES
@@ -69,12 +69,7 @@ def read_history(path: Path) -> list[dict[str, float]]:
 def load_predictions(path: Path, num_test: int, seeds: int, stage: str) -> np.ndarray:
     """Return (seeds, N, 10) test probabilities, checked against the test set and the seed count."""
     rerun = f"rerun `dvc repro {stage}`"
-    try:
-        probabilities = np.load(path)
-    except FileNotFoundError:
-        raise StageError(f"{path} not found; {rerun}") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise StageError(f"{path} is not a readable .npy file ({exc}); {rerun}") from None
+    probabilities = load_npy(path, stage)
     expected = (seeds, num_test, NUM_CLASSES)
     if probabilities.shape != expected:
         raise StageError(

@@ -21,6 +21,7 @@ import numpy as np
 from .common import (
     Deferred,
     StageError,
+    load_npy,
     native_stderr_filtered,
     peak_rss_mb,
     read_json,
@@ -154,12 +155,7 @@ class DeviceData:
 
 def _load_array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     rerun = "rerun `dvc repro normalize`"
-    try:
-        array = np.load(path)
-    except FileNotFoundError:
-        raise StageError(f"{path} not found; {rerun}") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise StageError(f"{path} is not a readable .npy file ({exc}); {rerun}") from None
+    array = load_npy(path, "normalize")
     if array.dtype != dtype or array.shape != shape:
         raise StageError(
             f"{path} holds {array.dtype} {array.shape}, expected {np.dtype(dtype)} {shape} "
