@@ -367,11 +367,21 @@ def run_stage(
         metrics = trainer.launch(launch, run_stage_worker, job)
     except BaseException as exc:
         if launch.node_rank == 0:  # the workers are gone: clean up what rank 0 left
-            from .tracking import end_runs_tagged
+            from .tracking import end_runs_tagged, record_failed_stage
 
             remove_outputs(*asdict(outputs).values())
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            end_runs_tagged(all_params.mlflow.experiment_name, "launch_id", launch_id, status)
+            experiment = all_params.mlflow.experiment_name
+            if not end_runs_tagged(experiment, "launch_id", launch_id, status):
+                # rank 0's runs open after its first epoch: a failure before that gets one here
+                tags = {
+                    **job.tags,
+                    "framework": trainer.framework,
+                    "workers": str(launch.world_size),
+                }
+                record_failed_stage(
+                    f"train-{trainer.framework}", experiment, tags, status, str(exc)
+                )
         raise
     if launch.node_rank:
         print(

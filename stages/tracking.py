@@ -393,3 +393,14 @@ def model_version(name: str, run_id: str) -> str | None:
         f"name = '{name}' and run_id = '{run_id}'"
     )
     return str(max(int(v.version) for v in versions)) if versions else None
+
+
+def record_failed_stage(
+    stage: str, experiment_name: str, tags: Mapping[str, str], status: str, reason: str
+) -> str:
+    """Record a stage that failed before it opened its run: a run that ends at once with
+    `status` and the reason; return its id."""
+    with stage_run(stage, experiment_name, tags) as run:
+        mlflow.set_tag("failure", reason[:5000])
+        mlflow.end_run(status)  # the context's own end then finds no active run
+    return run.info.run_id
