@@ -186,6 +186,16 @@ def run_trainer(workspace: Path, framework: str, tag: str = "out") -> Path:
     return out
 
 
+def stage_env(**extra: str) -> dict[str, str]:
+    """Return the environment for a stage run as a subprocess: this one, with the checkout on
+    PYTHONPATH. Under mutmut's statistics pass (MUTANT_UNDER_TEST=stats) the child runs the
+    original code: that pass only maps tests to functions, in this process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    if env.get("MUTANT_UNDER_TEST") == "stats":
+        del env["MUTANT_UNDER_TEST"]
+    return env
+
+
 def copy_repo(destination: Path) -> Path:
     """Copy the repository's tracked sources (no data, no store) to `destination`."""
     ignore = shutil.ignore_patterns(

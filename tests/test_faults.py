@@ -19,7 +19,7 @@ from stages import dataset as datasets
 from stages.config import ParamsError, parse_params
 from stages.download import Network, fetch_dataset, verify
 from stages.tracking import stage_run
-from tests.conftest import ROOT, tiny_arrays, write_idx_folder, write_processed
+from tests.conftest import stage_env, tiny_arrays, write_idx_folder, write_processed
 
 TRAINER_ARGS = [
     "--data",
@@ -43,7 +43,7 @@ def stage(
     return subprocess.run(
         [sys.executable, "-m", f"stages.{module}", *args],
         cwd=workspace,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env=stage_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -55,7 +55,7 @@ def start(workspace: Path, module: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", f"stages.{module}", *args],
         cwd=workspace,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env=stage_env(),
         stdout=open(workspace / "console.log", "w"),  # noqa: SIM115  (closed with the process)
         stderr=subprocess.STDOUT,
         text=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stage_env
 
 PACKAGE = "stages"
 
@@ -84,6 +84,7 @@ def test_check_params_stage_reads_the_whole_file_and_is_fast(tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
+        env=stage_env(),
     )
     seconds = time.perf_counter() - start
     assert done.returncode == 1
