@@ -36,10 +36,16 @@ def test_defaults_match_the_file():
         ),
         ("train", "seeds", [1, 1], r"'train.seeds' .* must be distinct"),
         ("train", "epochz", 3, r"unknown key 'train.epochz'"),
+        ("train.optimizer", "momentun", 0.9, r"unknown key 'train.optimizer.momentun'"),
+        ("overrides.torch", "batchsize", 64, r"unknown key 'overrides.torch.batchsize'"),
+        ("overrides.tf", "epochs", 3, r"unknown key 'overrides.tf.epochs'"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(params_dict, section, key, value, message):
-    params_dict[section][key] = value
+    table = params_dict
+    for part in section.split("."):
+        table = table[part]
+    table[key] = value
     with pytest.raises(ParamsError, match=message):
         parse_params(params_dict)
 

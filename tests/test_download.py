@@ -107,6 +107,20 @@ def test_verified_files_are_not_fetched_again(tmp_path, tiny_idx, server):
     assert {info["source"] for info in manifest.values()} == {"already present"}
 
 
+def test_a_corrupt_reused_file_is_verified_and_fetched_again(tmp_path, tiny_idx, server):
+    _, dataset = tiny_idx
+    base, hits = server
+    fetch_dataset(dataset, tmp_path / "first", [f"{base}/good/"], FAST)
+    reused = tmp_path / "first" / "train-labels-idx1-ubyte.gz"
+    reused.write_bytes(reused.read_bytes()[:-8])  # the kept copy went bad on disk
+    manifest = fetch_dataset(
+        dataset, tmp_path / "second", [f"{base}/good/"], FAST, reuse_dir=tmp_path / "first"
+    )
+    assert hits["good"] == 4 + 1
+    assert manifest["train-labels-idx1-ubyte"]["source"] == f"{base}/good/"
+    assert manifest["train-images-idx3-ubyte"]["source"] == "already present"
+
+
 def test_image_and_label_counts_must_match(tmp_path, tiny_idx):
     folder, dataset = tiny_idx
     from tests.conftest import tiny_arrays, write_idx_folder
