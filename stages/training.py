@@ -369,7 +369,9 @@ def check_reload(
         )
 
 
-def progress(framework: str, seed: int, epochs: int, row: Mapping[str, float]) -> str:
+def progress(
+    framework: str, seed: int, epochs: int, row: Mapping[str, float]
+) -> str:  # pragma: no mutate block
     """Return the one console line printed after each epoch."""
     line = (
         f"[{framework}] seed {seed} epoch {int(row['epoch'])}/{epochs}: "
@@ -393,7 +395,7 @@ class Latency:
 
 def measure_latency(
     predict: Callable[[Any], np.ndarray], one: Any, thousand: Any, repeats: int = 200
-) -> Latency:
+) -> Latency:  # pragma: no mutate block
     """Return batch-1 p50/p95 latency in ms and batch-1000 throughput of `predict`, after warm-up;
     `one` and `thousand` are inputs of 1 and 1,000 images, already where `predict` reads them."""
     for _ in range(10):
@@ -552,14 +554,14 @@ def summary_line(metrics: TrainerMetrics, version: str) -> str:
 # MLflow: each function logs one thing into the active run
 
 
-def log_epoch(row: Mapping[str, float]) -> None:
+def log_epoch(row: Mapping[str, float]) -> None:  # pragma: no mutate block
     """Log one epoch's history row at step `epoch`."""
     import mlflow
 
     mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
-def log_seed_result(result: SeedResult, model_path: Path) -> None:
+def log_seed_result(result: SeedResult, model_path: Path) -> None:  # pragma: no mutate block
     """Log a seed's test metrics and timings, and its native model file."""
     import mlflow
 
@@ -574,7 +576,9 @@ def log_seed_result(result: SeedResult, model_path: Path) -> None:
     mlflow.log_artifact(str(model_path), "model")
 
 
-def log_summary(metrics: TrainerMetrics, mean_rows: list[dict[str, float]], history: Path) -> None:
+def log_summary(
+    metrics: TrainerMetrics, mean_rows: list[dict[str, float]], history: Path
+) -> None:  # pragma: no mutate block
     """Log the stage run's headline metrics, the mean learning curve and the history file."""
     import mlflow
 
@@ -640,7 +644,7 @@ def train_seed_run(
     stage: Deferred,
     tags: Mapping[str, str],
     phases: Phases,
-) -> SeedResult:
+) -> SeedResult:  # pragma: no mutate block
     """Train, save and check one seed inside its own nested MLflow run, which opens when the
     first epoch has something to log."""
     framework, epochs = trainer.framework, config.train.epochs
@@ -676,7 +680,7 @@ def run_trainer_stage(
     params: Path,
     process_start: float,
     extra_tags: Mapping[str, str] | None = None,
-) -> TrainerMetrics:
+) -> TrainerMetrics:  # pragma: no mutate block
     """Run a trainer stage: load, train every seed, write the outputs, log and register."""
     phases = Phases(process_start)
     framework = trainer.framework
