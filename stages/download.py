@@ -103,7 +103,7 @@ def fetch_one(
 
 def _short(exc: Exception) -> str:
     text = str(exc)
-    return text if len(text) < 200 else text[:200] + "..."
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def verify(path: Path, stem: str, expected_sha256: str) -> int:

@@ -56,15 +56,16 @@ def scheme_constants(scheme: Scheme, train_images: np.ndarray) -> tuple[float, f
         return 0.0, 1.0
     if scheme == "symmetric":
         return 0.5, 0.5
-    scaled = train_images.astype(np.float64) / 255.0
-    std = float(scaled.std())
-    if not std > 0:  # x / 0 would hand the trainers infinities
+    # One value everywhere: std 0, and x / 0 would hand the trainers infinities. Compared on the
+    # pixels, not the float std, which rounding leaves at about 1e-17 instead of 0.
+    if train_images.min() == train_images.max():
         raise StageError(
             "normalize.scheme=standardize: the training images have no spread (std 0), so "
             "they cannot be standardized; check the raw data (`dvc repro download`) or use "
             "scheme 'scale'"
         )
-    return float(scaled.mean()), std
+    scaled = train_images.astype(np.float64) / 255.0
+    return float(scaled.mean()), float(scaled.std())
 
 
 def apply_scheme(images: np.ndarray, mean: float, std: float) -> np.ndarray:

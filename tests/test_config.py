@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from stages.config import Params, ParamsError, load_params, parse_params
+from stages.config import Params, ParamsError, _describe, load_params, parse_params
 from tests.conftest import ROOT
 
 
@@ -89,3 +89,33 @@ def test_stage_exits_non_zero_and_writes_nothing(tmp_path, params_dict):
     assert "'train.batch_size' = 0 is invalid" in done.stderr
     assert done.stderr.count("\n") <= 3  # one message, no traceback
     assert not (tmp_path / "raw").exists() and not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (  # a check across sections names its own keys
+            {"train": {"workers": 3}},
+            "train.batch_size=64 does not split over 3 workers (train.workers=3 x train.nodes=1): "
+            "it is the global batch, and every worker takes an equal slice of it. Use a multiple "
+            "of 3, e.g. 63 or 66",
+        ),
+        (  # one of ours on a field: the key, then the validator's words
+            {"train": {"seeds": [1, 1]}},
+            "'train.seeds' is invalid: seeds must be distinct, e.g. [0, 1, 2]",
+        ),
+        (  # pydantic's own: the key, the value, pydantic's words
+            {"train": {"epochs": 0}},
+            "'train.epochs' = 0 is invalid: Input should be greater than or equal to 1",
+        ),
+    ],
+)
+def test_each_kind_of_error_reads_in_full(raw, message):
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw)
+    assert str(error.value) == f"params.yaml is invalid:\n  {message}"
+
+
+def test_an_error_without_a_key_says_top_level():
+    error = {"loc": (), "type": "missing", "msg": "Field required", "input": None}
+    assert _describe(error) == "'(top level)' = None is invalid: Field required"

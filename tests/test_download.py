@@ -12,7 +12,7 @@ import yaml
 from stages import download
 from stages.common import StageError
 from stages.dataset import Dataset
-from stages.download import Network, fetch_dataset, sources_for
+from stages.download import Network, _local_path, _short, fetch_dataset, offline_hint, sources_for
 from stages.idx import IdxError
 from tests.conftest import DEBIAN_FASHION, ROOT, STEMS, run_stage
 
@@ -29,19 +29,22 @@ def server(tiny_idx):
         def do_GET(self):  # noqa: N802
             kind = self.path.strip("/").split("/")[0]
             hits[kind] = hits.get(kind, 0) + 1
-            if kind == "hang":
+            hits[f"path {self.path}"] = hits.get(f"path {self.path}", 0) + 1
+            if kind == "hang":  # answers, but only after the client's timeout
                 time.sleep(2)
-                return
             if kind in ("404", "500"):
                 self.send_error(int(kind))
                 return
             body = (folder / Path(self.path).name).read_bytes()
             if kind == "corrupt":  # right size, wrong bytes
                 body = body[:20] + bytes(len(body) - 20)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting
+                pass
 
         def log_message(self, *args):
             pass
@@ -197,3 +200,42 @@ def test_the_mirror_is_not_a_dependency_of_any_stage():
     assert "DATASET_MIRROR" not in str(pipeline)
     assert pipeline["stages"]["download"]["params"] == ["data.dataset"]
     # `dvc status` with another DATASET_MIRROR is checked end to end in test_pipeline.py
+
+
+def test_each_file_is_asked_for_once_at_its_exact_path(tmp_path, tiny_idx, server):
+    _, dataset = tiny_idx
+    base, hits = server
+    for source in (f"{base}/good/", f"{base}/good"):  # with or without the trailing slash
+        fetch_dataset(dataset, tmp_path / source[-1], [source], FAST)
+    requested = {key: n for key, n in hits.items() if key.startswith("path ")}
+    assert requested == {f"path /good/{stem}.gz": 2 for stem in STEMS}
+
+
+def test_sources_are_local_folders_file_urls_or_http():
+    assert _local_path("file:///srv/mnist") == Path("/srv/mnist")
+    assert _local_path("/srv/mnist") == Path("/srv/mnist")
+    assert _local_path("http://127.0.0.1:8000/mnist/") is None
+    assert _local_path("https://127.0.0.1:8000/mnist/") is None
+    assert sources_for("mnist", None) == list(download.DATASETS["mnist"].mirrors)
+    assert sources_for("mnist", "") == list(download.DATASETS["mnist"].mirrors)
+
+
+def test_long_reasons_are_cut_at_200_characters():
+    assert _short(OSError("x" * 200)) == "x" * 200
+    assert _short(OSError("x" * 201)) == "x" * 200 + "..."
+
+
+def test_the_offline_hint_in_full():
+    mirror = (
+        "Offline? Put the four .gz files in a folder (or serve them over HTTP) and set "
+        "DATASET_MIRROR to it."
+    )
+    assert offline_hint("fashion-mnist") == (
+        f"{mirror} Debian's dataset-fashion-mnist package puts them in "
+        "/usr/share/datasets/fashion-mnist."
+    )
+    assert offline_hint("mnist") == (
+        f"{mirror} No local package carries mnist; to try the pipeline offline, use "
+        "DATASET_MIRROR=/usr/share/datasets/fashion-mnist with data.dataset=fashion-mnist "
+        "(Debian's dataset-fashion-mnist)."
+    )

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from stages import download, normalize
-from stages.normalize import apply_scheme, scheme_constants, split_validation
+from stages.common import StageError
+from stages.normalize import apply_scheme, class_counts, scheme_constants, split_validation
 from tests.conftest import run_stage
 
 
@@ -78,3 +79,14 @@ def test_stage_outputs_and_mlflow_run(workspace, tiny_idx, monkeypatch, params_d
     assert run.inputs.dataset_inputs[0].dataset.digest == meta["train_digest"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"samples.png", "meta.json"} <= artifacts
+
+
+def test_class_counts_list_every_class_even_when_absent():
+    assert class_counts(np.array([0, 0, 3, 7])) == [2, 0, 0, 1, 0, 0, 0, 1, 0, 0]
+
+
+def test_standardize_refuses_images_without_spread():
+    with pytest.raises(StageError, match=r"no spread \(std 0\).*use scheme 'scale'"):
+        scheme_constants("standardize", np.full((4, 28, 28), 7, np.uint8))
+    mean, std = scheme_constants("standardize", np.array([[0, 255]], np.uint8))
+    assert (mean, std) == (0.5, 0.5)

@@ -20,6 +20,7 @@ from stages.training import (
     check_reload,
     divergence_message,
     load_splits,
+    shared_weights,
     summarize,
 )
 from tests.conftest import write_processed
@@ -210,3 +211,34 @@ def test_nested_phases_are_counted_once():
         time.sleep(0.05)
     assert phases.seconds["mlflow_start"] == pytest.approx(0.1, abs=0.04)
     assert phases.seconds["training"] == pytest.approx(0.1, abs=0.04)
+
+
+def test_the_divergence_message_in_full_names_weight_decay_when_set():
+    config = parse_params(
+        {"train": {"learning_rate": 0.5, "optimizer": {"name": "adamw", "weight_decay": 0.01}}}
+    ).run_config("torch")
+    error = NonFiniteLoss(3, float("nan"), 2.5)
+    assert str(error) == "loss nan at step 3"
+    assert divergence_message(error, config, 7, 2, 10) == (
+        "training diverged: loss is nan at step 13 (epoch 2, seed 7), after a loss of 2.5 at "
+        "step 12. The inputs are finite (checked when loaded), so the updates blew up: "
+        "train.learning_rate=0.5 with optimizer adamw (weight_decay=0.01) is too large for this "
+        "network; lower train.learning_rate."
+    )
+    plain = parse_params({"train": {"learning_rate": 0.5}}).run_config("torch")
+    assert divergence_message(error, plain, 7, 2, 10).endswith(
+        "train.learning_rate=0.5 with optimizer adam is too large for this network; "
+        "lower train.learning_rate."
+    )
+
+
+def test_shared_weights_are_glorot_uniform_float32_with_zero_bias():
+    config = parse_params({"model": {"hidden_units": [128]}}).run_config("tf")
+    weights = shared_weights(config.model, seed=0)
+    assert [kernel.shape for kernel, _ in weights] == [(784, 128), (128, 10)]
+    for kernel, bias in weights:
+        fan_in, fan_out = kernel.shape
+        limit = (6 / (fan_in + fan_out)) ** 0.5  # Glorot & Bengio (2010), by hand
+        assert kernel.dtype == bias.dtype == np.float32
+        assert 0.98 * limit < np.abs(kernel).max() <= limit
+        assert not bias.any()
