@@ -87,18 +87,18 @@ def fetch_one(
         with session.get(url, stream=True, timeout=network.timeout_seconds) as response:
             if response.status_code != 200:
                 raise SourceFailed(f"HTTP {response.status_code} {response.reason} for {url}")
-            total = int(response.headers.get("content-length", 0)) or None
-            with (
-                open(dest, "wb") as out,
-                tqdm(
-                    total=total, unit="B", unit_scale=True, desc=filename, disable=None, leave=False
-                ) as bar,
-            ):
+            with open(dest, "wb") as out, download_bar(filename, response) as bar:
                 for chunk in response.iter_content(chunk_size=1 << 16):
                     out.write(chunk)
                     bar.update(len(chunk))
     except requests.RequestException as exc:
         raise SourceFailed(f"{type(exc).__name__} for {url}: {_short(exc)}") from None
+
+
+def download_bar(filename: str, response: requests.Response) -> tqdm:  # pragma: no mutate block
+    """Return a byte progress bar for one file (shown on a terminal only, gone when done)."""
+    total = int(response.headers.get("content-length", 0)) or None
+    return tqdm(total=total, unit="B", unit_scale=True, desc=filename, disable=None, leave=False)
 
 
 def _short(exc: Exception) -> str:

@@ -206,7 +206,7 @@ def test_each_file_is_asked_for_once_at_its_exact_path(tmp_path, tiny_idx, serve
     _, dataset = tiny_idx
     base, hits = server
     for source in (f"{base}/good/", f"{base}/good"):  # with or without the trailing slash
-        fetch_dataset(dataset, tmp_path / source[-1], [source], FAST)
+        fetch_dataset(dataset, tmp_path / "new" / source[-1], [source], FAST)  # parents made
     requested = {key: n for key, n in hits.items() if key.startswith("path ")}
     assert requested == {f"path /good/{stem}.gz": 2 for stem in STEMS}
 
