@@ -73,7 +73,11 @@ def test_checksum_mismatch_is_an_error_and_leaves_nothing(tmp_path, tiny_idx, se
     _, dataset = tiny_idx
     base, _ = server
     wrong = dict(dataset.sha256, **{"train-labels-idx1-ubyte": "0" * 64})
-    with pytest.raises(IdxError, match=r"train-labels-idx1-ubyte.gz: checksum mismatch"):
+    with pytest.raises(
+        IdxError,
+        match=r"train-labels-idx1-ubyte.gz: checksum mismatch, SHA-256 of the decompressed file "
+        rf"is [0-9a-f]{{64}}, expected 0{{64}} for train-labels-idx1-ubyte \(from {base}/good/\)",
+    ):
         fetch_dataset(Dataset("mnist", (), wrong), tmp_path / "out", [f"{base}/good/"], FAST)
     assert not any(p.name.startswith("train-labels") for p in (tmp_path / "out").iterdir())
 
@@ -85,10 +89,12 @@ def test_all_sources_failing_lists_each_with_its_reason(tmp_path, tiny_idx, serv
     with pytest.raises(StageError) as error:
         fetch_dataset(dataset, tmp_path / "out", sources, FAST)
     message = str(error.value)
-    assert f"{base}/404/: HTTP 404" in message
-    assert f"{base}/500/: HTTP 500" in message
-    assert "No such file or directory" in message
+    tried = message.splitlines()[1:4]  # one indented line per source, in order
+    assert tried[0].startswith(f"  {base}/404/: HTTP 404")
+    assert tried[1].startswith(f"  {base}/500/: HTTP 500")
+    assert tried[2].startswith(f"  {tmp_path / 'missing'}: No such file or directory")
     assert "DATASET_MIRROR" in message
+    assert list((tmp_path / "out").iterdir()) == []  # not even the .partial folder
 
 
 def test_corrupt_download_names_file_and_source(tmp_path, tiny_idx, server):
@@ -108,6 +114,7 @@ def test_verified_files_are_not_fetched_again(tmp_path, tiny_idx, server):
     )
     assert hits["good"] == 4
     assert {info["source"] for info in manifest.values()} == {"already present"}
+    assert {stem: info["sha256"] for stem, info in manifest.items()} == dataset.sha256
 
 
 def test_a_corrupt_reused_file_is_verified_and_fetched_again(tmp_path, tiny_idx, server):

@@ -57,3 +57,21 @@ def test_payload_shorter_than_header_promises():
 def test_too_short_for_header():
     with pytest.raises(IdxError, match="too short for an IDX header"):
         parse_idx(b"\x00\x00\x08\x01\x00", "train-labels-idx1-ubyte")
+
+
+def test_a_four_byte_file_is_judged_by_its_magic_number():
+    with pytest.raises(IdxError, match="wrong IDX magic number 0x00000899, expected 0x00000801"):
+        parse_idx(b"\x00\x00\x08\x99", "t10k-labels-idx1-ubyte")
+    with pytest.raises(IdxError, match="only 4 bytes, too short for an IDX header"):
+        parse_idx(b"\x00\x00\x08\x01", "t10k-labels-idx1-ubyte")
+
+
+def test_an_error_page_saved_as_a_download_shows_its_magic_unsigned():
+    png = b"\x89PNG\r\n\x1a\n" + bytes(16)
+    with pytest.raises(IdxError, match="wrong IDX magic number 0x89504e47, expected 0x00000803"):
+        parse_idx(png, "train-images-idx3-ubyte")
+
+
+def test_a_file_of_zero_items_is_only_its_header():
+    labels = parse_idx(b"\x00\x00\x08\x01" + bytes(4), "t10k-labels-idx1-ubyte")
+    assert labels.shape == (0,) and labels.dtype == np.uint8
