@@ -252,6 +252,7 @@ def test_report_sentences_state_the_numbers_of_the_metrics(workspace):
     report = (workspace / "reports" / "comparison.md").read_text()
     assert evaluate.verdict(result) in report
     assert evaluate.agreement_sentence(result) in report
+    assert "\n| Measure | TensorFlow/Keras | PyTorch |\n|---|---:|---:|\n| " in report
     assert f"{100 * result['agreement']:.2f}%" in report
     assert f"seed-{result['mcnemar_seed']} pair" in report
     assert f"## Confusion matrices (seed {result['mcnemar_seed']})" in report
