@@ -243,7 +243,10 @@ def test_a_truncated_prediction_file_names_the_file_and_the_stage(tmp_path):
     path = tmp_path / "p.npy"
     np.save(path, np.full((3, 100, 10), 0.1, np.float32))
     path.write_bytes(path.read_bytes()[:500])
-    with pytest.raises(evaluate.StageError, match=rf"{path} is not a readable .npy file"):
+    with pytest.raises(
+        evaluate.StageError,
+        match=rf"{path} is not a readable .npy file \(.*\); rerun `dvc repro train-torch`",
+    ):
         evaluate.load_predictions(path, 100, 3, "train-torch")
 
 
@@ -256,3 +259,69 @@ def test_report_sentences_state_the_numbers_of_the_metrics(workspace):
     assert f"{100 * result['agreement']:.2f}%" in report
     assert f"seed-{result['mcnemar_seed']} pair" in report
     assert f"## Confusion matrices (seed {result['mcnemar_seed']})" in report
+
+
+def _verdict_result(difference, low, high, significant, seeds=4, p=0.0123):
+    return {
+        "accuracy_difference": difference,
+        "accuracy_difference_ci_low": low,
+        "accuracy_difference_ci_high": high,
+        "accuracy_difference_p_value": p,
+        "significant": significant,
+        "seeds": seeds,
+    }
+
+
+@pytest.mark.parametrize(
+    ("result", "sentence"),
+    [
+        (
+            _verdict_result(0.0045, 0.001, 0.008, True),  # under one point: still a winner
+            "TensorFlow/Keras is more accurate: TensorFlow minus PyTorch is +0.45 points, 95% CI "
+            "[+0.10, +0.80] over 4 seeds (Welch p = 0.0123).",
+        ),
+        (
+            _verdict_result(-0.0050, -0.0080, -0.0020, True, seeds=3, p=0.00456),
+            "PyTorch is more accurate: TensorFlow minus PyTorch is -0.50 points, 95% CI "
+            "[-0.80, -0.20] over 3 seeds (Welch p = 0.00456).",
+        ),
+        (
+            _verdict_result(0.0020, -0.0010, 0.0050, False, p=0.25),
+            "No difference in accuracy: TensorFlow minus PyTorch is +0.20 points, 95% CI "
+            "[-0.10, +0.50] over 4 seeds; the interval contains zero (Welch p = 0.25).",
+        ),
+        (
+            _verdict_result(0.0075, math.nan, math.nan, False, seeds=1, p=math.nan),
+            "TensorFlow minus PyTorch: +0.75 points from one seed; add seeds to train.seeds to "
+            "test whether that is a difference at all.",
+        ),
+    ],
+)
+def test_the_verdict_in_full(result, sentence):
+    assert verdict(result) == sentence
+
+
+@pytest.mark.parametrize(
+    ("seeds", "opening"),
+    [
+        ([3], "The seed-3 models of the two frameworks agree on 97.25% of the test images."),
+        (
+            [0, 1, 2],
+            "Paired seed by seed (0, 1, 2), the two frameworks' models agree on a mean of 97.25% "
+            "of the test images.",
+        ),
+    ],
+)
+def test_the_agreement_sentence_in_full(seeds, opening):
+    result = {
+        "paired_seeds": seeds,
+        "agreement": 0.9725,
+        "mcnemar_seed": seeds[0],
+        "mcnemar_only_tf_right": 41,
+        "mcnemar_only_torch_right": 29,
+        "mcnemar_p_value": 0.18876,
+    }
+    assert evaluate.agreement_sentence(result) == (
+        f"{opening} McNemar's exact test on the seed-{seeds[0]} pair: TensorFlow alone is right "
+        "on 41 images, PyTorch alone on 29, p = 0.189."
+    )
