@@ -325,3 +325,36 @@ def test_the_agreement_sentence_in_full(seeds, opening):
         f"{opening} McNemar's exact test on the seed-{seeds[0]} pair: TensorFlow alone is right "
         "on 41 images, PyTorch alone on 29, p = 0.189."
     )
+
+
+def test_compare_carries_loss_per_seed_accuracy_and_the_trainers_facts():
+    # 4 images of classes 0, 0, 1, 2; class 9 (and 3..8) never appear and are never predicted.
+    labels = np.array([0, 0, 1, 2])
+    sure = np.full((4, 10), 0.0)
+    sure[np.arange(4), [0, 0, 1, 1]] = 0.5  # right, right, right, wrong (2 taken for 1)
+    sure[np.arange(4), 5] = 0.5  # the other half of each image's probability
+    probabilities = {fw: np.stack([sure, sure]) for fw in ("tf", "torch")}
+    facts = {
+        "tf": {"seeds": [0, 1], "device": "cpu", "workers": 2, "backend": "ring"},
+        "torch": {"seeds": [0, 1], "device": "cuda:0", "train_seconds": 3.0},
+    }
+    result = compare(labels, probabilities, facts, {"tf": 30, "torch": 40})
+    torch = result["torch"]
+    assert torch["test_accuracy_per_seed"] == [0.75, 0.75]
+    # cross-entropy by hand: three images at -ln 0.5, one at -ln(1e-12) (probability 0, clipped)
+    assert torch["test_loss"] == pytest.approx((3 * math.log(2) + 12 * math.log(10)) / 4)
+    assert len(torch["precision_per_class"]) == len(torch["recall_per_class"]) == 10
+    assert torch["precision_per_class"][:3] == [1.0, 0.5, 0.0]
+    assert torch["recall_per_class"][:3] == [1.0, 1.0, 0.0]
+    assert torch["precision_per_class"][9] == torch["recall_per_class"][9] == 0.0
+    assert (torch["device"], torch["workers"], torch["backend"]) == ("cuda:0", 1, "none")
+    assert (result["tf"]["device"], result["tf"]["workers"], result["tf"]["backend"]) == (
+        "cpu",
+        2,
+        "ring",
+    )
+    assert (torch["code_lines"], torch["train_seconds"], result["tf"]["train_seconds"]) == (
+        40,
+        3.0,
+        None,
+    )
