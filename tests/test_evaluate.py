@@ -358,3 +358,7 @@ def test_compare_carries_loss_per_seed_accuracy_and_the_trainers_facts():
         3.0,
         None,
     )
+    # identical predictions: every seed pair agrees fully and McNemar finds nothing
+    assert result["agreement_per_seed"] == [1.0, 1.0]
+    assert result["mcnemar_p_value_per_seed"] == [1.0, 1.0]
+    assert math.isnan(result["speedup_torch_over_tf"])  # TensorFlow's time is missing
