@@ -362,3 +362,12 @@ def test_compare_carries_loss_per_seed_accuracy_and_the_trainers_facts():
     assert result["agreement_per_seed"] == [1.0, 1.0]
     assert result["mcnemar_p_value_per_seed"] == [1.0, 1.0]
     assert math.isnan(result["speedup_torch_over_tf"])  # TensorFlow's time is missing
+
+
+def test_the_speed_up_is_tensorflow_time_over_pytorch_time():
+    labels, probabilities = paired_predictions()
+    facts = {"tf": {"train_seconds": 6.0}, "torch": {"train_seconds": 1.5}}
+    result = compare(labels, probabilities, facts, {"tf": 1, "torch": 1})
+    assert result["speedup_torch_over_tf"] == 4.0  # PyTorch four times faster
+    assert math.isnan(evaluate._ratio(6.0, None)) and math.isnan(evaluate._ratio(None, 1.5))
+    assert math.isnan(evaluate._ratio(6.0, 0.0))
