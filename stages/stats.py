@@ -49,7 +49,7 @@ def difference(a: list[float], b: list[float], confidence: float = 0.95) -> Diff
     delta = float(a_values.mean() - b_values.mean())
     if len(a_values) < 2 or len(b_values) < 2:
         return Difference(Interval(delta, math.nan, math.nan), math.nan, False)
-    if a_values.std() == 0 and b_values.std() == 0:
+    if np.ptp(a_values) == 0 and np.ptp(b_values) == 0:  # exact, unlike a float std of ~1e-17
         return Difference(Interval(delta, delta, delta), 0.0 if delta else 1.0, delta != 0)
     result = stats.ttest_ind(a_values, b_values, equal_var=False)
     ci = result.confidence_interval(confidence)

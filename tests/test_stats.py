@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
-from stages.stats import difference, mcnemar_exact, mean_interval
+from stages.stats import Interval, difference, mcnemar_exact, mean_interval
 
 
 def test_welch_not_student_on_unequal_spreads_and_sizes():
@@ -85,3 +85,32 @@ def test_difference_flips_sign_when_the_arguments_swap(a, b):
     forward, backward = difference(a, b), difference(b, a)
     assert forward.interval.mean == pytest.approx(-backward.interval.mean, abs=1e-12)
     assert forward.significant == backward.significant
+
+
+def test_one_seed_on_either_side_gives_no_interval_and_no_verdict():
+    for a, b in (([0.9], [0.80, 0.82]), ([0.80, 0.82], [0.9])):
+        result = difference(a, b)
+        assert math.isnan(result.interval.low) and math.isnan(result.interval.high)
+        assert math.isnan(result.p_value)
+        assert result.significant is False
+
+
+def test_seeds_without_spread_on_both_sides():
+    apart = difference([0.9, 0.9, 0.9], [0.8, 0.8, 0.8])
+    assert apart.interval == Interval(pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.1))
+    assert (apart.p_value, apart.significant) == (0.0, True)
+    same = difference([0.9, 0.9, 0.9], [0.9, 0.9, 0.9])
+    assert (same.interval.low, same.p_value, same.significant) == (0.0, 1.0, False)
+
+
+def test_welch_when_only_one_side_has_spread():
+    # a has no spread, so Welch's standard error is b's alone: s_b / sqrt(3) = 0.125 / sqrt(3),
+    # on n_b - 1 = 2 degrees of freedom. t(0.975, 2) = 4.302653; t = 0.125 / se = sqrt(3); with
+    # 2 degrees of freedom the two-sided p is 1 - |t| / sqrt(t^2 + 2) = 1 - sqrt(3 / 5).
+    result = difference([0.75, 0.75, 0.75], [0.5, 0.625, 0.75])  # exact in binary
+    half = 4.302653 * 0.125 / math.sqrt(3)
+    assert result.interval.mean == pytest.approx(0.125)
+    assert result.interval.low == pytest.approx(0.125 - half, rel=1e-5)
+    assert result.interval.high == pytest.approx(0.125 + half, rel=1e-5)
+    assert result.p_value == pytest.approx(1 - math.sqrt(3 / 5), rel=1e-5)
+    assert not result.significant
