@@ -14,12 +14,14 @@ from stages.training import (
     Device,
     Latency,
     NonFiniteLoss,
+    Phases,
     SeedResult,
     batch_order,
     chance_level_warning,
     check_reload,
     divergence_message,
     load_splits,
+    mean_history,
     shared_weights,
     summarize,
 )
@@ -242,3 +244,17 @@ def test_shared_weights_are_glorot_uniform_float32_with_zero_bias():
         assert kernel.dtype == bias.dtype == np.float32
         assert 0.98 * limit < np.abs(kernel).max() <= limit
         assert not bias.any()
+
+
+def test_seconds_since_the_process_started():
+    import time
+
+    assert 5.0 <= Phases(time.time() - 5.0).since_start() < 6.0
+
+
+def test_mean_history_averages_epoch_by_epoch_and_refuses_ragged_histories():
+    a = [{"epoch": 1, "loss": 1.0}, {"epoch": 2, "loss": 0.5}]
+    b = [{"epoch": 1, "loss": 3.0}, {"epoch": 2, "loss": 1.5}]
+    assert mean_history([a, b]) == [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0}]
+    with pytest.raises(ValueError):  # a seed with fewer epochs is a bug, not a shorter mean
+        mean_history([a, b[:1]])
