@@ -24,6 +24,7 @@ from stages.training import (
     mean_history,
     shared_weights,
     summarize,
+    write_history,
 )
 from tests.conftest import write_processed
 
@@ -75,6 +76,7 @@ def test_summary_is_the_mean_accuracy_and_the_median_time_over_seeds(tmp_path):
     assert summary.train_seconds == 11.0  # the median, not the mean (17)
     assert summary.model_file_bytes == 123 and summary.parameters == 7
     assert summary.mlflow_run_id == "run-1" and summary.device == "cpu"
+    assert summary.samples_per_second == pytest.approx(1000 / 11.0)  # the median too
     assert "test_accuracy_per_seed" not in summary.headline()  # lists are not MLflow metrics
 
 
@@ -258,3 +260,32 @@ def test_mean_history_averages_epoch_by_epoch_and_refuses_ragged_histories():
     assert mean_history([a, b]) == [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0}]
     with pytest.raises(ValueError):  # a seed with fewer epochs is a bug, not a shorter mean
         mean_history([a, b[:1]])
+
+
+def test_time_to_first_step_counts_from_the_process_start(tmp_path):
+    import time
+
+    model_file = tmp_path / "m.pt"
+    model_file.write_bytes(b"x")
+    first = SeedResult(
+        **{**seed_result(0, 0.9, 1.0).__dict__, "first_step_done": time.perf_counter() - 2.0}
+    )  # the first step ended 2 s ago, and the process started 5 s ago
+    device = Device("cpu", "test cpu", "1.0", "none", 2)
+    summary = summarize(
+        FakeTrainer(), [first], Latency(0.1, 0.2, 3.0), device, model_file, time.time() - 5.0, ""
+    )
+    assert 2.9 < summary.seconds_to_first_step < 3.5
+
+
+@pytest.mark.parametrize(("final", "warns"), [(0.11, True), (0.15, True), (0.2, False)])
+def test_chance_level_means_at_most_one_and_a_half_times_chance(final, warns):
+    config = parse_params({}).run_config("tf")
+    result = SeedResult(
+        **{**seed_result(0, 0.1, 1.0).__dict__, "history": [{"train_accuracy": final}]}
+    )
+    assert (chance_level_warning("tf", result, config) is not None) == warns
+
+
+def test_a_one_epoch_history_is_a_csv_dvc_can_plot(tmp_path):
+    write_history(tmp_path / "h.csv", [{"epoch": 1, "train_loss": 0.5}])
+    assert (tmp_path / "h.csv").read_bytes() == b"epoch,train_loss\r\n1,0.5\r\n"
