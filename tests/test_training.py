@@ -66,10 +66,16 @@ def test_summary_is_the_mean_accuracy_and_the_median_time_over_seeds(tmp_path):
     results = [seed_result(3, 0.80, 10.0), seed_result(5, 0.90, 30.0), seed_result(9, 0.97, 11.0)]
     model_file = tmp_path / "m.pt"
     model_file.write_bytes(b"x" * 123)
-    device = Device("cpu", "test cpu", "1.0", "none", 2)
+    device = Device("cpu", "test cpu", "1.0", "12.4", 2, workers=4, backend="gloo")
     summary = summarize(
         FakeTrainer(), results, Latency(0.1, 0.2, 3.0), device, model_file, 0.0, "run-1"
     )
+    assert (summary.device_name, summary.framework_version, summary.cuda_version) == (
+        "test cpu",
+        "1.0",
+        "12.4",
+    )
+    assert (summary.workers, summary.backend) == (4, "gloo")
     assert summary.test_accuracy == pytest.approx(0.89)  # not the first seed's 0.80
     assert summary.test_loss == pytest.approx(0.11)
     assert summary.test_accuracy_per_seed == [0.80, 0.90, 0.97] and summary.seeds == [3, 5, 9]
