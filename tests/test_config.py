@@ -14,6 +14,7 @@ def test_repository_params_are_valid_and_fair():
     params = load_params(ROOT / "params.yaml")
     tf, torch = params.run_config("tf"), params.run_config("torch")
     assert tf.flat() == torch.flat()  # the fair comparison is the default
+    assert tf.flat()["scheme"] == "scale" and tf.flat()["train.optimizer.name"] == "adam"
     assert params.model.hidden_units == [128] and params.model.dropout_rate == 0.2
     assert len(params.train.seeds) >= 3
 

@@ -113,7 +113,11 @@ def test_inputs_are_checked_against_meta_before_any_work(tmp_path):
 
     x_train = data / "scale" / "x_train.npy"
     np.save(x_train, np.zeros((299, 28, 28), np.float32))  # a row short of meta.json
-    with pytest.raises(StageError, match=r"x_train.npy holds float32 \(299, 28, 28\), expected"):
+    with pytest.raises(
+        StageError,
+        match=r"x_train.npy holds float32 \(299, 28, 28\), expected float32 \(300, 28, 28\) "
+        r"\(from meta.json\); rerun `dvc repro normalize`",
+    ):
         load_splits(data, "scale", meta)
     np.save(x_train, np.full((300, 28, 28), np.nan, np.float32))
     with pytest.raises(StageError, match="x_train.npy contains NaN or infinite values"):
@@ -140,6 +144,7 @@ class ReloadTrainer:
         self.reloaded = reloaded
 
     def load_model(self, path, model, device):
+        assert device == "cpu", device  # reloaded where it will serve, as the stage asked
         return self.reloaded
 
     def predict_proba(self, network, x):
