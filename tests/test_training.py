@@ -300,3 +300,15 @@ def test_chance_level_means_at_most_one_and_a_half_times_chance(final, warns):
 def test_a_one_epoch_history_is_a_csv_dvc_can_plot(tmp_path):
     write_history(tmp_path / "h.csv", [{"epoch": 1, "train_loss": 0.5}])
     assert (tmp_path / "h.csv").read_bytes() == b"epoch,train_loss\r\n1,0.5\r\n"
+
+
+def test_labels_are_any_of_the_ten_classes_and_meta_must_give_the_sizes(tmp_path):
+    data = write_processed(tmp_path / "processed")
+    meta = json.loads((data / "meta.json").read_text())
+    np.save(data / "y_val.npy", np.full(100, 9, np.int64))  # one class only, the last: fine
+    assert (load_splits(data, "scale", meta).val.y == 9).all()
+    np.save(data / "y_val.npy", np.full(100, 10, np.int64))  # one past the last class
+    with pytest.raises(StageError, match=r"y_val.npy holds labels outside 0..9; rerun"):
+        load_splits(data, "scale", meta)
+    with pytest.raises(StageError, match=r"meta.json lacks split_sizes; rerun `dvc repro normal"):
+        load_splits(data, "scale", {})
