@@ -12,10 +12,13 @@ from stages.common import StageError, staged_outputs
 from stages.config import parse_params
 from stages.training import (
     Device,
+    EpochResult,
     Latency,
     NonFiniteLoss,
     Phases,
     SeedResult,
+    Split,
+    Splits,
     batch_order,
     chance_level_warning,
     check_reload,
@@ -24,6 +27,8 @@ from stages.training import (
     mean_history,
     shared_weights,
     summarize,
+    to_device_data,
+    train_one_seed,
     write_history,
 )
 from tests.conftest import write_processed
@@ -312,3 +317,84 @@ def test_labels_are_any_of_the_ten_classes_and_meta_must_give_the_sizes(tmp_path
         load_splits(data, "scale", meta)
     with pytest.raises(StageError, match=r"meta.json lacks split_sizes; rerun `dvc repro normal"):
         load_splits(data, "scale", {})
+
+
+class ScriptedTrainer:
+    """Records what the seed loop asks of a framework; 'trains' by returning scripted numbers."""
+
+    framework = "torch"
+
+    def __init__(self):
+        self.calls = []
+
+    def seed_everything(self, seed, deterministic):
+        self.calls.append(("seed", seed, deterministic))
+
+    def build_model(self, model, initial_weights=None):
+        self.calls.append(("build", initial_weights is not None))
+        return "net"
+
+    def make_optimizer(self, train, network):
+        return "opt"
+
+    def to_device(self, array, device):
+        self.calls.append(("to_device", device))
+        return array
+
+    def train_epoch(self, network, optimizer, x, y, order, batch_size):
+        self.calls.append(("epoch", order.tolist(), batch_size))
+        return EpochResult(loss=0.5, accuracy=0.8, first_step_done=123.0 + len(self.calls))
+
+    def predict_proba(self, network, x, training=False):
+        self.calls.append(("predict", len(x), training))
+        return np.eye(10, dtype=np.float32)[np.zeros(len(x), int)]  # always class 0
+
+
+def _splits(train=6, val=4, test=5):
+    def split(n):
+        return Split(np.zeros((n, 28, 28), np.float32), np.zeros(n, np.int64))
+
+    return Splits(split(train), split(val), split(test))
+
+
+@pytest.mark.parametrize("init", ["shared", "glorot", "framework"])
+def test_the_seed_loop_asks_each_framework_the_same_things(init):
+    config = parse_params(
+        {
+            "train": {"epochs": 2, "batch_size": 4, "seeds": [3], "dropout_at_test": True},
+            "model": {"init": init},
+        }
+    ).run_config("torch")
+    splits = _splits()
+    trainer = ScriptedTrainer()
+    tensors = to_device_data(trainer, splits, "cpu")
+    rows = []
+    result = train_one_seed(trainer, config, splits, tensors, 3, on_epoch=rows.append)
+    assert trainer.calls == [
+        ("to_device", "cpu"),
+        ("to_device", "cpu"),
+        ("to_device", "cpu"),
+        ("to_device", "cpu"),
+        ("seed", 3, config.train.deterministic),
+        ("build", init == "shared"),  # only `shared` hands both frameworks numpy's weights
+        ("epoch", batch_order(6, 3, 1).tolist(), 4),
+        ("predict", 4, False),  # validation: evaluation mode
+        ("epoch", batch_order(6, 3, 2).tolist(), 4),
+        ("predict", 4, False),
+        ("predict", 5, True),  # the test set, with dropout as train.dropout_at_test asks
+    ]
+    assert [row["epoch"] for row in rows] == [1, 2] and rows == result.history
+    assert rows[0]["train_loss"] == 0.5 and rows[0]["train_accuracy"] == 0.8
+    assert (rows[0]["val_loss"], rows[0]["val_accuracy"]) == (0.0, 1.0)  # all right, sure
+    assert (result.seed, result.model, result.test_accuracy) == (3, "net", 1.0)
+    assert result.first_step_done == 123.0 + 7  # the first epoch's, not the second's
+    assert result.samples_per_second == pytest.approx(2 * 6 / result.train_seconds)
+    assert result.train_seconds == pytest.approx(sum(row["seconds"] for row in rows))
+
+
+def test_no_validation_split_means_no_validation_columns():
+    config = parse_params({"train": {"epochs": 1}}).run_config("torch")
+    splits = _splits(val=0)
+    trainer = ScriptedTrainer()
+    result = train_one_seed(trainer, config, splits, to_device_data(trainer, splits, "cpu"), 0)
+    assert set(result.history[0]) == {"epoch", "train_loss", "train_accuracy", "seconds"}
