@@ -398,3 +398,20 @@ def test_no_validation_split_means_no_validation_columns():
     trainer = ScriptedTrainer()
     result = train_one_seed(trainer, config, splits, to_device_data(trainer, splits, "cpu"), 0)
     assert set(result.history[0]) == {"epoch", "train_loss", "train_accuracy", "seconds"}
+
+
+class DivergingTrainer(ScriptedTrainer):
+    def train_epoch(self, network, optimizer, x, y, order, batch_size):
+        if len([call for call in self.calls if call[0] == "epoch"]) == 1:  # the second epoch
+            raise NonFiniteLoss(1, float("nan"), 0.7)
+        return super().train_epoch(network, optimizer, x, y, order, batch_size)
+
+
+def test_a_divergence_in_the_second_epoch_counts_the_first_epochs_steps():
+    config = parse_params({"train": {"epochs": 2, "batch_size": 4}}).run_config("torch")
+    splits = _splits(train=6)  # 6 images at batch 4: 2 steps per epoch, the last one short
+    trainer = DivergingTrainer()
+    with pytest.raises(
+        StageError, match=r"loss is nan at step 3 \(epoch 2, seed 0\), after a loss"
+    ):
+        train_one_seed(trainer, config, splits, to_device_data(trainer, splits, "cpu"), 0)
