@@ -120,3 +120,36 @@ def test_each_kind_of_error_reads_in_full(raw, message):
 def test_an_error_without_a_key_says_top_level():
     error = {"loc": (), "type": "missing", "msg": "Field required", "input": None}
     assert _describe(error) == "'(top level)' = None is invalid: Field required"
+
+
+@pytest.mark.parametrize(
+    ("rendezvous", "valid"),
+    [
+        ("10.0.0.1:29500", True),
+        ("node-0:1", True),  # the lowest port
+        ("[fe80::1]:29500", True),  # IPv6: the port is after the last colon
+        (":29500", False),
+        ("10.0.0.1:", False),
+        ("10.0.0.1:0", False),
+        ("10.0.0.1:65536", False),
+        ("10.0.0.1:http", False),
+    ],
+)
+def test_the_rendezvous_is_host_and_port(rendezvous, valid):
+    raw = {"train": {"nodes": 2, "rendezvous": rendezvous}}
+    if valid:
+        assert parse_params(raw).train.rendezvous == rendezvous
+    else:
+        with pytest.raises(
+            ParamsError, match=r"'train.rendezvous' is invalid: .* is not host:port"
+        ):
+            parse_params(raw)
+
+
+def test_params_are_read_from_the_working_directory_and_errors_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert load_params() == load_params(ROOT / "params.yaml")
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("train: {epochs: 0}\n")
+    with pytest.raises(ParamsError, match=rf"^{bad} is invalid:\n  'train.epochs' = 0"):
+        load_params(bad)
