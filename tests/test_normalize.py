@@ -90,3 +90,18 @@ def test_standardize_refuses_images_without_spread():
         scheme_constants("standardize", np.full((4, 28, 28), 7, np.uint8))
     mean, std = scheme_constants("standardize", np.array([[0, 255]], np.uint8))
     assert (mean, std) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize(("val_size", "fits"), [(1, False), (2, True), (8, True), (9, False)])
+def test_val_size_must_leave_each_class_an_image_on_both_sides(val_size, fits):
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])  # 2 classes of 5: val_size 2..8
+    if fits:
+        train, val = split_validation(labels, val_size, seed=0)
+        assert len(val) == val_size and set(labels[val]) == set(labels[train]) == {0, 1}
+    else:
+        with pytest.raises(
+            StageError,
+            match=rf"normalize.val_size={val_size} cannot be split stratified from 10 training "
+            "images of 2 classes: .* Set it between 2 and 8, or to 0",
+        ):
+            split_validation(labels, val_size, seed=0)
