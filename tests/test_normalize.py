@@ -105,3 +105,11 @@ def test_val_size_must_leave_each_class_an_image_on_both_sides(val_size, fits):
             "images of 2 classes: .* Set it between 2 and 8, or to 0",
         ):
             split_validation(labels, val_size, seed=0)
+
+
+def test_apply_scheme_skips_the_arithmetic_only_for_mean_0_and_std_1():
+    images = np.array([[[0, 51, 255]]], np.uint8)
+    np.testing.assert_allclose(apply_scheme(images, 0.0, 1.0), [[[0.0, 0.2, 1.0]]], rtol=1e-6)
+    np.testing.assert_allclose(apply_scheme(images, 0.0, 0.5), [[[0.0, 0.4, 2.0]]], rtol=1e-6)
+    np.testing.assert_allclose(apply_scheme(images, 0.2, 1.0), [[[-0.2, 0.0, 0.8]]], atol=1e-6)
+    assert apply_scheme(images, 0.2, 1.0).dtype == np.float32
