@@ -99,14 +99,14 @@ def markdown(summary: dict) -> str:
         "progress plumbing, figures, the report's table), marked `# pragma: no mutate block`; "
         "the stage smoke tests and the end-to-end pipeline tests cover those.",
         "",
-        "| module | killed | survived | no tests | score |",
-        "|---|---:|---:|---:|---:|",
+        "| module | killed | survived | no tests | not checked | score |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for module, counts in summary["modules"].items():
         lines.append(
             f"| `{module}` | {counts.get('killed', 0) + counts.get('timeout', 0)} | "
             f"{counts.get('survived', 0)} | {counts.get('no tests', 0)} | "
-            f"{100 * counts['score']:.1f}% |"
+            f"{counts.get('not checked', 0)} | {100 * counts['score']:.1f}% |"
         )
     lines += ["", "Survivors (`mutmut show <name>` prints each change):", ""]
     for survivor in summary["survivors"]:

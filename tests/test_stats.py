@@ -114,3 +114,18 @@ def test_welch_when_only_one_side_has_spread():
     assert result.interval.high == pytest.approx(0.125 + half, rel=1e-5)
     assert result.p_value == pytest.approx(1 - math.sqrt(3 / 5), rel=1e-5)
     assert not result.significant
+
+
+def test_two_seeds_a_side_are_enough_for_an_interval():
+    result = difference([0.90, 0.92], [0.80, 0.81])
+    assert math.isfinite(result.interval.low) and math.isfinite(result.interval.high)
+    assert result.interval.low < 0.105 < result.interval.high
+
+
+def test_seeds_agreeing_to_the_last_bit_on_one_side_raise_no_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's "Precision loss occurred" would fail here
+        result = difference([0.9, 0.9, 0.9], [0.80, 0.85, 0.90])  # 0.9 is not exact in binary
+    assert result.interval.mean == pytest.approx(0.05)
