@@ -153,3 +153,13 @@ def test_params_are_read_from_the_working_directory_and_errors_name_the_file(tmp
     bad.write_text("train: {epochs: 0}\n")
     with pytest.raises(ParamsError, match=rf"^{bad} is invalid:\n  'train.epochs' = 0"):
         load_params(bad)
+
+
+def test_every_bad_key_is_named_one_per_line():
+    with pytest.raises(ParamsError) as error:
+        parse_params({"train": {"epochs": 0, "batch_size": 0}})
+    assert str(error.value).splitlines() == [
+        "params.yaml is invalid:",
+        "  'train.epochs' = 0 is invalid: Input should be greater than or equal to 1",
+        "  'train.batch_size' = 0 is invalid: Input should be greater than or equal to 1",
+    ]
