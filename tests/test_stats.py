@@ -2,6 +2,7 @@
 and the properties they must keep whatever the data (Hypothesis)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -123,8 +124,6 @@ def test_two_seeds_a_side_are_enough_for_an_interval():
 
 
 def test_seeds_agreeing_to_the_last_bit_on_one_side_raise_no_warning():
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # scipy's "Precision loss occurred" would fail here
         result = difference([0.9, 0.9, 0.9], [0.80, 0.85, 0.90])  # 0.9 is not exact in binary

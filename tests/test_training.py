@@ -2,6 +2,7 @@
 seeds, the divergence message, the input checks, the reload check, all-or-nothing outputs."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -219,8 +220,6 @@ def test_a_deferred_context_opens_on_first_use_or_on_failure():
 
 
 def test_nested_phases_are_counted_once():
-    import time
-
     from stages.training import Phases
 
     phases = Phases(time.time())
@@ -265,8 +264,6 @@ def test_shared_weights_are_glorot_uniform_float32_with_zero_bias():
 
 
 def test_seconds_since_the_process_started():
-    import time
-
     assert 5.0 <= Phases(time.time() - 5.0).since_start() < 6.0
 
 
@@ -279,8 +276,6 @@ def test_mean_history_averages_epoch_by_epoch_and_refuses_ragged_histories():
 
 
 def test_time_to_first_step_counts_from_the_process_start(tmp_path):
-    import time
-
     model_file = tmp_path / "m.pt"
     model_file.write_bytes(b"x")
     first = SeedResult(
