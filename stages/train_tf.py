@@ -90,7 +90,9 @@ def _train_steps(network: keras.Model, optimizer: keras.optimizers.Optimizer):
 
         @tf.function(jit_compile=JIT_COMPILE, reduce_retracing=True)
         def steps(x, y, batches):  # batches: (steps, batch_size) sample indices
-            losses = tf.TensorArray(tf.float32, size=0, dynamic_size=True)
+            # a fixed size: under XLA a dynamic-size TensorArray stacks to nothing; after a
+            # break the unwritten losses stack as zeros, after the non-finite one
+            losses = tf.TensorArray(tf.float32, size=tf.shape(batches)[0], element_shape=())
             correct = tf.constant(0, tf.int64)
             for i in tf.range(tf.shape(batches)[0]):
                 x_batch, y_batch = tf.gather(x, batches[i]), tf.gather(y, batches[i])

@@ -279,6 +279,25 @@ def test_a_non_finite_loss_names_its_step_within_the_epoch(framework):
     assert error.value.previous is not None and np.isfinite(error.value.previous)
 
 
+def test_tf_epoch_under_xla_trains_like_the_graph(monkeypatch):
+    # bench/speed.py times train-tf with jit_compile=True: it must train, not return no losses
+    import stages.train_tf
+
+    trainer, splits = TRAINERS["tf"], tiny_splits(num_train=200)
+    config = parse_params({"model": {"dropout_rate": 0.0}}).run_config("tf")  # XLA's own RNG
+    results = {}
+    for jit in (False, True):
+        monkeypatch.setattr(stages.train_tf, "JIT_COMPILE", jit)
+        trainer.seed_everything(0, True)
+        model = trainer.build_model(config.model)
+        optimizer = trainer.make_optimizer(config.train, model)
+        x, y = trainer.to_device(splits.train.x, "cpu"), trainer.to_device(splits.train.y, "cpu")
+        results[jit] = trainer.train_epoch(model, optimizer, x, y, np.arange(200), 32)
+    assert results[True].loss > 0
+    assert results[True].loss == pytest.approx(results[False].loss, rel=1e-4)
+    assert results[True].accuracy == pytest.approx(results[False].accuracy, abs=0.01)
+
+
 @pytest.mark.parametrize("framework", ["tf", "torch"])
 def test_divergence_stops_at_once_naming_step_epoch_and_learning_rate(params_dict, framework):
     params_dict["train"].update(learning_rate=10.0, batch_size=32)
