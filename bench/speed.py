@@ -328,6 +328,8 @@ def targets(configs: dict) -> list[str]:
                 f"Target: `{name}` at least {factor:g}x faster than `{baseline}`: "
                 f"{ratio:.1f}x, {verdict}."
             )
+    if lines:
+        lines.append("The pipeline-time and first-step targets: `bench/stage_time.md`.")
     return [" ".join(lines), ""] if lines else []
 
 
