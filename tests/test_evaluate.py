@@ -133,6 +133,16 @@ def test_report_command_without_outputs_says_what_to_run(tmp_path):
     assert "run `dvc repro evaluate` first" in result.output
 
 
+def test_the_readme_quotes_every_committed_result_file_as_it_is():
+    # every number in the README comes from a command: a rerun bench must reach the README too
+    from stages.readme import SECTIONS
+
+    readme = (ROOT / "README.md").read_text()
+    for heading, path in SECTIONS:
+        if path is not None and (ROOT / path).exists():
+            assert f"### {heading}\n\n{(ROOT / path).read_text().strip()}\n" in readme, path
+
+
 def test_readme_command_fills_only_the_results_section(workspace):
     result = run_evaluate(workspace)
     readme = workspace / "README.md"
