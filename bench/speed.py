@@ -318,7 +318,8 @@ TARGETS = {  # configuration: (its blog baseline, how many times faster it must 
 
 
 def targets(configs: dict) -> list[str]:
-    """Return one line per speed target that this run measured, saying whether it is met."""
+    """Return the verdict on each speed target this run measured, and where the other targets
+    are measured, as one paragraph and a blank line; nothing when no target was measured."""
     lines = []
     for name, (baseline, factor) in TARGETS.items():
         if name in configs and baseline in configs:

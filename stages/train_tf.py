@@ -90,8 +90,8 @@ def _train_steps(network: keras.Model, optimizer: keras.optimizers.Optimizer):
 
         @tf.function(jit_compile=JIT_COMPILE, reduce_retracing=True)
         def steps(x, y, batches):  # batches: (steps, batch_size) sample indices
-            # a fixed size: under XLA a dynamic-size TensorArray stacks to nothing; after a
-            # break the unwritten losses stack as zeros, after the non-finite one
+            # Fixed size: under XLA a dynamic-size TensorArray stacks to nothing. After a break,
+            # the unwritten entries stack as zeros behind the non-finite loss train_epoch finds.
             losses = tf.TensorArray(tf.float32, size=tf.shape(batches)[0], element_shape=())
             correct = tf.constant(0, tf.int64)
             for i in tf.range(tf.shape(batches)[0]):

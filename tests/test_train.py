@@ -281,13 +281,11 @@ def test_a_non_finite_loss_names_its_step_within_the_epoch(framework):
 
 def test_tf_epoch_under_xla_trains_like_the_graph(monkeypatch):
     # bench/speed.py times train-tf with jit_compile=True: it must train, not return no losses
-    import stages.train_tf
-
     trainer, splits = TRAINERS["tf"], tiny_splits(num_train=200)
     config = parse_params({"model": {"dropout_rate": 0.0}}).run_config("tf")  # XLA's own RNG
     results = {}
     for jit in (False, True):
-        monkeypatch.setattr(stages.train_tf, "JIT_COMPILE", jit)
+        monkeypatch.setattr("stages.train_tf.JIT_COMPILE", jit)
         trainer.seed_everything(0, True)
         model = trainer.build_model(config.model)
         optimizer = trainer.make_optimizer(config.train, model)

@@ -220,8 +220,6 @@ def test_a_deferred_context_opens_on_first_use_or_on_failure():
 
 
 def test_nested_phases_are_counted_once():
-    from stages.training import Phases
-
     phases = Phases(time.time())
     with phases.phase("training"):
         time.sleep(0.05)
