@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import typer
-import yaml
+from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_PIPELINE_SECONDS = 120
@@ -56,9 +56,10 @@ def make_copy(raw: Path, folder: Path) -> Path:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
     dataset = json.loads((raw / "manifest.json").read_text())["dataset"]
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    round_trip = YAML()  # as DVC's `-S` edits params.yaml: YAML 1.2, comments kept
+    params = round_trip.load(repo / "params.yaml")
     params["data"]["dataset"] = dataset
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    round_trip.dump(params, repo / "params.yaml")
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "bench copy"]):
         subprocess.run(
             ["git", "-c", "user.email=bench@localhost", "-c", "user.name=bench", *args],

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -17,6 +16,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 
 from .common import StageError, run_cli
 
@@ -298,6 +299,12 @@ def _describe(error: dict) -> str:
     if error["type"] == "value_error":  # our own validators: the message names the value
         return f"'{key}' is invalid: {error['msg'].removeprefix('Value error, ')}"
     value = error.get("input")
+    if error["type"] == "int_type" and isinstance(value, float) and value.is_integer():
+        # `5e2` is a float in YAML 1.2, as DVC reads it: a count is written as a whole number
+        return (
+            f"'{key}' = {value!r} is invalid: a whole number is needed and {value!r} is a float "
+            f"(an exponent or a decimal point makes one); write {int(value)}"
+        )
     return f"'{key}' = {value!r} is invalid: {error['msg']}"
 
 
@@ -314,18 +321,70 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source} is invalid:\n  {problems}") from None
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
-    """Return the validated params read from `path`, or raise ParamsError."""
-    path = Path(path)
+def duplicate_keys(node: Node | None, path: tuple[str, ...] = ()) -> list[str]:
+    """Return one description per key written twice in the same mapping, with both line numbers."""
+    found: list[str] = []
+    if isinstance(node, MappingNode):
+        first_line: dict[object, int] = {}
+        for key, value in node.value:
+            name = ".".join((*path, str(key.value)))
+            line = key.start_mark.line + 1
+            if key.value in first_line:
+                found.append(
+                    f"'{name}' is given twice, on lines {first_line[key.value]} and {line}"
+                )
+            else:
+                first_line[key.value] = line
+            found += duplicate_keys(value, (*path, str(key.value)))
+    elif isinstance(node, SequenceNode):
+        for item in node.value:
+            found += duplicate_keys(item, path)
+    return found
+
+
+def read_params_file(path: Path) -> object:
+    """Return the file parsed as DVC parses it (YAML 1.2: `1e-3` is a number), or raise
+    ParamsError when it is missing, not a file, empty, not YAML or gives a key twice."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ParamsError(
             f"{path} not found; run from the repository root or pass --params"
         ) from None
-    except yaml.YAMLError as exc:
+    except IsADirectoryError:
+        raise ParamsError(
+            f"{path} is a directory, not a file; remove it and restore the file "
+            f"(`git checkout -- {path}`) or pass --params"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path} cannot be read: {exc}") from None
+    yaml = YAML(typ="safe", pure=True)  # DVC's parser (ruamel.yaml, safe), so both see one value
+    try:
+        node = yaml.compose(text)
+    except YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
-    return parse_params(raw, str(path))
+    if node is None:
+        raise ParamsError(
+            f"{path} is empty; restore it (`git checkout -- {path}`) or write the sections "
+            "it needs (see the repository's params.yaml)"
+        )
+    duplicates = duplicate_keys(node)
+    if duplicates:
+        raise ParamsError(
+            f"{path} is invalid:\n  "
+            + "\n  ".join(f"{d}; keep one (DVC refuses the file too)" for d in duplicates)
+        )
+    try:
+        raw = yaml.load(text)
+    except YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return raw
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Return the validated params read from `path`, or raise ParamsError."""
+    path = Path(path)
+    return parse_params(read_params_file(path), str(path))
 
 
 def main(params: Path = typer.Option(Path("params.yaml"), help="Parameters file.")) -> None:
