@@ -31,19 +31,23 @@ def report(metrics: Path = typer.Option(Path("metrics/evaluate.json"))) -> None:
 def readme(
     metrics: Path = typer.Option(Path("metrics/evaluate.json")),
     export: Path = typer.Option(Path("metrics/export.json")),
-    root: Path = typer.Option(Path("."), help="Where bench/, experiments/ and tests/ results are."),
+    root: Path = typer.Option(Path("."), help="The checkout: dvc.yaml and the stages' code."),
+    lock: Path = typer.Option(Path("dvc.lock"), help="DVC's record of the code each stage ran."),
     readme_path: Path = typer.Option(Path("README.md"), "--readme"),
+    deployment_doc: Path = typer.Option(Path("docs/deployment.md"), "--deployment-doc"),
 ) -> None:
-    """Regenerate the README's results section from the outputs."""
-    from .readme import update_readme
+    """Regenerate the README's results and docs/deployment.md's tables from the outputs."""
+    from .readme import recorded_digest, update_readme
 
     try:
+        digest = recorded_digest(root, lock)
         deployment = read_json(export, "export") if export.exists() else None
-        update_readme(readme_path, read_json(metrics, "evaluate"), root, deployment)
+        result = read_json(metrics, "evaluate")
+        update_readme(readme_path, result, digest, deployment_doc, deployment)
     except StageError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"updated the results section of {readme_path}")
+    typer.echo(f"updated the results in {readme_path} and {deployment_doc}")
 
 
 @app.command()

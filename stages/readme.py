@@ -1,72 +1,128 @@
-"""Regenerate the README's results section from the pipeline's, the benchmarks' and the
-experiments' outputs, so that every number in it comes from a command anyone can rerun."""
+"""Regenerate the README's results and docs/deployment.md's tables from the pipeline's outputs,
+stamped with a digest of the code that produced them, so a test can tell when they are stale."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ruamel.yaml import YAML
 
 from .common import StageError
 from .evaluate import agreement_sentence, deployment_markdown, markdown_table, verdict
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-# The sections after the comparison, in order: heading, and the markdown file a command writes.
-SECTIONS = (
-    ("Deployment (`dvc repro`, stage `export`)", None),  # from metrics/export.json
-    ("Training speed (`python bench/speed.py`)", Path("bench/results.md")),
-    (
-        "Where a default `dvc repro` spends its time (`python bench/stage_time.py`)",
-        Path("bench/stage_time.md"),
-    ),
-    (
-        "Where a `train-torch` step's time goes (`python bench/step_profile.py`)",
-        Path("bench/step_profile.md"),
-    ),
-    (
-        "Data-parallel scaling on this CPU (`python bench/distributed.py`)",
-        Path("bench/distributed.md"),
-    ),
-    (
-        "The blog's gap, one change at a time (`python experiments/blog_gap.py`)",
-        Path("experiments/blog_gap.md"),
-    ),
-    ("Mutation testing (`python tests/mutation.py`)", Path("tests/mutation.md")),
-)
+DEPLOYMENT_START, DEPLOYMENT_END = "<!-- deployment:start -->", "<!-- deployment:end -->"
+DIGEST_PREFIX = "Produced from code sha256:"
+RERUN = "run `dvc repro` (on Fashion-MNIST: `dvc exp run -S data.dataset=fashion-mnist`) first"
 
 
-def results_section(result: dict[str, Any], dataset: str, sections: dict[str, str | None]) -> str:
-    """Return the markdown between the README's result markers: the comparison, then each
-    section in `sections` (heading -> markdown) that has content."""
-    lines = [
-        f"### The comparison (`dvc repro` with data.dataset={dataset}, {result['seeds']} seeds, CPU)",
-        "",
-        verdict(result),
-        "",
-        markdown_table(result),
-        "",
-        agreement_sentence(result),
-        "",
+def _yaml(path: Path) -> dict[str, Any]:
+    try:
+        return YAML(typ="safe", pure=True).load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise StageError(f"{path} not found; {RERUN}") from None
+
+
+def code_files(pipeline: Mapping[str, Any]) -> list[str]:
+    """Return every Python file some stage of dvc.yaml depends on, sorted."""
+    return sorted(
+        {
+            str(dep).split()[0]
+            for stage in pipeline["stages"].values()
+            for dep in stage.get("deps", [])
+            if str(dep).endswith(".py")
+        }
+    )
+
+
+def file_md5(path: Path) -> str:
+    """Return the md5 of a file's bytes, as DVC 3 records it in dvc.lock."""
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def code_digest(md5s: Mapping[str, str]) -> str:
+    """Return one sha256 over (path, md5) of every code file, in path order."""
+    text = "".join(f"{path} {md5s[path]}\n" for path in sorted(md5s))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def current_digest(root: Path) -> str:
+    """Return the digest of the code files dvc.yaml lists, as they are now."""
+    files = code_files(_yaml(root / "dvc.yaml"))
+    return code_digest({name: file_md5(root / name) for name in files})
+
+
+def recorded_digest(root: Path, lock: Path) -> str:
+    """Return the digest of the code the outputs were produced from, as dvc.lock records it;
+    raise StageError when a stage has not run or ran on code that has changed since."""
+    files = code_files(_yaml(root / "dvc.yaml"))
+    recorded: dict[str, str] = {}
+    for stage in _yaml(lock).get("stages", {}).values():
+        for dep in stage.get("deps", []):
+            recorded[dep["path"]] = dep.get("md5", "")
+    for name in files:
+        if name not in recorded:
+            raise StageError(f"{lock} has no record of {name}: a stage has not run; {RERUN}")
+        if recorded[name] != file_md5(root / name):
+            raise StageError(f"the outputs come from an older {name} than the checkout's; {RERUN}")
+    return code_digest({name: recorded[name] for name in files})
+
+
+def stamp(digest: str) -> str:
+    """Return the line that records which code produced a block."""
+    return f"<!-- {DIGEST_PREFIX}{digest} -->"
+
+
+def stamped_digests(text: str) -> list[str]:
+    """Return every digest stamped in a markdown text, in order."""
+    return [
+        line.split(DIGEST_PREFIX, 1)[1].removesuffix(" -->")
+        for line in text.splitlines()
+        if DIGEST_PREFIX in line
     ]
-    for heading, text in sections.items():
-        if text:
-            lines += [f"### {heading}", "", text.strip(), ""]
-    return "\n".join(lines)
+
+
+def results_section(result: dict[str, Any], dataset: str) -> str:
+    """Return the markdown between the README's result markers: the verdict, the comparison
+    table and the agreement sentence."""
+    return "\n".join(
+        [
+            f"### The comparison (`dvc repro` with data.dataset={dataset}, "
+            f"{result['seeds']} seeds, CPU)",
+            "",
+            verdict(result),
+            "",
+            markdown_table(result),
+            "",
+            agreement_sentence(result),
+        ]
+    )
+
+
+def fill(text: str, markers: tuple[str, str], body: str, where: Path) -> str:
+    """Return `text` with the part between the two markers replaced by `body`."""
+    start, end = markers
+    if start not in text or end not in text:
+        raise StageError(f"{where} has no {start} ... {end} markers to fill")
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
 def update_readme(
-    readme: Path, result: dict[str, Any], root: Path, deployment: dict[str, Any] | None
+    readme: Path,
+    result: dict[str, Any],
+    digest: str,
+    deployment_doc: Path | None = None,
+    deployment: dict[str, Any] | None = None,
 ) -> None:
-    """Replace the README's results section in place; sections whose file is missing are left out."""
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise StageError(f"{readme} has no {START} ... {END} markers to fill")
+    """Fill the README's results block and, given export's metrics, docs/deployment.md's."""
     dataset = result.get("dataset", "the dataset in params.yaml")
-    sections = {}
-    for heading, path in SECTIONS:
-        if path is None:
-            sections[heading] = deployment_markdown(deployment) if deployment else None
-        else:
-            sections[heading] = (root / path).read_text() if (root / path).exists() else None
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n{results_section(result, dataset, sections)}\n{END}{tail}")
+    body = f"{stamp(digest)}\n{results_section(result, dataset)}"
+    readme.write_text(fill(readme.read_text(), (START, END), body, readme))
+    if deployment_doc is not None and deployment is not None:
+        body = f"{stamp(digest)}\n{deployment_markdown(deployment).strip()}"
+        markers = (DEPLOYMENT_START, DEPLOYMENT_END)
+        deployment_doc.write_text(fill(deployment_doc.read_text(), markers, body, deployment_doc))

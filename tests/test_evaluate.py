@@ -133,43 +133,6 @@ def test_report_command_without_outputs_says_what_to_run(tmp_path):
     assert "run `dvc repro evaluate` first" in result.output
 
 
-def test_the_readme_quotes_every_committed_result_file_as_it_is():
-    # every number in the README comes from a command: a rerun bench must reach the README too
-    from stages.readme import SECTIONS
-
-    readme = (ROOT / "README.md").read_text()
-    for heading, path in SECTIONS:
-        if path is not None and (ROOT / path).exists():
-            assert f"### {heading}\n\n{(ROOT / path).read_text().strip()}\n" in readme, path
-
-
-def test_readme_command_fills_only_the_results_section(workspace):
-    result = run_evaluate(workspace)
-    readme = workspace / "README.md"
-    readme.write_text("# Title\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
-    (workspace / "bench").mkdir()
-    (workspace / "bench/results.md").write_text("| speed table |\n")
-    (workspace / "bench/step_profile.md").write_text("| step table |\n")
-    command = ["readme", "--metrics", str(workspace / "evaluate.json"), "--readme", str(readme)]
-    command += ["--root", str(workspace), "--export", str(workspace / "missing.json")]
-
-    done = CliRunner().invoke(app, command)
-    assert done.exit_code == 0, done.output
-    text = readme.read_text()
-    assert text.startswith("# Title\n<!-- results:start -->\n") and text.endswith(
-        "end -->\nafter\n"
-    )
-    assert "old" not in text and "| speed table |" in text and "| step table |" in text
-    assert text.index("| speed table |") < text.index("| step table |")  # in SECTIONS' order
-    assert "blog's gap" not in text and "Deployment" not in text  # no output, no section
-    assert f"{100 * result['tf']['test_accuracy']:.2f}" in text
-    assert evaluate.agreement_sentence(result) in text
-
-    readme.write_text("# Title without markers\n")
-    done = CliRunner().invoke(app, command)
-    assert done.exit_code == 1 and "has no <!-- results:start -->" in done.output
-
-
 def paired_predictions():
     """Labels and (seeds, N, 10) probabilities where TensorFlow is better on every seed.
 

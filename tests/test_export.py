@@ -17,8 +17,6 @@ import yaml
 from stages import evaluate, export, export_tf, export_torch, exporting, serving
 from stages.common import StageError
 from stages.config import Params, ParamsError, load_params, parse_params
-from stages.evaluate import deployment_markdown
-from stages.readme import results_section
 from tests.conftest import ROOT, run_stage
 from tests.test_train import run_trainer, write_processed
 
@@ -327,12 +325,6 @@ def test_stage_exports_serves_and_reports_both_frameworks(in_trained, staged, tm
     assert f"| PyTorch | 4 | 24 / 24 | 0 | {level['latency_p50_ms']:.3g} / " in report
     assert f"{1000 * onnx_tf['latency_batch1_p50_ms']:.1f} µs (Keras, tf2onnx)" in report
     assert "| TensorFlow/Keras | trained model (.keras) | Keras |" in report
-    # and the README's results section carries the same Deployment tables
-    evaluated = json.loads((tmp_path / "evaluate.json").read_text())
-    heading = "Deployment (`dvc repro`, stage `export`)"
-    section = results_section(evaluated, "mnist", {heading: deployment_markdown(result)})
-    assert "### Deployment (`dvc repro`, stage `export`)" in section
-    assert f"| PyTorch | 4 | 24 / 24 | 0 | {level['latency_p50_ms']:.3g} / " in section
 
 
 def test_halves_import_only_their_own_framework():
