@@ -207,6 +207,11 @@ class ExportConfig(_Frozen):
     load_test: LoadTestConfig = LoadTestConfig()
 
 
+class EvaluateConfig(_Frozen):
+    # accuracy points: |TensorFlow - PyTorch| below this counts as equivalent (TOST)
+    equivalence_margin: Annotated[Float, Field(gt=0.0, le=100.0)] = 0.2
+
+
 class Params(_Frozen):
     mlflow: MlflowConfig = MlflowConfig()
     data: DataConfig = DataConfig()
@@ -215,6 +220,7 @@ class Params(_Frozen):
     train: TrainConfig = TrainConfig()
     overrides: Overrides = Overrides()
     export: ExportConfig = ExportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
     def _batches_split_evenly(self) -> Params:

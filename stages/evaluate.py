@@ -20,7 +20,7 @@ from .common import StageError, load_npy, read_json, run_cli, staged_outputs, wr
 from .config import FRAMEWORKS, load_params
 from .dataset import NUM_CLASSES
 from .exporting import FORMAT_LABELS, RUNTIMES
-from .stats import difference, mcnemar_exact, mean_interval
+from .stats import difference, equivalence, mcnemar_exact, mean_interval, seeds_to_decide
 from .training import load_splits, loss_and_accuracy
 
 LABELS = {"tf": "TensorFlow/Keras", "torch": "PyTorch"}
@@ -86,8 +86,10 @@ def compare(
     probabilities: dict[str, np.ndarray],
     trainer_metrics: dict[str, dict[str, Any]],
     code_lines: dict[str, int],
+    margin_points: float = 0.2,
 ) -> dict[str, Any]:
-    """Return every number of the comparison: accuracy statistics, agreement, McNemar, speed.
+    """Return every number of the comparison: accuracy statistics, the verdict, agreement,
+    McNemar, speed. `margin_points` is the equivalence margin in accuracy points.
 
     Seeds are paired by position in train.seeds: TensorFlow's i-th seed against PyTorch's i-th.
     """
@@ -119,6 +121,7 @@ def compare(
             "backend": trainer_metrics[fw].get("backend", "none"),
         }
     diff = difference(accuracy["tf"], accuracy["torch"])
+    same = equivalence(accuracy["tf"], accuracy["torch"], margin_points / 100)
     pairs = min(len(predicted["tf"]), len(predicted["torch"]))
     seeds = trainer_metrics["tf"].get("seeds") or list(range(pairs))
     paired = [
@@ -134,6 +137,13 @@ def compare(
         "accuracy_difference_ci_high": diff.interval.high,
         "accuracy_difference_p_value": diff.p_value,
         "significant": diff.significant,
+        "equivalence_margin": same.margin,
+        "equivalence_ci_low": same.interval.low,  # 90%: TOST at the 5% level
+        "equivalence_ci_high": same.interval.high,
+        "equivalence_p_value": same.p_value,
+        "equivalent": same.equivalent,
+        "verdict": verdict_code(diff.interval.mean, same.equivalent, diff.significant),
+        "seeds_to_decide": seeds_to_decide(accuracy["tf"], accuracy["torch"], same.margin),
         "seeds": pairs,
         "paired_seeds": list(seeds[:pairs]),
         "agreement": float(np.mean(agreement)),
@@ -153,29 +163,57 @@ def _ratio(a: float | None, b: float | None) -> float:
     return float(a / b) if a and b else math.nan
 
 
+def verdict_code(points: float, equivalent: bool, significant: bool) -> str:
+    """Return the verdict: equivalent (TOST first), tf_better or torch_better, or inconclusive."""
+    if equivalent:
+        return "equivalent"
+    if significant:
+        return "tf_better" if points > 0 else "torch_better"
+    return "inconclusive"
+
+
 def verdict(result: dict[str, Any]) -> str:
-    """Return one sentence saying whether the accuracy difference is real."""
+    """Return one sentence saying whether the frameworks differ, are equivalent, or neither yet."""
     points = 100 * result["accuracy_difference"]
     low, high = (
         100 * result["accuracy_difference_ci_low"],
         100 * result["accuracy_difference_ci_high"],
     )
+    margin = 100 * result["equivalence_margin"]
     if math.isnan(low):
         return (
             f"TensorFlow minus PyTorch: {points:+.2f} points from one seed; "
             "add seeds to train.seeds to test whether that is a difference at all."
         )
+    seeds = result["seeds"]
     interval = f"{points:+.2f} points, 95% CI [{low:+.2f}, {high:+.2f}]"
-    if result["significant"]:
-        better = "TensorFlow/Keras" if points > 0 else "PyTorch"
+    welch = f"Welch p = {result['accuracy_difference_p_value']:.3g}"
+    tost = f"TOST p = {result['equivalence_p_value']:.3g}"
+    narrow = (
+        f"90% CI [{100 * result['equivalence_ci_low']:+.2f}, "
+        f"{100 * result['equivalence_ci_high']:+.2f}]"
+    )
+    if result["verdict"] == "equivalent":
+        return (
+            f"Equivalent within ±{margin:.2f} points: TensorFlow minus PyTorch is {points:+.2f} "
+            f"points over {seeds} seeds, and its {narrow} lies inside the margin ({tost})."
+        )
+    if result["verdict"] in ("tf_better", "torch_better"):
+        better = "TensorFlow/Keras" if result["verdict"] == "tf_better" else "PyTorch"
         return (
             f"{better} is more accurate: TensorFlow minus PyTorch is {interval} over "
-            f"{result['seeds']} seeds (Welch p = {result['accuracy_difference_p_value']:.3g})."
+            f"{seeds} seeds ({welch})."
         )
+    needed = result.get("seeds_to_decide")
+    decide = (
+        f"about {needed} seeds per framework would decide, at the spread observed"
+        if needed
+        else "more seeds than this project would train would be needed to decide"
+    )
     return (
-        f"No difference in accuracy: TensorFlow minus PyTorch is {interval} over "
-        f"{result['seeds']} seeds; the interval contains zero "
-        f"(Welch p = {result['accuracy_difference_p_value']:.3g})."
+        f"Inconclusive: TensorFlow minus PyTorch is {interval} over {seeds} seeds, which "
+        f"contains zero ({welch}), and its {narrow} is not inside the equivalence margin of "
+        f"±{margin:.2f} points ({tost}); {decide}."
     )
 
 
@@ -663,7 +701,8 @@ def main(
         "tf": count_code_lines(code_tf.read_text()),
         "torch": count_code_lines(code_torch.read_text()),
     }
-    result = compare(labels, probabilities, trainer_metrics, code_lines)
+    margin = config.evaluate.equivalence_margin
+    result = compare(labels, probabilities, trainer_metrics, code_lines, margin)
     first = {fw: p[0].argmax(axis=1) for fw, p in probabilities.items()}  # the McNemar pair
     tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
     deployment = read_json(export, "export") if export else None
@@ -703,6 +742,7 @@ def main(
                 **{k: float(v) for k, v in result.items() if isinstance(v, int | float)},
             }
         )
+        mlflow.set_tag("verdict", result["verdict"])
         mlflow.log_artifacts(str(tmp_report), "report")
     print_table(result)
 

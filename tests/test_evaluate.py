@@ -52,25 +52,51 @@ def _fake(labels, accuracy, seed):
     return np.eye(10, dtype=np.float32)[predicted] * 0.9 + 0.01
 
 
-def test_no_difference_is_reported_as_no_difference():
-    labels = np.arange(1000) % 10
+SPEED = {
+    "train_seconds": 2.0,
+    "samples_per_second": 1.0,
+    "latency_batch1_p50_ms": 0.1,
+    "latency_batch1_p95_ms": 0.2,
+}
+
+
+def _compare_accuracies(tf, torch, margin_points=0.2):
+    """Return compare() on predictions whose per-seed accuracies are exactly `tf` and `torch`."""
+    labels = np.arange(10000) % 10
+
+    def seed(accuracy):
+        wrong = np.arange(len(labels)) >= round(accuracy * len(labels))
+        return np.eye(10, dtype=np.float32)[np.where(wrong, (labels + 1) % 10, labels)]
+
     probabilities = {
-        fw: np.stack([_fake(labels, 0.9, s) for s in range(3)]) for fw in ("tf", "torch")
+        "tf": np.stack([seed(a) for a in tf]),
+        "torch": np.stack([seed(a) for a in torch]),
     }
-    speed = {
-        "train_seconds": 2.0,
-        "samples_per_second": 1.0,
-        "latency_batch1_p50_ms": 0.1,
-        "latency_batch1_p95_ms": 0.2,
-    }
-    result = compare(
-        labels,
-        probabilities,
-        {"tf": speed, "torch": speed},
-        {"tf": 1, "torch": 1},
+    return compare(
+        labels, probabilities, {"tf": SPEED, "torch": SPEED}, {"tf": 1, "torch": 1}, margin_points
     )
-    assert result["agreement"] == 1.0 and result["mcnemar_p_value"] == 1.0
-    assert verdict(result).startswith("No difference in accuracy")
+
+
+@pytest.mark.parametrize(
+    ("tf", "torch", "margin", "code"),
+    [
+        ([0.9000, 0.9010, 0.9020, 0.9010], [0.9010, 0.9000, 0.9020, 0.9020], 0.2, "equivalent"),
+        ([0.9000, 0.9010, 0.9020, 0.9010], [0.9010, 0.9000, 0.9020, 0.9020], 0.05, "inconclusive"),
+        ([0.90, 0.91, 0.92], [0.80, 0.81, 0.82], 0.2, "tf_better"),
+        ([0.80, 0.81, 0.82], [0.90, 0.91, 0.92], 0.2, "torch_better"),
+        ([0.90, 0.88, 0.92], [0.91, 0.87, 0.93], 0.2, "inconclusive"),
+    ],
+)
+def test_each_verdict_on_constructed_accuracies(tf, torch, margin, code):
+    result = _compare_accuracies(tf, torch, margin)
+    assert result["tf"]["test_accuracy_per_seed"] == tf
+    assert result["verdict"] == code
+    assert result["equivalence_margin"] == margin / 100
+    assert result["equivalent"] == (code == "equivalent")
+    low, high = result["equivalence_ci_low"], result["equivalence_ci_high"]
+    assert (-margin / 100 < low and high < margin / 100) == (code == "equivalent")
+    if code == "inconclusive":
+        assert result["seeds_to_decide"] > len(tf)
 
 
 def run_evaluate(workspace):
@@ -95,6 +121,19 @@ def run_evaluate(workspace):
     return json.loads((workspace / "evaluate.json").read_text())
 
 
+def test_no_difference_is_not_called_equality():
+    labels = np.arange(1000) % 10
+    probabilities = {
+        fw: np.stack([_fake(labels, 0.9, s) for s in range(3)]) for fw in ("tf", "torch")
+    }
+    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED}, {"tf": 1, "torch": 1})
+    assert result["agreement"] == 1.0 and result["mcnemar_p_value"] == 1.0
+    # the same predictions in both, but 3 noisy seeds of 1,000 images: no difference shown, and
+    # no equivalence either
+    assert result["accuracy_difference"] == 0.0 and not result["significant"]
+    assert result["verdict"] == "inconclusive" and verdict(result).startswith("Inconclusive")
+
+
 def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
     result = run_evaluate(workspace)
     reports = workspace / "reports"
@@ -109,6 +148,13 @@ def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
         assert f"]({png})" in markdown
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.info.run_name == "evaluate"
+    # the verdict and its test reach the metrics file, the run and the report alike
+    assert run.data.tags["verdict"] == result["verdict"]
+    assert run.data.metrics["equivalence_p_value"] == pytest.approx(
+        result["equivalence_p_value"], nan_ok=True
+    )
+    assert run.data.metrics["equivalence_margin"] == result["equivalence_margin"] == 0.002
+    assert evaluate.verdict(result) in markdown
     assert (
         run.data.tags["tf_run_id"]
         == json.loads((workspace / "tf/metrics.json").read_text())["mlflow_run_id"]
@@ -234,13 +280,20 @@ def test_report_sentences_state_the_numbers_of_the_metrics(workspace):
     assert f"## Confusion matrices (seed {result['mcnemar_seed']})" in report
 
 
-def _verdict_result(difference, low, high, significant, seeds=4, p=0.0123):
+def _verdict_result(difference, low, high, code, seeds=4, p=0.0123, tost=(-0.001, 0.004, 0.3)):
     return {
         "accuracy_difference": difference,
         "accuracy_difference_ci_low": low,
         "accuracy_difference_ci_high": high,
         "accuracy_difference_p_value": p,
-        "significant": significant,
+        "significant": code.endswith("better"),
+        "equivalence_margin": 0.002,
+        "equivalence_ci_low": tost[0],
+        "equivalence_ci_high": tost[1],
+        "equivalence_p_value": tost[2],
+        "equivalent": code == "equivalent",
+        "verdict": code,
+        "seeds_to_decide": 12,
         "seeds": seeds,
     }
 
@@ -249,22 +302,31 @@ def _verdict_result(difference, low, high, significant, seeds=4, p=0.0123):
     ("result", "sentence"),
     [
         (
-            _verdict_result(0.0045, 0.001, 0.008, True),  # under one point: still a winner
+            _verdict_result(0.0045, 0.001, 0.008, "tf_better"),  # under one point: still a winner
             "TensorFlow/Keras is more accurate: TensorFlow minus PyTorch is +0.45 points, 95% CI "
             "[+0.10, +0.80] over 4 seeds (Welch p = 0.0123).",
         ),
         (
-            _verdict_result(-0.0050, -0.0080, -0.0020, True, seeds=3, p=0.00456),
+            _verdict_result(-0.0050, -0.0080, -0.0020, "torch_better", seeds=3, p=0.00456),
             "PyTorch is more accurate: TensorFlow minus PyTorch is -0.50 points, 95% CI "
             "[-0.80, -0.20] over 3 seeds (Welch p = 0.00456).",
         ),
         (
-            _verdict_result(0.0020, -0.0010, 0.0050, False, p=0.25),
-            "No difference in accuracy: TensorFlow minus PyTorch is +0.20 points, 95% CI "
-            "[-0.10, +0.50] over 4 seeds; the interval contains zero (Welch p = 0.25).",
+            _verdict_result(0.0020, -0.0010, 0.0050, "inconclusive", p=0.25),
+            "Inconclusive: TensorFlow minus PyTorch is +0.20 points, 95% CI [-0.10, +0.50] over 4 "
+            "seeds, which contains zero (Welch p = 0.25), and its 90% CI [-0.10, +0.40] is not "
+            "inside the equivalence margin of ±0.20 points (TOST p = 0.3); about 12 seeds per "
+            "framework would decide, at the spread observed.",
         ),
         (
-            _verdict_result(0.0075, math.nan, math.nan, False, seeds=1, p=math.nan),
+            _verdict_result(
+                0.0002, -0.0008, 0.0012, "equivalent", p=0.6, tost=(-0.0006, 0.0010, 0.0123)
+            ),
+            "Equivalent within ±0.20 points: TensorFlow minus PyTorch is +0.02 points over 4 "
+            "seeds, and its 90% CI [-0.06, +0.10] lies inside the margin (TOST p = 0.0123).",
+        ),
+        (
+            _verdict_result(0.0075, math.nan, math.nan, "inconclusive", seeds=1, p=math.nan),
             "TensorFlow minus PyTorch: +0.75 points from one seed; add seeds to train.seeds to "
             "test whether that is a difference at all.",
         ),

@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 
-from stages.stats import Interval, difference, mcnemar_exact, mean_interval
+from stages.stats import (
+    Equivalence,
+    Interval,
+    difference,
+    equivalence,
+    mcnemar_exact,
+    mean_interval,
+    seeds_to_decide,
+)
 
 
 def test_welch_not_student_on_unequal_spreads_and_sizes():
@@ -128,3 +136,79 @@ def test_seeds_agreeing_to_the_last_bit_on_one_side_raise_no_warning():
         warnings.simplefilter("error")  # scipy's "Precision loss occurred" would fail here
         result = difference([0.9, 0.9, 0.9], [0.80, 0.85, 0.90])  # 0.9 is not exact in binary
     assert result.interval.mean == pytest.approx(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence: two one-sided tests (TOST) against a margin
+
+
+def test_tost_worked_by_hand():
+    # a: mean 2.5, variance 5/3, n 4; b: mean 2.0, variance 1, n 3 (1, 2, 3).
+    # se^2 = (5/3)/4 + 1/3 = 0.75; df = 0.75^2 / ((5/12)^2/3 + (1/3)^2/2) = 4.7647...
+    a, b = [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0]
+    se, df = math.sqrt(0.75), 0.75**2 / ((5 / 12) ** 2 / 3 + (1 / 3) ** 2 / 2)
+    margin = 3.0
+    p_lower = scipy_stats.t.sf((0.5 + margin) / se, df)  # H0: difference <= -3
+    p_upper = scipy_stats.t.cdf((0.5 - margin) / se, df)  # H0: difference >= +3
+    half = scipy_stats.t.ppf(0.95, df) * se  # the 90% interval
+    result = equivalence(a, b, margin)
+    assert result.p_value == pytest.approx(max(p_lower, p_upper), rel=1e-9)
+    assert result.p_value == pytest.approx(p_upper, rel=1e-9)  # the nearer bound decides
+    assert (result.interval.low, result.interval.high) == pytest.approx((0.5 - half, 0.5 + half))
+    assert result.equivalent and result.p_value < 0.05
+    assert result.interval.high < margin  # equivalent exactly when the 90% CI is inside
+    narrow = equivalence(a, b, 0.5 + half - 1e-6)
+    assert not narrow.equivalent and narrow.p_value > 0.05
+
+
+def test_tost_equivalent_different_and_undecided_samples():
+    close = equivalence([0.900, 0.901, 0.902, 0.901], [0.901, 0.900, 0.902, 0.902], 0.002)
+    assert close.equivalent
+    apart = equivalence([0.90, 0.91, 0.92], [0.80, 0.81, 0.82], 0.002)
+    assert not apart.equivalent and apart.p_value > 0.5
+    noisy = equivalence([0.90, 0.88, 0.92], [0.91, 0.87, 0.93], 0.002)
+    assert (
+        not noisy.equivalent and not difference([0.90, 0.88, 0.92], [0.91, 0.87, 0.93]).significant
+    )
+
+
+def test_tost_without_spread_or_with_one_seed():
+    assert equivalence([0.9, 0.9], [0.9, 0.9], 0.002) == Equivalence(
+        0.002, Interval(0.0, 0.0, 0.0), 0.0, True
+    )
+    far = equivalence([0.9, 0.9], [0.8, 0.8], 0.002)
+    assert (far.equivalent, far.p_value) == (False, 1.0)
+    one = equivalence([0.9], [0.9, 0.91], 0.002)
+    assert not one.equivalent and math.isnan(one.p_value) and math.isnan(one.interval.low)
+
+
+def _decides_by_brute_force(a, b, margin, limit=2000):
+    var = np.var(a, ddof=1) + np.var(b, ddof=1)
+    delta = abs(np.mean(a) - np.mean(b))
+    for n in range(2, limit + 1):
+        se = math.sqrt(var / n)
+        df = var**2 * (n - 1) / (np.var(a, ddof=1) ** 2 + np.var(b, ddof=1) ** 2)
+        if delta + scipy_stats.t.ppf(0.95, df) * se < margin:
+            return n
+        if delta - scipy_stats.t.ppf(0.975, df) * se > 0:
+            return n
+    return None
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "margin"),
+    [
+        ([0.866, 0.870, 0.871, 0.868], [0.866, 0.874, 0.872, 0.868], 0.002),  # toward a difference
+        ([0.900, 0.902, 0.898], [0.9005, 0.899, 0.901], 0.002),  # toward equivalence
+        ([0.90, 0.88, 0.92], [0.91, 0.87, 0.93], 0.002),
+    ],
+)
+def test_seeds_to_decide_is_the_first_seed_count_that_decides(a, b, margin):
+    assert seeds_to_decide(a, b, margin) == _decides_by_brute_force(a, b, margin)
+
+
+def test_seeds_to_decide_without_spread_or_beyond_the_limit():
+    assert seeds_to_decide([0.9, 0.9], [0.9, 0.9], 0.002) is None
+    assert seeds_to_decide([0.9], [0.9, 0.8], 0.002) is None
+    # a difference exactly at the margin with a huge spread: not within 50 seeds
+    assert seeds_to_decide([0.5, 0.9], [0.498, 0.898], 0.002, limit=50) is None
