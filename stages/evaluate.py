@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable
+from itertools import combinations, product
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,11 @@ def compare(
         for s in range(pairs)
     ]
     agreement = [float((predicted["tf"][s] == predicted["torch"][s]).mean()) for s in range(pairs)]
+    for fw in FRAMEWORKS:
+        per_framework[fw]["self_agreement"] = mean_agreement(combinations(predicted[fw], 2))
+        per_framework[fw]["test_accuracy_sd"] = (
+            float(np.std(accuracy[fw], ddof=1)) if len(accuracy[fw]) > 1 else math.nan
+        )
     return {
         "tf": per_framework["tf"],
         "torch": per_framework["torch"],
@@ -148,6 +155,7 @@ def compare(
         "paired_seeds": list(seeds[:pairs]),
         "agreement": float(np.mean(agreement)),
         "agreement_per_seed": agreement,
+        "cross_agreement": mean_agreement(product(predicted["tf"], predicted["torch"])),
         "mcnemar_seed": seeds[0],
         "mcnemar_p_value": paired[0].p_value,
         "mcnemar_only_tf_right": paired[0].only_a_right,
@@ -157,6 +165,42 @@ def compare(
             per_framework["tf"]["train_seconds"], per_framework["torch"]["train_seconds"]
         ),
     }
+
+
+def mean_agreement(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Return the mean share of test images on which each pair of models predicts the same
+    class (nan without pairs)."""
+    shares = [float((a == b).mean()) for a, b in pairs]
+    return float(np.mean(shares)) if shares else math.nan
+
+
+def self_agreement_sentence(result: dict[str, Any]) -> str:
+    """Return whether the frameworks differ more from each other than each from itself."""
+    own = {fw: result[fw]["self_agreement"] for fw in FRAMEWORKS}
+    if any(math.isnan(value) for value in own.values()):
+        return (
+            "With one seed per framework there is no run-to-run baseline: add seeds to "
+            "train.seeds to compare the frameworks' difference with each one's own."
+        )
+    cross = result["cross_agreement"]
+    more = cross < min(own.values())
+    spread = {fw: 100 * result[fw]["test_accuracy_sd"] for fw in FRAMEWORKS}
+    points = abs(100 * result["accuracy_difference"])
+    return (
+        f"Run to run against framework to framework: two models of different frameworks agree "
+        f"on {100 * cross:.2f}% of the test images, two seeds of TensorFlow/Keras on "
+        f"{100 * own['tf']:.2f}% and two of PyTorch on {100 * own['torch']:.2f}% (every pair "
+        f"of seeds), so the frameworks differ "
+        + (
+            "more from each other than each does from itself"
+            if more
+            else "from each other no more than each does from itself"
+        )
+        + f". The accuracy difference, {points:.2f} points, is "
+        + ("larger" if points > max(spread.values()) else "no larger")
+        + f" than the spread between seeds (standard deviation {spread['tf']:.2f} points for "
+        f"TensorFlow/Keras, {spread['torch']:.2f} for PyTorch)."
+    )
 
 
 def _ratio(a: float | None, b: float | None) -> float:
@@ -452,6 +496,8 @@ def markdown_report(
     lines += [
         "",
         agreement_sentence(result),
+        "",
+        self_agreement_sentence(result),
         "",
         "## Learning curves (mean over seeds)",
         "",

@@ -11,7 +11,13 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from .common import StageError
-from .evaluate import agreement_sentence, deployment_markdown, markdown_table, verdict
+from .evaluate import (
+    agreement_sentence,
+    deployment_markdown,
+    markdown_table,
+    self_agreement_sentence,
+    verdict,
+)
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEPLOYMENT_START, DEPLOYMENT_END = "<!-- deployment:start -->", "<!-- deployment:end -->"
@@ -87,7 +93,7 @@ def stamped_digests(text: str) -> list[str]:
 
 def results_section(result: dict[str, Any], dataset: str) -> str:
     """Return the markdown between the README's result markers: the verdict, the comparison
-    table and the agreement sentence."""
+    table, the agreement between the frameworks and within each."""
     return "\n".join(
         [
             f"### The comparison (`dvc repro` with data.dataset={dataset}, "
@@ -98,6 +104,8 @@ def results_section(result: dict[str, Any], dataset: str) -> str:
             markdown_table(result),
             "",
             agreement_sentence(result),
+            "",
+            self_agreement_sentence(result),
         ]
     )
 

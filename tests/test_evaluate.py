@@ -274,6 +274,7 @@ def test_report_sentences_state_the_numbers_of_the_metrics(workspace):
     report = (workspace / "reports" / "comparison.md").read_text()
     assert evaluate.verdict(result) in report
     assert evaluate.agreement_sentence(result) in report
+    assert evaluate.self_agreement_sentence(result) in report
     assert "\n| Measure | TensorFlow/Keras | PyTorch |\n|---|---:|---:|\n| " in report
     assert f"{100 * result['agreement']:.2f}%" in report
     assert f"seed-{result['mcnemar_seed']} pair" in report
@@ -406,3 +407,60 @@ def test_the_speed_up_is_tensorflow_time_over_pytorch_time():
     assert result["speedup_torch_over_tf"] == 4.0  # PyTorch four times faster
     assert math.isnan(evaluate._ratio(6.0, None)) and math.isnan(evaluate._ratio(None, 1.5))
     assert math.isnan(evaluate._ratio(6.0, 0.0))
+
+
+def _predicting(labels, wrong_ranges):
+    """Return (N, 10) probabilities right on every image except those in `wrong_ranges`."""
+    predicted = labels.copy()
+    for start, stop in wrong_ranges:
+        predicted[start:stop] = (labels[start:stop] + 1) % 10
+    return np.eye(10, dtype=np.float32)[predicted]
+
+
+def test_agreement_within_and_between_frameworks_worked_by_hand():
+    labels = np.arange(100) % 10
+    # TensorFlow's seeds err on images 0-9 and 0-14: they disagree on 5 of 100 (95% agree).
+    # PyTorch's err on 50-59 and 50-59: identical (100%). Across frameworks each pair
+    # disagrees on every image either side got wrong: 10+10=20 or 15+10=25 -> 80%, 80%, 75%, 75%.
+    probabilities = {
+        "tf": np.stack([_predicting(labels, [(0, 10)]), _predicting(labels, [(0, 15)])]),
+        "torch": np.stack([_predicting(labels, [(50, 60)]), _predicting(labels, [(50, 60)])]),
+    }
+    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED}, {"tf": 1, "torch": 1})
+    assert result["tf"]["self_agreement"] == pytest.approx(0.95)
+    assert result["torch"]["self_agreement"] == pytest.approx(1.0)
+    assert result["cross_agreement"] == pytest.approx((0.80 + 0.80 + 0.75 + 0.75) / 4)
+    assert result["agreement"] == pytest.approx((0.80 + 0.75) / 2)  # paired by seed position
+    # accuracies: TensorFlow 0.90 and 0.85 (sd 3.54 points), PyTorch 0.90 and 0.90 (sd 0)
+    assert result["tf"]["test_accuracy_sd"] == pytest.approx(100 * 0.05 / math.sqrt(2) / 100)
+    assert result["torch"]["test_accuracy_sd"] == 0.0
+    assert evaluate.self_agreement_sentence(result) == (
+        "Run to run against framework to framework: two models of different frameworks agree on "
+        "77.50% of the test images, two seeds of TensorFlow/Keras on 95.00% and two of PyTorch "
+        "on 100.00% (every pair of seeds), so the frameworks differ more from each other than "
+        "each does from itself. The accuracy difference, 2.50 points, is no larger than the "
+        "spread between seeds (standard deviation 3.54 points for TensorFlow/Keras, 0.00 for "
+        "PyTorch)."
+    )
+
+
+def test_frameworks_no_further_apart_than_seeds():
+    labels = np.arange(100) % 10
+    # every model errs on its own 10 images: any two models, same framework or not, agree on 80%
+    models = [_predicting(labels, [(10 * i, 10 * i + 10)]) for i in range(4)]
+    probabilities = {"tf": np.stack(models[:2]), "torch": np.stack(models[2:])}
+    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED}, {"tf": 1, "torch": 1})
+    assert result["cross_agreement"] == result["tf"]["self_agreement"] == pytest.approx(0.8)
+    sentence = evaluate.self_agreement_sentence(result)
+    assert "differ from each other no more than each does from itself" in sentence
+    assert "The accuracy difference, 0.00 points, is no larger than" in sentence
+
+
+def test_one_seed_has_no_run_to_run_baseline():
+    labels = np.arange(100) % 10
+    probabilities = {fw: np.stack([_predicting(labels, [(0, 10)])]) for fw in ("tf", "torch")}
+    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED}, {"tf": 1, "torch": 1})
+    assert math.isnan(result["tf"]["self_agreement"])
+    assert evaluate.self_agreement_sentence(result).startswith(
+        "With one seed per framework there is no run-to-run baseline"
+    )
