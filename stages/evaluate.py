@@ -22,6 +22,7 @@ from .common import StageError, load_npy, read_json, run_cli, staged_outputs, wr
 from .config import FRAMEWORKS, load_params
 from .dataset import NUM_CLASSES
 from .exporting import FORMAT_LABELS, RUNTIMES
+from .html_report import html_report
 from .stats import difference, equivalence, mcnemar_exact, mean_interval, seeds_to_decide
 from .training import load_splits, loss_and_accuracy
 
@@ -771,8 +772,10 @@ def main(
         plot_speed_memory(result, tmp_report / "speed_memory.png")
         if deployment:
             plot_deployment(deployment, tmp_report / DEPLOYMENT_PLOT)
-        (tmp_report / "comparison.md").write_text(
-            markdown_report(result, meta["dataset"], deployment)
+        report_markdown = markdown_report(result, meta["dataset"], deployment)
+        (tmp_report / "comparison.md").write_text(report_markdown)
+        (tmp_report / "comparison.html").write_text(
+            html_report(report_markdown, tmp_report, f"TensorFlow vs PyTorch on {meta['dataset']}")
         )
         write_json(
             tmp_metrics, result | {"dataset": meta["dataset"], "mlflow_run_id": run.info.run_id}

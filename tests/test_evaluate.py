@@ -146,6 +146,9 @@ def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
     for png in evaluate.PLOTS:
         assert (reports / png).read_bytes()[:4] == b"\x89PNG"
         assert f"]({png})" in markdown
+    page = (reports / "comparison.html").read_text()  # the same report, one offline page
+    assert page.count('<img src="data:image/png;base64,') == len(evaluate.PLOTS)
+    assert "<table>" in page and evaluate.verdict(result).split(":")[0] in page
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.info.run_name == "evaluate"
     # the verdict and its test reach the metrics file, the run and the report alike
