@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from .common import StageError, read_json
+from .links import DEFAULT_PORT
 
 app = typer.Typer(
     help="Read the comparison the pipeline produced; try a team MLflow server.",
@@ -48,6 +49,50 @@ def readme(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"updated the results in {readme_path} and {deployment_doc}")
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(DEFAULT_PORT, help="Port on 127.0.0.1; 0 picks a free one."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
+) -> None:
+    """Start MLflow's UI on the project's store and print the URL of the comparison (the last
+    train-tf and train-torch runs side by side); Ctrl-C stops it."""
+    import os
+    import tempfile
+    import time
+
+    import mlflow
+
+    from .common import Terminated, handle_stop_signals
+    from .config import load_params
+    from .links import comparison_url
+    from .tracking import is_server, tracking_uri, workspace_root
+    from .ui import latest_stage_runs, port_to_use, ui_server
+
+    handle_stop_signals()
+    try:
+        experiment = load_params(params).mlflow.experiment_name
+        uri = tracking_uri(os.environ, workspace_root(os.environ, Path.cwd()))
+        mlflow.set_tracking_uri(uri)
+        runs = latest_stage_runs(experiment)
+        if is_server(uri):  # a team's server already serves the UI
+            typer.echo(f"The comparison: {comparison_url(uri, runs)}")
+            return
+        with (
+            tempfile.TemporaryDirectory() as folder,
+            ui_server(uri, port_to_use(port), Path(folder) / "ui.log") as (base, process),
+        ):
+            typer.echo(f"The comparison: {comparison_url(base, runs)}", color=False)
+            typer.echo("Ctrl-C stops the UI.")
+            while process.poll() is None:
+                time.sleep(0.5)
+            raise StageError(f"mlflow ui stopped by itself with code {process.returncode}")
+    except StageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (KeyboardInterrupt, Terminated):
+        typer.echo("stopped", err=True)
 
 
 @app.command()

@@ -23,6 +23,7 @@ from .config import FRAMEWORKS, load_params
 from .dataset import NUM_CLASSES
 from .exporting import FORMAT_LABELS, RUNTIMES
 from .html_report import html_report
+from .links import DEFAULT_PORT, StageRuns, comparison_url
 from .stats import difference, equivalence, mcnemar_exact, mean_interval, seeds_to_decide
 from .training import load_splits, loss_and_accuracy
 
@@ -794,6 +795,11 @@ def main(
         mlflow.set_tag("verdict", result["verdict"])
         mlflow.log_artifacts(str(tmp_report), "report")
     print_table(result)
+    stage_runs = StageRuns(run.info.experiment_id, (tags["tf_run_id"], tags["torch_run_id"]))
+    print(
+        "In MLflow, `python -m stages ui` opens the two training runs side by side: "
+        + comparison_url(f"http://127.0.0.1:{DEFAULT_PORT}", stage_runs)
+    )
 
 
 if __name__ == "__main__":
