@@ -18,6 +18,7 @@ import numpy as np
 import typer
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from .claims import blog_claims, claims_markdown
 from .common import StageError, load_npy, read_json, run_cli, staged_outputs, write_json
 from .config import FRAMEWORKS, load_params
 from .dataset import NUM_CLASSES
@@ -500,6 +501,10 @@ def markdown_report(
         agreement_sentence(result),
         "",
         self_agreement_sentence(result),
+        "",
+        "## The blog's claims, checked",
+        "",
+        claims_markdown(blog_claims(result, deployment)),
         "",
         "## Learning curves (mean over seeds)",
         "",

@@ -10,6 +10,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from .claims import blog_claims, claims_markdown
 from .common import StageError
 from .evaluate import (
     agreement_sentence,
@@ -91,9 +92,11 @@ def stamped_digests(text: str) -> list[str]:
     ]
 
 
-def results_section(result: dict[str, Any], dataset: str) -> str:
+def results_section(
+    result: dict[str, Any], dataset: str, deployment: dict[str, Any] | None = None
+) -> str:
     """Return the markdown between the README's result markers: the verdict, the comparison
-    table, the agreement between the frameworks and within each."""
+    table, the agreement between the frameworks and within each, and the blog's claims."""
     return "\n".join(
         [
             f"### The comparison (`dvc repro` with data.dataset={dataset}, "
@@ -106,6 +109,10 @@ def results_section(result: dict[str, Any], dataset: str) -> str:
             agreement_sentence(result),
             "",
             self_agreement_sentence(result),
+            "",
+            "#### The blog's claims, checked",
+            "",
+            claims_markdown(blog_claims(result, deployment)),
         ]
     )
 
@@ -128,7 +135,7 @@ def update_readme(
 ) -> None:
     """Fill the README's results block and, given export's metrics, docs/deployment.md's."""
     dataset = result.get("dataset", "the dataset in params.yaml")
-    body = f"{stamp(digest)}\n{results_section(result, dataset)}"
+    body = f"{stamp(digest)}\n{results_section(result, dataset, deployment)}"
     readme.write_text(fill(readme.read_text(), (START, END), body, readme))
     if deployment_doc is not None and deployment is not None:
         body = f"{stamp(digest)}\n{deployment_markdown(deployment).strip()}"

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from stages import evaluate
 from stages.__main__ import app
+from stages.claims import blog_claims, claims_markdown
 from stages.evaluate import compare, count_code_lines, verdict
 from stages.stats import difference, mcnemar_exact, mean_interval
 from tests.conftest import ROOT, run_stage
@@ -278,6 +279,8 @@ def test_report_sentences_state_the_numbers_of_the_metrics(workspace):
     assert evaluate.verdict(result) in report
     assert evaluate.agreement_sentence(result) in report
     assert evaluate.self_agreement_sentence(result) in report
+    claims = claims_markdown(blog_claims(result, None))  # no export metrics in this workspace
+    assert f"## The blog's claims, checked\n\n{claims}\n" in report
     assert "\n| Measure | TensorFlow/Keras | PyTorch |\n|---|---:|---:|\n| " in report
     assert f"{100 * result['agreement']:.2f}%" in report
     assert f"seed-{result['mcnemar_seed']} pair" in report

@@ -102,6 +102,9 @@ def test_readme_command_fills_the_results_and_deployment_blocks_stamped(workspac
     assert stamped_digests(text) == [current_digest(root)]
     assert f"{100 * result['tf']['test_accuracy']:.2f}" in text
     assert evaluate.agreement_sentence(result) in text and evaluate.verdict(result) in text
+    assert (
+        "#### The blog's claims, checked" in text and "| Accuracy | Keras is more accurate" in text
+    )
     assert "old" in doc.read_text()  # no export metrics: the deployment block is left alone
 
     # code edited since the pipeline ran: refused, nothing written
