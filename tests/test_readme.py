@@ -88,7 +88,7 @@ def test_readme_command_fills_the_results_and_deployment_blocks_stamped(workspac
     shutil.copy(ROOT / "dvc.yaml", root)
     _lock(root)
     readme, doc = workspace / "README.md", workspace / "deployment.md"
-    readme.write_text(f"# Title\n{START}\nold\n{END}\nafter\n")
+    readme.write_text(f"# Title\n{START}\nstale block\n{END}\nafter\n")
     doc.write_text(f"# Deployment\n{DEPLOYMENT_START}\nold\n{DEPLOYMENT_END}\n")
     command = ["readme", "--metrics", str(workspace / "evaluate.json"), "--readme", str(readme)]
     command += ["--root", str(root), "--lock", str(root / "dvc.lock")]
@@ -98,7 +98,7 @@ def test_readme_command_fills_the_results_and_deployment_blocks_stamped(workspac
     assert done.exit_code == 0, done.output
     text = readme.read_text()
     assert text.startswith(f"# Title\n{START}\n") and text.endswith("end -->\nafter\n")
-    assert "old" not in text
+    assert "stale block" not in text
     assert stamped_digests(text) == [current_digest(root)]
     assert f"{100 * result['tf']['test_accuracy']:.2f}" in text
     assert evaluate.agreement_sentence(result) in text and evaluate.verdict(result) in text
