@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from stages.common import StageError
 from stages.config import Params, ParamsError, load_params, parse_params
 from stages.evaluate import deployment_markdown
 from stages.readme import results_section
-from tests.conftest import ROOT, run_stage
+from tests.conftest import ROOT, run_stage, stage_env
 from tests.test_train import run_trainer, write_processed
 
 HALVES = {"tf": export_tf, "torch": export_torch}
@@ -170,6 +171,113 @@ def test_corrupted_file_is_an_error_naming_the_format(staged, tmp_path, framewor
         )
 
 
+def run_export_stage(options: dict, cwd: Path, tracking_uri: str) -> subprocess.CompletedProcess:
+    """Run `python -m stages.export` as DVC would, with a time limit."""
+    command = [sys.executable, "-m", "stages.export"]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env=stage_env(MLFLOW_TRACKING_URI=tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def one_line(stderr: str) -> str:
+    """Return the stage's only stderr line, an `error: ` line, failing if there is more."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("framework", "damage"), [("torch", "truncated"), ("tf", "zeroed")])
+def test_a_corrupt_trained_model_is_one_line_naming_it_before_any_export(
+    trained, tmp_path, framework, damage
+):
+    options = export_options(trained, "unused") | export_options(tmp_path, "out")
+    options |= {
+        key: trained / value.relative_to(tmp_path)
+        for key, value in options.items()
+        if key in ("data", "metrics_tf", "metrics_torch", "params")
+    }
+    models = tmp_path / "models" / framework
+    shutil.copytree(trained / framework / "model", models)
+    options[f"models_{framework}"] = models
+    other = "torch" if framework == "tf" else "tf"
+    options[f"models_{other}"] = trained / other / "model"
+    (model,) = models.glob("seed-0.*")
+    data = bytearray(model.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2 :]
+    else:  # a few KB overwritten in the middle, as a bad disk or a botched copy leaves it
+        middle = len(data) // 2
+        data[middle : middle + 4096] = bytes(min(4096, len(data) - middle))
+    model.write_bytes(bytes(data))
+    done = run_export_stage(options, trained, f"sqlite:///{trained / 'mlflow.db'}")
+    assert done.returncode == 1
+    message = one_line(done.stderr)
+    assert str(model) in message and "corrupt" in message
+    assert f"`dvc checkout {models}`" in message
+    assert f"`dvc repro -f -s train-{framework}`" in message
+    assert "[tf]" not in done.stdout and "[torch]" not in done.stdout  # no export was made
+    _assert_nothing_written(tmp_path, "out")
+
+
+class UnreadableHalf:
+    """An export half whose runtime cannot read the trained model (an intact zip, bad inside)."""
+
+    FRAMEWORK = "torch"
+    FORMATS: dict = {}
+
+    def load_trained(self, path, model):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central")
+
+
+def test_a_model_its_runtime_cannot_load_is_one_message_naming_it(tmp_path):
+    model = tmp_path / "models/torch/seed-0.pt"
+    images = tmp_path / "x_test.npy"
+    np.save(images, np.zeros((4, 28, 28), np.float32))
+    with pytest.raises(StageError) as raised:
+        exporting.export_half(
+            UnreadableHalf(),
+            model,
+            images,
+            tmp_path / "out",
+            tmp_path / "result.json",
+            tmp_path / "reference.npy",
+            ROOT / "params.yaml",
+        )
+    message = str(raised.value)
+    assert message.startswith(f"{model} could not be loaded (RuntimeError: PytorchStreamReader")
+    assert f"`dvc checkout {model.parent}`" in message
+    assert "`dvc repro -f -s train-torch`" in message
+
+
+def test_a_deleted_model_version_is_named_before_any_export(trained, tmp_path):
+    store = tmp_path / "mlflow.db"
+    shutil.copy(trained / "mlflow.db", store)  # the module's store stays whole
+    uri = f"sqlite:///{store}"
+    run_id = json.loads((trained / "torch/metrics.json").read_text())["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    versions = client.search_model_versions(f"name = 'mnist-mlp-torch' and run_id = '{run_id}'")
+    assert versions
+    for version in versions:
+        client.delete_model_version(version.name, version.version)
+    done = run_export_stage(export_options(trained, "deleted"), tmp_path, uri)
+    assert done.returncode == 1
+    message = one_line(done.stderr)
+    assert f"the registered model version of run {run_id}" in message and "was deleted" in message
+    assert "`dvc repro -f -s train-torch`" in message and "train-tf" not in message
+    assert "[tf]" not in done.stdout and "[torch]" not in done.stdout  # checked before exporting
+    _assert_nothing_written(trained, "deleted")
+    experiment = client.get_experiment_by_name("tf-vs-torch")
+    runs = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'export'")
+    assert runs and {run.info.status for run in runs} == {"FAILED"}
+
+
 def test_server_that_exits_at_once_says_why(tmp_path):
     command = [sys.executable, "-c", "print('no such model: mnist-mlp-x'); raise SystemExit(3)"]
     with (
@@ -182,10 +290,10 @@ def test_server_that_exits_at_once_says_why(tmp_path):
 
 def test_registered_model_is_served_over_rest_and_stopped(in_trained, tmp_path):
     run_id = json.loads((in_trained / "torch/metrics.json").read_text())["mlflow_run_id"]
-    uri = serving.registered_version("mnist-mlp-torch", run_id)
+    uri = serving.registered_version("mnist-mlp-torch", run_id, "train-torch")
     assert uri.startswith("models:/mnist-mlp-torch/")
     with pytest.raises(StageError, match="no version of the registered model 'mnist-mlp-torch'"):
-        serving.registered_version("mnist-mlp-torch", "0" * 32)
+        serving.registered_version("mnist-mlp-torch", "0" * 32, "train-torch")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     port = serving.free_port()
     command = serving.serve_command(Path(sys.executable).parent / "mlflow", uri, port)
