@@ -2,12 +2,17 @@
 export, the owned model server, and the stage end to end with both models served over HTTP."""
 
 import json
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
@@ -17,7 +22,7 @@ import yaml
 
 from stages import evaluate, export, export_tf, export_torch, exporting, serving
 from stages.common import StageError
-from stages.config import Params, ParamsError, load_params, parse_params
+from stages.config import LoadTestConfig, Params, ParamsError, load_params, parse_params
 from stages.evaluate import deployment_markdown
 from stages.readme import results_section
 from tests.conftest import ROOT, run_stage, stage_env
@@ -484,3 +489,144 @@ def test_load_test_against_a_dead_port_counts_every_request_as_an_error():
     )
     assert (level["answered"], level["errors"], level["concurrency"]) == (0, 6, 2)
     assert "ConnectionRefusedError" in level["first_error"]
+
+
+def test_probabilities_beyond_the_tolerance_are_refused_within_it_kept():
+    reference = np.full((20, 10), 0.5 / 9, np.float32)
+    reference[:, 4] = 0.5  # class 4 everywhere, far ahead: the shifts below keep it
+    tolerance = exporting.PROBABILITY_TOLERANCE
+    within, beyond = reference.copy(), reference.copy()
+    within[7, 3] += 0.5 * tolerance
+    beyond[7, 3] += 1.5 * tolerance
+    kept = exporting.check_agreement("onnx", reference, within)
+    assert kept["disagreements"] == 0
+    assert kept["max_abs_difference"] == pytest.approx(0.5 * tolerance, rel=1e-3)
+    with pytest.raises(StageError, match="on 0 of 20 test images"):
+        exporting.check_agreement("onnx", reference, beyond)  # same class, too far off
+    assert exporting.check_agreement("onnx", reference, beyond, tolerance=2 * tolerance)
+
+
+# A stand-in for `mlflow models serve`: image i (all pixels i) is answered with `answer(i)`, the
+# logits, after `delay(i)` seconds; a threaded server, so concurrent requests do not queue.
+Answer = Callable[[int], list[float]]
+
+
+@contextmanager
+def fake_model_server(answer: Answer, delay: Callable[[int], float]) -> Iterator[int]:
+    """Serve POST /invocations on 127.0.0.1 in a thread; yield its port; always stop it."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn does
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            image = round(body["inputs"][0][0][0])
+            time.sleep(delay(image))
+            payload = json.dumps({"predictions": [answer(image)]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def numbered_images(count: int) -> np.ndarray:
+    """Return `count` images, image i all pixels i, so that the fake server knows which it got."""
+    return np.repeat(np.arange(count, dtype=np.float32), 28 * 28).reshape(count, 28, 28)
+
+
+def logits(image: int, top: float = 5.0) -> list[float]:
+    """Return the logits the fake model answers for an image: class image % 10 ahead by `top`."""
+    row = [0.0] * 10
+    row[image % 10] = top
+    return row
+
+
+def probabilities(count: int, answer: Answer = logits) -> np.ndarray:
+    """Return the reference probabilities: what `answer` gives, made probabilities."""
+    return serving.softmax(np.array([answer(i) for i in range(count)])).astype(np.float32)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_load_test_reports_each_percentile_where_the_latencies_put_it(concurrency):
+    # 100 requests: 90 answered at once, 8 after 150 ms, 2 after 600 ms. Sorted, p50 falls among
+    # the fast ones, p95 (between the 95th and 96th) among the 150 ms ones, p99 among the 600 ms
+    # ones; p90 would be fast, and p95 taken as p99 would be 600 ms.
+    def delay(image: int) -> float:
+        return 0.6 if image >= 98 else 0.15 if image >= 90 else 0.0
+
+    images = numbered_images(100)
+    with fake_model_server(logits, delay) as port:
+        level = serving.load_test(port, images, probabilities(100), 100, concurrency, 120)
+    assert (level["requests"], level["answered"], level["errors"]) == (100, 100, 0), level
+    assert level["disagreements"] == 0 and level["max_abs_difference"] < 1e-6
+    assert level["latency_p50_ms"] < 100
+    assert 150 <= level["latency_p95_ms"] < 450
+    assert 600 <= level["latency_p99_ms"] < 900
+    assert level["seconds"] >= (8 * 0.15 + 2 * 0.6) / concurrency
+    assert level["throughput_requests_per_second"] == pytest.approx(100 / level["seconds"])
+
+
+def test_a_served_wrong_class_is_counted_as_a_disagreement():
+    # 25 requests over 10 images: image 3 (requests 3, 13 and 23) is answered another class
+    def answer(image: int) -> list[float]:
+        return logits(image + 1 if image == 3 else image)
+
+    with fake_model_server(answer, lambda image: 0.0) as port:
+        level = serving.load_test(port, numbered_images(10), probabilities(10), 25, 4, 60)
+    assert level["answered"] == 25 and level["disagreements"] == 3
+
+
+def near_tie(image: int, swapped: bool = False) -> list[float]:
+    """Logits of two classes 1e-5 apart, the favourite swapped if asked: the probabilities move by
+    about 5e-6, far within the tolerance, but the class changes."""
+    row = [0.0] * 10
+    row[0], row[1] = (10.0, 10.0 + 1e-5) if swapped else (10.0 + 1e-5, 10.0)
+    return row
+
+
+def beyond_tolerance(image: int) -> list[float]:
+    """Logits whose probabilities differ from logits(image)'s by about 5e-4: the same class."""
+    shifted = probabilities(image + 1)[image].astype(np.float64)
+    shifted[(image + 1) % 10] += 5e-4
+    return [math.log(p) for p in shifted]
+
+
+@pytest.mark.parametrize(
+    ("reference", "served", "refusal"),
+    [
+        (logits, logits, None),
+        (near_tie, lambda image: near_tie(image, swapped=image == 2), "another class on 1 of 12"),
+        (logits, beyond_tolerance, r"another class on 0 of 12 requests, probabilities off by up"),
+    ],
+    ids=["same", "another-class-within-tolerance", "same-class-beyond-tolerance"],
+)
+def test_served_answers_are_refused_for_another_class_or_beyond_the_tolerance(
+    tmp_path, reference, served, refusal
+):
+    load = LoadTestConfig(requests=12, concurrency=[2], time_limit_seconds=60)
+    expected = probabilities(12, reference)
+    with fake_model_server(served, lambda image: 0.0) as port:
+        server = serving.Server(port, tmp_path / "serve.log")
+        if refusal is None:
+            result = export.load_test_levels(
+                "models:/m/1", server, 1.0, numbered_images(12), expected, load
+            )
+            assert result["concurrency_2"]["disagreements"] == 0
+            return
+        with pytest.raises(StageError, match=refusal):
+            export.load_test_levels("models:/m/1", server, 1.0, numbered_images(12), expected, load)
