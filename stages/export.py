@@ -27,6 +27,7 @@ from .config import FRAMEWORKS, Framework, LoadTestConfig, load_params
 from .exporting import (
     FILE_NAMES,
     PROBABILITY_TOLERANCE,
+    check_trained_model,
     find_trained_model,
     load_and_check,
     load_onnx,
@@ -199,6 +200,8 @@ def main(
         "tf": find_trained_model(models_tf, seed, "train-tf"),
         "torch": find_trained_model(models_torch, seed, "train-torch"),
     }
+    for fw, path in trained.items():
+        check_trained_model(path, f"train-{fw}")
     trainer_metrics = {
         "tf": read_json(metrics_tf, "train-tf"),
         "torch": read_json(metrics_torch, "train-torch"),
@@ -225,6 +228,13 @@ def main(
         scratch = Path(scratch_dir)
         env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()  # where `models:/` resolves
         outs = {"tf": tmp_tf, "torch": tmp_torch}
+        uris = {  # checked before any export work: a deleted version fails the stage at once
+            fw: registered_version(
+                MODEL_NAME.format(framework=fw), tags[f"{fw}_run_id"], f"train-{fw}"
+            )
+            for fw in FRAMEWORKS
+            if config.export.serve
+        }
         mlflow.log_params(
             {
                 "seed": seed,
@@ -254,10 +264,6 @@ def main(
         for fw in FRAMEWORKS:
             result[fw] = {"model": str(trained[fw]), "formats": halves[fw]["formats"]}
         if config.export.serve:
-            uris = {
-                fw: registered_version(MODEL_NAME.format(framework=fw), tags[f"{fw}_run_id"])
-                for fw in FRAMEWORKS
-            }
             logs = {fw: scratch / f"serve-{fw}.log" for fw in FRAMEWORKS}
             try:
                 served = serve_and_load_test(

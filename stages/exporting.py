@@ -9,6 +9,8 @@ Each half module supplies the same small set of names — `FRAMEWORK`, `load_tra
 from __future__ import annotations
 
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +48,9 @@ SHARED_RUNTIME_FORMATS = ("onnx",)
 
 MEASURE_ROUNDS = 3  # interleaved rounds per measurement; the median is kept
 EXAMPLE_BATCH = 8  # >1: exporters specialise a batch dimension traced at size 1
+# Both trainers save zip archives (a Keras 3 .keras file, torch.save's .pt), whose CRC-32s tell a
+# truncated or overwritten file in a second, before any runtime is loaded.
+ZIP_SUFFIXES = (".keras", ".pt")
 Predict = Callable[[np.ndarray], np.ndarray]  # (N, 28, 28) float32 -> (N, 10) probabilities
 
 
@@ -76,6 +81,43 @@ def find_trained_model(folder: Path, seed: int, produced_by: str) -> Path:
             f"run `dvc repro {produced_by}`"
         )
     return found[0]
+
+
+def restore_hint(path: Path, produced_by: str) -> str:
+    """Return the two ways to get a trained model file back: DVC's cache, or training again."""
+    return (
+        f"restore it with `dvc checkout {path.parent}`, or retrain: `dvc repro -f -s {produced_by}`"
+    )
+
+
+def check_trained_model(path: Path, produced_by: str) -> None:
+    """Raise StageError when a trained model file is not an intact zip archive (truncated, or
+    part of it overwritten), naming the file and how to get it back."""
+    if path.suffix not in ZIP_SUFFIXES:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()  # reads every member, checking its CRC-32
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    else:
+        if bad_member is None:
+            return
+        reason = f"{bad_member} inside it fails its checksum"
+    raise StageError(f"{path} is corrupt ({reason}); {restore_hint(path, produced_by)}")
+
+
+def load_trained_checked(half: ExportHalf, path: Path, model: ModelConfig) -> tuple[Any, Predict]:
+    """Return `half.load_trained(path, model)`, turning its failure into a StageError naming the
+    file and how to get it back."""
+    try:
+        return half.load_trained(path, model)
+    except Exception as exc:  # each framework raises its own types for an unreadable file
+        raise StageError(
+            f"{path} could not be loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            "); it is corrupt or does not match params.yaml's model: "
+            f"{restore_hint(path, f'train-{half.FRAMEWORK}')}"
+        ) from None
 
 
 def file_bytes(path: Path) -> int:
@@ -205,9 +247,9 @@ def export_half(
     params = load_params(params_path)
     formats = getattr(params.export.formats, half.FRAMEWORK)
     x = np.load(images)
-    half.load_trained(model_path, params.model)  # warm-up: imports, first graph
+    load_trained_checked(half, model_path, params.model)  # warm-up: imports, first graph
     start = time.perf_counter()
-    model, predict_native = half.load_trained(model_path, params.model)
+    model, predict_native = load_trained_checked(half, model_path, params.model)
     native_load_seconds = time.perf_counter() - start
     reference = np.asarray(predict_native(x), dtype=np.float32)
     rows = {

@@ -27,7 +27,7 @@ import numpy as np
 
 from .common import StageError
 from .exporting import agreement
-from .tracking import model_version
+from .tracking import model_version, run_exists
 
 HOST = "127.0.0.1"
 REQUEST_TIMEOUT_SECONDS = 30.0  # one request; the load test's time limit bounds the whole level
@@ -49,16 +49,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def registered_version(name: str, run_id: str) -> str:
-    """Return `models:/<name>/<version>` for the version that run `run_id` registered."""
+def registered_version(name: str, run_id: str, produced_by: str) -> str:
+    """Return `models:/<name>/<version>` for the version that run `run_id` (of stage
+    `produced_by`) registered; raise StageError saying whether the version or the run is gone."""
     version = model_version(name, run_id)
-    if version is None:
+    if version is not None:
+        return f"models:/{name}/{version}"
+    retrain = f"rerun the trainer with `dvc repro -f -s {produced_by}`"
+    if run_exists(run_id):
         raise StageError(
-            f"no version of the registered model '{name}' was logged by run {run_id} (the run id in "
-            "the trainer's metrics file); the MLflow store does not hold that training run: rerun "
-            "the trainer with `dvc repro --force train-tf train-torch`"
+            f"the registered model version of run {run_id} (the run id in the trainer's metrics "
+            f"file) was deleted from the MLflow registry: '{name}' has no version from that run "
+            f"any more. To register a new one, {retrain}"
         )
-    return f"models:/{name}/{version}"
+    raise StageError(
+        f"no version of the registered model '{name}' was logged by run {run_id} (the run id in "
+        f"the trainer's metrics file); the MLflow store does not hold that training run: {retrain}"
+    )
 
 
 def serve_command(mlflow_executable: Path, model_uri: str, port: int) -> list[str]:

@@ -3,6 +3,7 @@ and one clear error when the store fails."""
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import socket
@@ -16,14 +17,17 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import filelock
 import mlflow
 import psutil
 import requests
 import sqlalchemy.exc
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-from .common import StageError, Terminated
+from .common import StageError, Terminated, remove_stale_temporaries
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about the store
 
@@ -42,6 +46,9 @@ END_AFTER_FAILURE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUES
 # sets it up surfaces as SQLAlchemy's own error.
 STORE_ERRORS = (MlflowException, requests.RequestException, sqlalchemy.exc.SQLAlchemyError)
 SQLITE_WAIT_SECONDS = 5  # SQLite's busy timeout, as the sqlite3 driver sets it
+# Creating and migrating a fresh SQLite store takes seconds; a process that finds another one
+# doing it waits this long at most.
+STORE_CREATE_WAIT_SECONDS = 120
 # What a connection failure's text says, in a few words; MLflow wraps these in its own message.
 UNREACHABLE = {
     "connection refused": "connection refused",
@@ -68,6 +75,71 @@ def workspace_root(environ: Mapping[str, str], cwd: Path) -> Path:
 def tracking_uri(environ: Mapping[str, str], root: Path) -> str:
     """Return MLFLOW_TRACKING_URI when set, else MLflow's default SQLite store at the workspace root."""
     return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """Return the database file of a `sqlite:///` store URI, or None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def create_store(
+    uri: str, artifacts: Path, wait_seconds: float = STORE_CREATE_WAIT_SECONDS
+) -> bool:
+    """Create and migrate a fresh SQLite store once; return whether this process created it.
+
+    MLflow creates and migrates a missing database in place, so two processes opening a fresh
+    store together (data-parallel workers, queued experiments, a stage and `mlflow ui`) run the
+    migrations twice or read a half-migrated schema ("Detected out-of-date database schema").
+    Here one process at a time, under a file lock, builds the store in a temporary file and
+    links it into place complete; the others wait, bounded, and then find it there.
+    """
+    database = sqlite_file(uri)
+    if database is None or database.exists():
+        return False
+    database.parent.mkdir(parents=True, exist_ok=True)
+    lock = database.with_name(f"{database.name}-lock")  # beside it; .gitignore has mlflow.db-*
+    try:
+        with filelock.FileLock(lock, timeout=wait_seconds):
+            if database.exists():
+                return False
+            remove_stale_temporaries(database)  # left by a creator that was killed
+            building = database.with_name(f".tmp-{os.getpid()}-new-{database.name}")
+            try:
+                store = SqlAlchemyStore(f"sqlite:///{building}", artifacts.as_uri())
+                store.engine.dispose()  # closes the file before it is published
+                os.link(building, database)  # atomic, and never over a store made meanwhile
+            except FileExistsError:
+                return False  # a process outside this lock (`mlflow ui`) made it first
+            finally:
+                building.unlink(missing_ok=True)
+    except filelock.Timeout:
+        raise StageError(
+            f"waited {wait_seconds:g} s for another process to create the MLflow store "
+            f"{database} (it holds {lock}): let that process finish, or set "
+            "MLFLOW_TRACKING_URI to another store"
+        ) from None
+    return True
+
+
+def check_artifacts_writable(location: str) -> None:
+    """Raise StageError when this user cannot write to the local folder an experiment's
+    artifacts go to (or to the nearest folder above it that exists, where it would be made)."""
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        return  # a server or an object store: it checks its own permissions
+    folder = Path(url2pathname(parsed.path)).absolute()
+    existing = next((f for f in (folder, *folder.parents) if f.exists()), None)
+    if existing is None or os.access(existing, os.W_OK | os.X_OK):
+        return
+    raise StageError(
+        f"cannot write MLflow's artifacts to {existing}: user '{getpass.getuser()}' has no "
+        f"write permission there. Have its owner grant it (`chmod -R u+w {existing}`, or "
+        "`chown -R` to this user), or set MLFLOW_TRACKING_URI to a tracking server, which "
+        "stores the artifacts itself"
+    )
 
 
 def is_server(uri: str) -> bool:
@@ -261,7 +333,10 @@ def end_runs_tagged(
     (RUNNING after its process was killed, or ended by it before another process failed the
     stage); return their ids. For a stage whose runs a worker process it started logged."""
     environ = os.environ if environ is None else environ
-    mlflow.set_tracking_uri(tracking_uri(environ, workspace_root(environ, Path.cwd())))
+    root = workspace_root(environ, Path.cwd())
+    uri = tracking_uri(environ, root)
+    create_store(uri, root / "mlruns")
+    mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
         return []
@@ -322,8 +397,10 @@ def stage_run(
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)  # MLflow's client reads them from the process
     try:
+        create_store(uri, root / "mlruns")
         mlflow.set_tracking_uri(uri)
         experiment_id = use_experiment(experiment_name, root, own_store, is_server(uri))
+        check_artifacts_writable(mlflow.get_experiment(experiment_id).artifact_location)
         for run_id in end_stale_runs(experiment_id):
             print(f"ended MLflow run {run_id} as KILLED: the process that ran it had died")
         tags = {**run_tags(stage, environ, cwd), **(extra_tags or {})}
@@ -393,6 +470,19 @@ def model_version(name: str, run_id: str) -> str | None:
         f"name = '{name}' and run_id = '{run_id}'"
     )
     return str(max(int(v.version) for v in versions)) if versions else None
+
+
+def run_exists(run_id: str) -> bool:
+    """Return whether the store holds run `run_id` (deleted to the trash or not)."""
+    if not run_id:
+        return False
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        return False
+    return True
 
 
 def record_failed_stage(

@@ -2,11 +2,17 @@
 export, the owned model server, and the stage end to end with both models served over HTTP."""
 
 import json
+import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
@@ -16,8 +22,8 @@ import yaml
 
 from stages import evaluate, export, export_tf, export_torch, exporting, serving
 from stages.common import StageError
-from stages.config import Params, ParamsError, load_params, parse_params
-from tests.conftest import ROOT, run_stage
+from stages.config import LoadTestConfig, Params, ParamsError, load_params, parse_params
+from tests.conftest import ROOT, run_stage, stage_env
 from tests.test_train import run_trainer, write_processed
 
 HALVES = {"tf": export_tf, "torch": export_torch}
@@ -168,6 +174,113 @@ def test_corrupted_file_is_an_error_naming_the_format(staged, tmp_path, framewor
         )
 
 
+def run_export_stage(options: dict, cwd: Path, tracking_uri: str) -> subprocess.CompletedProcess:
+    """Run `python -m stages.export` as DVC would, with a time limit."""
+    command = [sys.executable, "-m", "stages.export"]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env=stage_env(MLFLOW_TRACKING_URI=tracking_uri),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def one_line(stderr: str) -> str:
+    """Return the stage's only stderr line, an `error: ` line, failing if there is more."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("framework", "damage"), [("torch", "truncated"), ("tf", "zeroed")])
+def test_a_corrupt_trained_model_is_one_line_naming_it_before_any_export(
+    trained, tmp_path, framework, damage
+):
+    options = export_options(trained, "unused") | export_options(tmp_path, "out")
+    options |= {
+        key: trained / value.relative_to(tmp_path)
+        for key, value in options.items()
+        if key in ("data", "metrics_tf", "metrics_torch", "params")
+    }
+    models = tmp_path / "models" / framework
+    shutil.copytree(trained / framework / "model", models)
+    options[f"models_{framework}"] = models
+    other = "torch" if framework == "tf" else "tf"
+    options[f"models_{other}"] = trained / other / "model"
+    (model,) = models.glob("seed-0.*")
+    data = bytearray(model.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2 :]
+    else:  # a few KB overwritten in the middle, as a bad disk or a botched copy leaves it
+        middle = len(data) // 2
+        data[middle : middle + 4096] = bytes(min(4096, len(data) - middle))
+    model.write_bytes(bytes(data))
+    done = run_export_stage(options, trained, f"sqlite:///{trained / 'mlflow.db'}")
+    assert done.returncode == 1
+    message = one_line(done.stderr)
+    assert str(model) in message and "corrupt" in message
+    assert f"`dvc checkout {models}`" in message
+    assert f"`dvc repro -f -s train-{framework}`" in message
+    assert "[tf]" not in done.stdout and "[torch]" not in done.stdout  # no export was made
+    _assert_nothing_written(tmp_path, "out")
+
+
+class UnreadableHalf:
+    """An export half whose runtime cannot read the trained model (an intact zip, bad inside)."""
+
+    FRAMEWORK = "torch"
+    FORMATS: dict = {}
+
+    def load_trained(self, path, model):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central")
+
+
+def test_a_model_its_runtime_cannot_load_is_one_message_naming_it(tmp_path):
+    model = tmp_path / "models/torch/seed-0.pt"
+    images = tmp_path / "x_test.npy"
+    np.save(images, np.zeros((4, 28, 28), np.float32))
+    with pytest.raises(StageError) as raised:
+        exporting.export_half(
+            UnreadableHalf(),
+            model,
+            images,
+            tmp_path / "out",
+            tmp_path / "result.json",
+            tmp_path / "reference.npy",
+            ROOT / "params.yaml",
+        )
+    message = str(raised.value)
+    assert message.startswith(f"{model} could not be loaded (RuntimeError: PytorchStreamReader")
+    assert f"`dvc checkout {model.parent}`" in message
+    assert "`dvc repro -f -s train-torch`" in message
+
+
+def test_a_deleted_model_version_is_named_before_any_export(trained, tmp_path):
+    store = tmp_path / "mlflow.db"
+    shutil.copy(trained / "mlflow.db", store)  # the module's store stays whole
+    uri = f"sqlite:///{store}"
+    run_id = json.loads((trained / "torch/metrics.json").read_text())["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    versions = client.search_model_versions(f"name = 'mnist-mlp-torch' and run_id = '{run_id}'")
+    assert versions
+    for version in versions:
+        client.delete_model_version(version.name, version.version)
+    done = run_export_stage(export_options(trained, "deleted"), tmp_path, uri)
+    assert done.returncode == 1
+    message = one_line(done.stderr)
+    assert f"the registered model version of run {run_id}" in message and "was deleted" in message
+    assert "`dvc repro -f -s train-torch`" in message and "train-tf" not in message
+    assert "[tf]" not in done.stdout and "[torch]" not in done.stdout  # checked before exporting
+    _assert_nothing_written(trained, "deleted")
+    experiment = client.get_experiment_by_name("tf-vs-torch")
+    runs = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'export'")
+    assert runs and {run.info.status for run in runs} == {"FAILED"}
+
+
 def test_server_that_exits_at_once_says_why(tmp_path):
     command = [sys.executable, "-c", "print('no such model: mnist-mlp-x'); raise SystemExit(3)"]
     with (
@@ -180,10 +293,10 @@ def test_server_that_exits_at_once_says_why(tmp_path):
 
 def test_registered_model_is_served_over_rest_and_stopped(in_trained, tmp_path):
     run_id = json.loads((in_trained / "torch/metrics.json").read_text())["mlflow_run_id"]
-    uri = serving.registered_version("mnist-mlp-torch", run_id)
+    uri = serving.registered_version("mnist-mlp-torch", run_id, "train-torch")
     assert uri.startswith("models:/mnist-mlp-torch/")
     with pytest.raises(StageError, match="no version of the registered model 'mnist-mlp-torch'"):
-        serving.registered_version("mnist-mlp-torch", "0" * 32)
+        serving.registered_version("mnist-mlp-torch", "0" * 32, "train-torch")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     port = serving.free_port()
     command = serving.serve_command(Path(sys.executable).parent / "mlflow", uri, port)
@@ -368,3 +481,144 @@ def test_load_test_against_a_dead_port_counts_every_request_as_an_error():
     )
     assert (level["answered"], level["errors"], level["concurrency"]) == (0, 6, 2)
     assert "ConnectionRefusedError" in level["first_error"]
+
+
+def test_probabilities_beyond_the_tolerance_are_refused_within_it_kept():
+    reference = np.full((20, 10), 0.5 / 9, np.float32)
+    reference[:, 4] = 0.5  # class 4 everywhere, far ahead: the shifts below keep it
+    tolerance = exporting.PROBABILITY_TOLERANCE
+    within, beyond = reference.copy(), reference.copy()
+    within[7, 3] += 0.5 * tolerance
+    beyond[7, 3] += 1.5 * tolerance
+    kept = exporting.check_agreement("onnx", reference, within)
+    assert kept["disagreements"] == 0
+    assert kept["max_abs_difference"] == pytest.approx(0.5 * tolerance, rel=1e-3)
+    with pytest.raises(StageError, match="on 0 of 20 test images"):
+        exporting.check_agreement("onnx", reference, beyond)  # same class, too far off
+    assert exporting.check_agreement("onnx", reference, beyond, tolerance=2 * tolerance)
+
+
+# A stand-in for `mlflow models serve`: image i (all pixels i) is answered with `answer(i)`, the
+# logits, after `delay(i)` seconds; a threaded server, so concurrent requests do not queue.
+Answer = Callable[[int], list[float]]
+
+
+@contextmanager
+def fake_model_server(answer: Answer, delay: Callable[[int], float]) -> Iterator[int]:
+    """Serve POST /invocations on 127.0.0.1 in a thread; yield its port; always stop it."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn does
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            image = round(body["inputs"][0][0][0])
+            time.sleep(delay(image))
+            payload = json.dumps({"predictions": [answer(image)]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def numbered_images(count: int) -> np.ndarray:
+    """Return `count` images, image i all pixels i, so that the fake server knows which it got."""
+    return np.repeat(np.arange(count, dtype=np.float32), 28 * 28).reshape(count, 28, 28)
+
+
+def logits(image: int, top: float = 5.0) -> list[float]:
+    """Return the logits the fake model answers for an image: class image % 10 ahead by `top`."""
+    row = [0.0] * 10
+    row[image % 10] = top
+    return row
+
+
+def probabilities(count: int, answer: Answer = logits) -> np.ndarray:
+    """Return the reference probabilities: what `answer` gives, made probabilities."""
+    return serving.softmax(np.array([answer(i) for i in range(count)])).astype(np.float32)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_load_test_reports_each_percentile_where_the_latencies_put_it(concurrency):
+    # 100 requests: 90 answered at once, 8 after 150 ms, 2 after 600 ms. Sorted, p50 falls among
+    # the fast ones, p95 (between the 95th and 96th) among the 150 ms ones, p99 among the 600 ms
+    # ones; p90 would be fast, and p95 taken as p99 would be 600 ms.
+    def delay(image: int) -> float:
+        return 0.6 if image >= 98 else 0.15 if image >= 90 else 0.0
+
+    images = numbered_images(100)
+    with fake_model_server(logits, delay) as port:
+        level = serving.load_test(port, images, probabilities(100), 100, concurrency, 120)
+    assert (level["requests"], level["answered"], level["errors"]) == (100, 100, 0), level
+    assert level["disagreements"] == 0 and level["max_abs_difference"] < 1e-6
+    assert level["latency_p50_ms"] < 100
+    assert 150 <= level["latency_p95_ms"] < 450
+    assert 600 <= level["latency_p99_ms"] < 900
+    assert level["seconds"] >= (8 * 0.15 + 2 * 0.6) / concurrency
+    assert level["throughput_requests_per_second"] == pytest.approx(100 / level["seconds"])
+
+
+def test_a_served_wrong_class_is_counted_as_a_disagreement():
+    # 25 requests over 10 images: image 3 (requests 3, 13 and 23) is answered another class
+    def answer(image: int) -> list[float]:
+        return logits(image + 1 if image == 3 else image)
+
+    with fake_model_server(answer, lambda image: 0.0) as port:
+        level = serving.load_test(port, numbered_images(10), probabilities(10), 25, 4, 60)
+    assert level["answered"] == 25 and level["disagreements"] == 3
+
+
+def near_tie(image: int, swapped: bool = False) -> list[float]:
+    """Logits of two classes 1e-5 apart, the favourite swapped if asked: the probabilities move by
+    about 5e-6, far within the tolerance, but the class changes."""
+    row = [0.0] * 10
+    row[0], row[1] = (10.0, 10.0 + 1e-5) if swapped else (10.0 + 1e-5, 10.0)
+    return row
+
+
+def beyond_tolerance(image: int) -> list[float]:
+    """Logits whose probabilities differ from logits(image)'s by about 5e-4: the same class."""
+    shifted = probabilities(image + 1)[image].astype(np.float64)
+    shifted[(image + 1) % 10] += 5e-4
+    return [math.log(p) for p in shifted]
+
+
+@pytest.mark.parametrize(
+    ("reference", "served", "refusal"),
+    [
+        (logits, logits, None),
+        (near_tie, lambda image: near_tie(image, swapped=image == 2), "another class on 1 of 12"),
+        (logits, beyond_tolerance, r"another class on 0 of 12 requests, probabilities off by up"),
+    ],
+    ids=["same", "another-class-within-tolerance", "same-class-beyond-tolerance"],
+)
+def test_served_answers_are_refused_for_another_class_or_beyond_the_tolerance(
+    tmp_path, reference, served, refusal
+):
+    load = LoadTestConfig(requests=12, concurrency=[2], time_limit_seconds=60)
+    expected = probabilities(12, reference)
+    with fake_model_server(served, lambda image: 0.0) as port:
+        server = serving.Server(port, tmp_path / "serve.log")
+        if refusal is None:
+            result = export.load_test_levels(
+                "models:/m/1", server, 1.0, numbered_images(12), expected, load
+            )
+            assert result["concurrency_2"]["disagreements"] == 0
+            return
+        with pytest.raises(StageError, match=refusal):
+            export.load_test_levels("models:/m/1", server, 1.0, numbered_images(12), expected, load)

@@ -1,8 +1,10 @@
 """MLflow wiring: the store's location, the tags of every run, how failed runs end, and the one
 message a store fault becomes."""
 
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from stages.tracking import (
     tracking_uri,
     workspace_root,
 )
+from tests.conftest import stage_env
 
 
 def test_dvc_root_wins_so_temp_experiments_log_to_the_main_store(tmp_path):
@@ -178,3 +181,71 @@ def test_seed_runs_share_the_stage_runs_experiment_and_user(mlflow_store, monkey
     run = mlflow.get_run(child.info.run_id)
     assert run.data.tags["dvc_exp_name"] == "brisk-bass" and run.data.tags["seed"] == "0"
     assert run.info.user_id == "bob"
+
+
+def test_a_read_only_artifact_folder_is_one_message_before_the_run(mlflow_store, monkeypatch):
+    # Tests run as root, whom permission bits do not stop: the check asks os.access, so that is
+    # what a user without write permission to mlruns/ is made of here.
+    mlruns = Path.cwd() / "mlruns"
+    mlruns.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode, **kw: Path(path) != mlruns and real_access(path, mode)
+    )
+    entered = []
+    with pytest.raises(StageError) as raised, stage_run("download", "exp"):
+        entered.append(True)
+    message = str(raised.value)
+    assert not entered  # checked before any work
+    assert "\n" not in message and str(mlruns) in message
+    assert "permission" in message and "MLFLOW_TRACKING_URI" in message
+    statuses = {r.info.status for r in mlflow.search_runs(["0", "1"], output_format="list")}
+    assert "RUNNING" not in statuses
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from stages.tracking import stage_run  # the slow import first, so that the store is opened at once
+Path(sys.argv[1] + '.ready').touch()
+deadline = time.monotonic() + 120
+while not Path('go').exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+with stage_run('download', 'exp'):
+    pass
+"""
+
+
+def test_processes_starting_together_on_a_fresh_store_all_succeed(tmp_path):
+    racers = 4
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = stage_env(MLFLOW_TRACKING_URI=uri)
+    env.pop("DVC_ROOT", None)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(number)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for number in range(racers)
+    ]
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(tmp_path.glob("*.ready"))) < racers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (tmp_path / "go").touch()  # all of them open the fresh store now
+        outputs = [process.communicate(timeout=300) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    try:
+        runs = mlflow.search_runs(experiment_names=["exp"], output_format="list")
+        assert sorted(r.info.status for r in runs) == ["FINISHED"] * racers
+    finally:
+        mlflow.set_tracking_uri(None)
