@@ -120,6 +120,7 @@ def main(
         Experiment(name, {"data.dataset": dataset, **params}) for name, _, params in chosen
     ]
     names = [experiment.name for experiment in experiments]
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the run, not after it
     try:
         if collect_only:
             results = collect(ROOT, names, required=[EVALUATION])
