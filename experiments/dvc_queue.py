@@ -136,9 +136,22 @@ def experiment_states(shown: Any) -> dict[str, tuple[str, dict | None]]:
     return found
 
 
-def show(root: Path) -> dict[str, tuple[str, dict | None]]:
-    """Return the states and data of the named experiments `dvc exp show --json` lists."""
-    return experiment_states(json.loads(dvc(root, "exp", "show", "--json").stdout))
+def show(
+    root: Path, attempts: int = 3, pause_seconds: float = 2.0
+) -> dict[str, tuple[str, dict | None]]:
+    """Return the states and data of the named experiments `dvc exp show --json` lists.
+
+    `dvc exp show` fails now and then when a queued run finishes while it reads it (its .run
+    file is gone): it is asked again, `attempts` times in all.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return experiment_states(json.loads(dvc(root, "exp", "show", "--json").stdout))
+        except QueueError:
+            if attempt == attempts:
+                raise
+            time.sleep(pause_seconds)
+    raise AssertionError("unreachable")
 
 
 def wait(

@@ -104,6 +104,22 @@ def test_collect_names_failed_unfinished_and_missing_experiments(monkeypatch):
     assert results.failures[0].reason == "finished without metrics/other.json"
 
 
+def test_exp_show_is_asked_again_when_a_finishing_run_makes_it_fail(monkeypatch):
+    answers = [dvc_queue.QueueError("No such file or directory: '.../x.run'"), json.dumps(SHOWN)]
+
+    def fake_dvc(root, *args, **options):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return subprocess.CompletedProcess(args, 0, answer, "")
+
+    monkeypatch.setattr(dvc_queue, "dvc", fake_dvc)
+    assert set(dvc_queue.show(ROOT, pause_seconds=0)) == {"done", "broken", "later"}
+    answers[:] = [dvc_queue.QueueError("broken")] * 2
+    with pytest.raises(dvc_queue.QueueError):
+        dvc_queue.show(ROOT, attempts=2, pause_seconds=0)
+
+
 def test_waiting_for_the_queue_is_bounded():
     running = {"slow": ("running", None), "quick": ("success", {})}
     started = time.monotonic()
