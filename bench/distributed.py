@@ -47,16 +47,17 @@ LABELS = {"tf": "TensorFlow/Keras", "torch": "PyTorch"}
 class Job:
     epochs: int
     launched: float  # time.time() when the launcher was called
+    arrays: Path = ARRAYS  # the normalized training arrays, x.npy and y.npy
 
 
-def train(trainer, epochs: int) -> list[float]:
+def train(trainer, epochs: int, arrays: Path = ARRAYS) -> list[float]:
     """Return each epoch's seconds: the default network and optimizer, batch_order's batches."""
     from stages.config import load_params
     from stages.training import batch_order
 
     config = load_params(ROOT / "params.yaml").run_config(trainer.framework)
     trainer.describe_device("cpu", config.train.allow_tf32)
-    x, y = np.load(ARRAYS / "x.npy"), np.load(ARRAYS / "y.npy")
+    x, y = np.load(arrays / "x.npy"), np.load(arrays / "y.npy")
     trainer.seed_everything(0, True)
     model = trainer.build_model(config.model)
     optimizer = trainer.make_optimizer(config.train, model)
@@ -109,7 +110,7 @@ def all_reduce_ms(trainer, repeats: int = 300) -> float:
 def worker_task(trainer, job: Job) -> dict:
     """In each worker: train, then time the all-reduce alone."""
     started = time.time()
-    seconds = train(trainer, job.epochs)
+    seconds = train(trainer, job.epochs, job.arrays)
     return {
         "epoch_seconds": seconds,
         "all_reduce_ms": all_reduce_ms(trainer),
@@ -117,7 +118,7 @@ def worker_task(trainer, job: Job) -> dict:
     }
 
 
-def child(name: str, epochs: int) -> None:
+def child(name: str, epochs: int, arrays: Path = ARRAYS) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     framework, workers, _ = CONFIGS[name]
     if framework == "tf":
@@ -132,19 +133,20 @@ def child(name: str, epochs: int) -> None:
 
             tf.config.threading.set_inter_op_parallelism_threads(1)
     if workers == 1:
-        result = {"epoch_seconds": train(trainer, epochs), "all_reduce_ms": None}
+        result = {"epoch_seconds": train(trainer, epochs, arrays), "all_reduce_ms": None}
         result["launch_seconds"] = None
     else:
         from stages.distributed import Launch
 
         launch = Launch(workers=workers, device="cpu")
-        result = trainer.launch(launch, worker_task, Job(epochs, time.time()))
+        result = trainer.launch(launch, worker_task, Job(epochs, time.time(), arrays))
     print(json.dumps(result))
 
 
-def measure(name: str, epochs: int) -> dict:
+def measure(name: str, epochs: int, arrays: Path = ARRAYS) -> dict:
+    command = [sys.executable, __file__, "--child", name, "--epochs", str(epochs)]
     done = subprocess.run(
-        [sys.executable, __file__, "--child", name, "--epochs", str(epochs)],
+        [*command, "--arrays", str(arrays)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -165,30 +167,34 @@ def main(
     epochs: int = typer.Option(3, help="Epochs per run; the first is left out of the timing."),
     out: Path = typer.Option(ROOT / "bench", help="Where distributed.json and .md go."),
     table_only: bool = typer.Option(False, help="Rewrite distributed.md from the .json only."),
+    only: str = typer.Option("", help="Comma-separated configurations (default: all)."),
+    arrays: Path = typer.Option(ARRAYS, help="Normalized arrays: reused, else written from --raw."),
     child_name: str = typer.Option("", "--child", hidden=True),
 ) -> None:
     """Run every configuration --repeats times, interleaved, and write the table."""
     if child_name:
-        child(child_name, epochs)
+        child(child_name, epochs, arrays)
         return
     if table_only:
         payload = json.loads((out / "distributed.json").read_text())
         (out / "distributed.md").write_text(table(payload))
         return
-    if not (ARRAYS / "x.npy").exists():
+    out.mkdir(parents=True, exist_ok=True)  # before the run, not after it
+    names = [name for name in CONFIGS if not only or name in only.split(",")]
+    if not (arrays / "x.npy").exists():
         from speed import load  # bench/speed.py: the same arrays, as `normalize` writes them
 
         from stages.normalize import apply_scheme
 
         images, labels = load(raw)
-        ARRAYS.mkdir(exist_ok=True)
-        np.save(ARRAYS / "x.npy", apply_scheme(images, 0.0, 1.0))
-        np.save(ARRAYS / "y.npy", labels.astype(np.int64))
+        arrays.mkdir(exist_ok=True)
+        np.save(arrays / "x.npy", apply_scheme(images, 0.0, 1.0))
+        np.save(arrays / "y.npy", labels.astype(np.int64))
     runs: dict[str, list[dict]] = {}
     loads = [load_average()]
     for repeat in range(repeats):
-        for name in CONFIGS:  # interleaved, so drift in the machine's load hits all alike
-            measured = measure(name, epochs)
+        for name in names:  # interleaved, so drift in the machine's load hits all alike
+            measured = measure(name, epochs, arrays)
             runs.setdefault(name, []).append(measured)
             loads.append(load_average())
             print(
@@ -205,7 +211,7 @@ def main(
     payload = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "epochs": epochs,
-        "training_samples": int(np.load(ARRAYS / "y.npy").shape[0]),
+        "training_samples": int(np.load(arrays / "y.npy").shape[0]),
         "load_average_median": statistics.median(loads),
         "configs": {name: summarize(found) for name, found in runs.items()},
     }

@@ -121,7 +121,9 @@ def keras_fit(raw: Path, batch_size: int, steps_per_execution: int = 1, jit: boo
     return time.perf_counter() - start
 
 
-def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> float:
+def ours(
+    raw: Path, framework: str, variant: str = "", batch_size: int = 64, arrays: Path = ARRAYS
+) -> float:
     from stages.config import load_params
     from stages.training import batch_order
 
@@ -140,7 +142,7 @@ def ours(raw: Path, framework: str, variant: str = "", batch_size: int = 64) -> 
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     backend.describe_device("cpu", config.train.allow_tf32)
-    x, y = np.load(ARRAYS / "x.npy"), np.load(ARRAYS / "y.npy")  # as the stage loads them
+    x, y = np.load(arrays / "x.npy"), np.load(arrays / "y.npy")  # as the stage loads them
     backend.seed_everything(0, True)
     model = backend.build_model(config.model)
     optimizer = backend.make_optimizer(config.train, model)
@@ -190,7 +192,7 @@ def _tf_step_per_call(model, optimizer, x, y, order, batch_size):
         float(_tf_step_per_call.step(x, y, tf.constant(order[start : start + batch_size])))
 
 
-def run_config(name: str, raw: Path) -> float:
+def run_config(name: str, raw: Path, arrays: Path = ARRAYS) -> float:
     if name == "blog-torch":
         return blog_torch(raw)
     if name == "blog-keras":
@@ -206,7 +208,7 @@ def run_config(name: str, raw: Path) -> float:
         "tf-step-per-call": "step-per-call",
         "tf-jit-compile": "jit",
     }.get(name, "")
-    return ours(raw, framework, variant, CONFIGS[name][1])
+    return ours(raw, framework, variant, CONFIGS[name][1], arrays)
 
 
 def matmul_gflops() -> float:
@@ -225,19 +227,19 @@ def matmul_gflops() -> float:
     return statistics.median(rates)
 
 
-def child(name: str, raw: Path) -> None:
+def child(name: str, raw: Path, arrays: Path = ARRAYS) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if name == "matmul":
         print(json.dumps({"gflops": matmul_gflops()}))
         return
-    seconds = run_config(name, raw)
+    seconds = run_config(name, raw, arrays)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "peak_rss_mb": rss}))
 
 
-def measure(name: str, raw: Path) -> dict:
+def measure(name: str, raw: Path, arrays: Path = ARRAYS) -> dict:
     done = subprocess.run(
-        [sys.executable, __file__, "--child", name, "--raw", str(raw)],
+        [sys.executable, __file__, "--child", name, "--raw", str(raw), "--arrays", str(arrays)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -253,29 +255,31 @@ def main(
     only: str = typer.Option("", help="Comma-separated configurations (default: all)."),
     out: Path = typer.Option(ROOT / "bench", help="Where results.json and results.md go."),
     table_only: bool = typer.Option(False, help="Rewrite results.md from results.json only."),
+    arrays: Path = typer.Option(ARRAYS, help="Where the normalized arrays are written."),
     child_name: str = typer.Option("", "--child", hidden=True),
 ) -> None:
     """Run every configuration --repeats times and write the table."""
     if child_name:
-        child(child_name, raw)
+        child(child_name, raw, arrays)
         return
     if table_only:
         (out / "results.md").write_text(table(json.loads((out / "results.json").read_text())))
         return
+    out.mkdir(parents=True, exist_ok=True)  # before the run, not after it
     names = [n for n in CONFIGS if not only or n in only.split(",")]
     from stages.normalize import apply_scheme
 
     images, labels = load(raw)
-    ARRAYS.mkdir(exist_ok=True)
-    np.save(ARRAYS / "x.npy", apply_scheme(images, 0.0, 1.0))  # what `normalize` would write
-    np.save(ARRAYS / "y.npy", labels.astype(np.int64))
-    gflops = measure("matmul", raw)["gflops"]
+    arrays.mkdir(exist_ok=True)
+    np.save(arrays / "x.npy", apply_scheme(images, 0.0, 1.0))  # what `normalize` would write
+    np.save(arrays / "y.npy", labels.astype(np.int64))
+    gflops = measure("matmul", raw, arrays)["gflops"]
     samples = 60_000 * EPOCHS
     floor = samples * FLOPS_PER_SAMPLE / (gflops * 1e9)
     results = {}
     for repeat in range(repeats):
         for name in names:  # interleaved, so drift in the machine hits every configuration alike
-            measured = measure(name, raw)
+            measured = measure(name, raw, arrays)
             results.setdefault(name, []).append(measured)
             print(
                 f"[{repeat + 1}/{repeats}] {name}: {measured['seconds']:.1f} s, "

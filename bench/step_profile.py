@@ -138,6 +138,7 @@ def main(
     out: Path = typer.Option(ROOT / "bench", help="Where step_profile.{json,md} go."),
 ) -> None:
     """Profile one epoch's steps and write the breakdown."""
+    out.mkdir(parents=True, exist_ok=True)  # before the run, not after it
     result = profile(raw, steps)
     results = out / "results.json"
     bench = json.loads(results.read_text()) if results.exists() else None

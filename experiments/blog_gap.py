@@ -3,23 +3,22 @@
     python experiments/blog_gap.py [--dataset fashion-mnist]
 
 Queues one `dvc exp run` per step, each changing one more thing from the blog's set-up towards
-ours, runs the queue, and writes experiments/blog_gap.md (mean ± 95% CI over train.seeds) from
-`dvc exp show --json`. Nothing in the workspace changes: queued experiments run in temp copies.
+ours, runs the queue (experiments/dvc_queue.py), and writes experiments/blog_gap.md (mean ± 95% CI
+over train.seeds) from `dvc exp show --json`. Nothing in the workspace changes: queued
+experiments run in temp copies. A step that fails is named with the end of its log, the table
+keeps the steps that finished, and the script exits 1.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import typer
+from dvc_queue import Experiment, QueueError, collect, run_queue
 
 ROOT = Path(__file__).resolve().parents[1]
+EVALUATION = "metrics/evaluate.json"  # the evaluate stage's metrics: the table's numbers
 
 BLOG = {  # the blog's two scripts, as overrides of the shared, fair settings
     "overrides.tf.batch_size": "32",
@@ -73,30 +72,14 @@ def step_params() -> list[tuple[str, str, dict[str, str]]]:
     return steps
 
 
-def find_experiment(node: Any, name: str) -> dict | None:
-    """Return the `data` of the experiment called `name` anywhere in `dvc exp show --json`."""
-    if isinstance(node, dict):
-        if node.get("name") == name and "data" in node:
-            return node["data"]
-        children = node.values()
-    elif isinstance(node, list):
-        children = node
-    else:
-        return None
-    for child in children:
-        found = find_experiment(child, name)
-        if found is not None:
-            return found
-    return None
-
-
 def row(description: str, evaluation: dict) -> str:
     """Return one markdown row: accuracies with their intervals, and the difference."""
 
     def acc(fw: str) -> str:
         m = evaluation[fw]
         half = (m["test_accuracy_ci_high"] - m["test_accuracy_ci_low"]) / 2
-        return f"{100 * m['test_accuracy']:.2f} ± {100 * half:.2f}"
+        spread = "" if math.isnan(half) else f" ± {100 * half:.2f}"  # one seed: no interval
+        return f"{100 * m['test_accuracy']:.2f}{spread}"
 
     diff = 100 * evaluation["accuracy_difference"]
     low = 100 * evaluation["accuracy_difference_ci_low"]
@@ -106,13 +89,17 @@ def row(description: str, evaluation: dict) -> str:
     return f"| {description} | {acc('tf')} | {acc('torch')} | {diff:+.2f}{interval} ({verdict}) |"
 
 
-def dvc(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=ROOT, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-    return done.stdout
+def table(dataset: str, rows: list[str]) -> str:
+    """Return the markdown table: how it was measured, then one row per finished step."""
+    lines = [
+        f"Measured with `python experiments/blog_gap.py --dataset {dataset}`: each row changes one "
+        "more thing from the blog's set-up; test accuracy in %, mean ± 95% CI over train.seeds.",
+        "",
+        "| step | TensorFlow/Keras | PyTorch | TF − PyTorch, points [95% CI] |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main(
@@ -120,38 +107,41 @@ def main(
     jobs: int = typer.Option(1, help="Queue workers (more are faster but share the CPU)."),
     out: Path = typer.Option(ROOT / "experiments" / "blog_gap.md"),
     collect_only: bool = typer.Option(False, help="Only rebuild the table from finished runs."),
+    steps: int = typer.Option(
+        len(STEPS), min=1, help="Run only the first N steps (a quick check)."
+    ),
+    timeout_minutes: float = typer.Option(
+        240.0, min=0.0, help="Stop the queue and report what is unfinished after this long."
+    ),
 ) -> None:
-    """Queue and run the steps, then write the table."""
-    steps = step_params()
-    if not collect_only:
-        for name, _, params in steps:
-            subprocess.run(
-                [sys.executable, "-m", "dvc", "exp", "remove", name], cwd=ROOT, capture_output=True
-            )  # a rerun replaces the earlier result
-            settings = [arg for key, value in params.items() for arg in ("-S", f"{key}={value}")]
-            dvc("exp", "run", "--queue", "--name", name, "-S", f"data.dataset={dataset}", *settings)
-        dvc("queue", "start", "-j", str(jobs))
-        while "Queued" in (status := dvc("queue", "status")) or "Running" in status:
-            time.sleep(10)
-    shown = json.loads(dvc("exp", "show", "--json"))
-    lines = [
-        f"Measured with `python experiments/blog_gap.py --dataset {dataset}`: each row changes one "
-        "more thing from the blog's set-up; test accuracy in %, mean ± 95% CI over train.seeds.",
-        "",
-        "| step | TensorFlow/Keras | PyTorch | TF − PyTorch, points [95% CI] |",
-        "|---|---:|---:|---:|",
+    """Queue and run the steps, then write the table; exit 1 naming every step that failed."""
+    chosen = step_params()[:steps]
+    experiments = [
+        Experiment(name, {"data.dataset": dataset, **params}) for name, _, params in chosen
     ]
-    for name, description, _ in steps:
-        data = find_experiment(shown, name)
-        if data is None:
-            raise SystemExit(
-                f"experiment {name} not found in `dvc exp show`; did it fail? "
-                "See `dvc queue status` and `dvc queue logs`."
+    names = [experiment.name for experiment in experiments]
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the run, not after it
+    try:
+        if collect_only:
+            results = collect(ROOT, names, required=[EVALUATION])
+        else:
+            results = run_queue(
+                ROOT, experiments, jobs, timeout_minutes * 60, required=[EVALUATION]
             )
-        evaluation = data["metrics"]["metrics/evaluate.json"]["data"]
-        lines.append(row(description, evaluation))
-    out.write_text("\n".join(lines) + "\n")
+    except QueueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    rows = [
+        row(description, results.metrics[name][EVALUATION])
+        for name, description, _ in chosen
+        if name in results.metrics
+    ]
+    out.write_text(table(dataset, rows))
     print(out.read_text())
+    if results.failures:
+        typer.echo(f"error: {results.report()}", err=True)
+        typer.echo(f"{out} has the {len(rows)} finished step(s) only.", err=True)
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def server(
     import time
 
     from .common import Terminated, handle_stop_signals
-    from .team_server import team_server
+    from .team_server import PortInUse, free_port, team_server
 
     handle_stop_signals()
     try:
@@ -119,7 +119,10 @@ def server(
             typer.echo("Ctrl-C stops it and deletes everything it stored.")
             while running.alive():
                 time.sleep(1)
-            raise StageError(f"the team server stopped by itself; see the logs in {running.folder}")
+            raise running.failure()
+    except PortInUse as exc:
+        typer.echo(f"error: {exc}; choose another with --port, e.g. --port {free_port()}", err=True)
+        raise typer.Exit(1) from None
     except StageError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

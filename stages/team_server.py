@@ -3,7 +3,8 @@
 It is the set-up MLflow documents for teams, made small: a PostgreSQL cluster (the system's
 `initdb` and `postgres`) holds runs, registered models and basic-auth's users; `mlflow server`
 proxies artifacts to `--artifacts-destination` and asks for a login (`--app-name basic-auth`).
-Everything lives in one temporary folder, removed on exit; passwords are generated per start.
+Everything lives in one temporary folder, removed on exit (when a process fails, its logs are
+copied out first and the error names the copy); passwords are generated per start.
 `python -m stages server` runs one until Ctrl-C; the tests start one per module.
 """
 
@@ -72,6 +73,19 @@ class TeamServer:
         """Return whether PostgreSQL and the MLflow server are both still running."""
         return self.cluster.process.alive() and self.server.process.alive()
 
+    def failure(self) -> StageError:
+        """Return an error naming the process that stopped by itself, with its log's last lines."""
+        stopped = [p for p in (self.cluster.process, self.server.process) if not p.alive()]
+        if not stopped:
+            return StageError("the team server is still running")
+        return StageError(
+            "; ".join(
+                f"{p.name} stopped by itself (exit code {p.process.returncode}); "
+                f"its log ends:\n{p.log_tail()}"
+                for p in stopped
+            )
+        )
+
     def client_env(self) -> dict[str, str]:
         """Return the environment variables a stage needs to log to this server as the admin."""
         return {
@@ -84,6 +98,32 @@ class TeamServer:
 def new_password() -> str:
     """Return a fresh random password (URL-safe, so it also fits in a connection URI)."""
     return secrets.token_urlsafe(24)
+
+
+class PortInUse(StageError):
+    """The port asked for is taken on 127.0.0.1."""
+
+
+def check_port_free(port: int) -> None:
+    """Raise PortInUse if `mlflow server` could not listen on `port` on 127.0.0.1 now."""
+    with socket.socket() as probe:
+        # As the server binds: SO_REUSEADDR, so only a listener (not TIME_WAIT) blocks it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise PortInUse(
+                f"port {port} on 127.0.0.1 is already in use ({exc.strerror})"
+            ) from None
+
+
+def keep_logs(folder: Path) -> Path:
+    """Copy every log under `folder` to a new temporary folder that is not removed; return it."""
+    kept = Path(tempfile.mkdtemp(prefix="mlflow-team-logs-"))
+    for log in folder.rglob("*.log"):
+        with suppress(OSError):  # PostgreSQL's log belongs to its user: readable, not always
+            shutil.copy2(log, kept / log.name)
+    return kept
 
 
 def free_port() -> int:
@@ -215,8 +255,9 @@ class OwnedProcess:
             os.killpg(group, signum)
 
     def failure(self, error: StageError) -> StageError:
-        """Return `error` extended with where to look: the log's path and its last lines."""
-        return StageError(f"{error}; its log ({self.log}) ends:\n{self.log_tail()}")
+        """Return `error` extended with its log's last lines (the log's folder may be removed on
+        exit: team_server keeps a copy and names it)."""
+        return StageError(f"{error}; its log ends:\n{self.log_tail()}")
 
 
 def _connect(port: int, password: str, database: str = "postgres"):
@@ -378,15 +419,34 @@ def mlflow_server(
 def team_server(
     port: int | None = None, artifacts_destination: str | None = None, workers: int = 2
 ) -> Iterator[TeamServer]:
-    """Start PostgreSQL and `mlflow server` in a new temporary folder; stop both and remove it."""
-    with ExitStack() as stack:
-        # In the system's temp folder, which a dropped-privileges PostgreSQL can reach.
-        folder = Path(tempfile.mkdtemp(prefix="mlflow-team-"))
-        stack.callback(shutil.rmtree, folder, ignore_errors=True)
-        cluster = stack.enter_context(postgres_cluster(folder))
-        admin = Credentials(ADMIN_USERNAME, new_password())
-        destination = artifacts_destination or str(folder / "artifacts")
-        server = stack.enter_context(
-            mlflow_server(cluster, folder / "server", admin, destination, port, workers)
-        )
-        yield TeamServer(server.url, admin, destination, folder, cluster, server)
+    """Start PostgreSQL and `mlflow server` in a new temporary folder; stop both and remove it.
+
+    A port that is taken fails at once, before PostgreSQL starts. On a StageError (a process
+    that did not start, or stopped by itself) the logs are copied out first, and the error
+    names the copy: the folder itself is removed like on every exit.
+    """
+    if port:
+        check_port_free(port)
+    # In the system's temp folder, which a dropped-privileges PostgreSQL can reach.
+    folder = Path(tempfile.mkdtemp(prefix="mlflow-team-"))
+    kept: list[Path] = []
+
+    def keep_logs_on_failure(exc_type: type | None, exc: object, traceback: object) -> None:
+        if exc_type is not None and issubclass(exc_type, StageError):
+            kept.append(keep_logs(folder))
+
+    try:
+        with ExitStack() as stack:
+            stack.callback(shutil.rmtree, folder, ignore_errors=True)
+            stack.push(keep_logs_on_failure)  # unwinds after both processes stop, before rmtree
+            cluster = stack.enter_context(postgres_cluster(folder))
+            admin = Credentials(ADMIN_USERNAME, new_password())
+            destination = artifacts_destination or str(folder / "artifacts")
+            server = stack.enter_context(
+                mlflow_server(cluster, folder / "server", admin, destination, port, workers)
+            )
+            yield TeamServer(server.url, admin, destination, folder, cluster, server)
+    except StageError as exc:
+        if not kept:
+            raise
+        raise StageError(f"{exc}\nThe full logs are kept in {kept[0]}") from None

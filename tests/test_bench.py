@@ -1,8 +1,20 @@
-"""The benchmarks' arithmetic: budgets and ratios are what the README quotes, so they are tested."""
+"""The benchmarks' arithmetic (budgets and ratios are what the README quotes), and a smoke run of
+each benchmark script on tiny data."""
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-from tests.conftest import ROOT
+import numpy as np
+import pytest
+import typer
+
+from tests.conftest import DEBIAN_FASHION, ROOT, stage_env, tiny_arrays, write_idx_folder
 
 sys.path.insert(0, str(ROOT / "bench"))
 import speed  # noqa: E402
@@ -102,3 +114,147 @@ def test_stage_time_table_judges_the_pipeline_and_each_first_step():
     assert "takes 130 s, against a target of 120 s: not met." in text
     assert "| first step minus import (target: at most 3 s) | 2.5 s, met | 3.5 s, not met |" in text
     assert "`train-tf` 30, `train-torch` 28" in text
+
+
+# Smoke runs: each script end to end, as a user runs it, on tiny data with its smallest settings,
+# writing into tmp_path. The committed results in bench/ must come out untouched.
+
+
+def committed_results() -> dict[str, bytes]:
+    """Return every result file committed in bench/ and experiments/, by path."""
+    found = [*ROOT.glob("bench/*.md"), *ROOT.glob("bench/*.json"), *ROOT.glob("experiments/*.md")]
+    return {str(path): path.read_bytes() for path in found}
+
+
+@pytest.fixture
+def results_untouched():
+    """Fail the test if it changed a committed result file or the shared normalized arrays."""
+    arrays = ROOT / "bench" / ".arrays"
+    before = committed_results(), sorted((p, p.stat().st_mtime_ns) for p in arrays.glob("*"))
+    yield
+    after = committed_results(), sorted((p, p.stat().st_mtime_ns) for p in arrays.glob("*"))
+    assert after == before
+
+
+@pytest.fixture(scope="module")
+def tiny_raw(tmp_path_factory) -> Path:
+    """The four IDX .gz files of a tiny generated dataset (400 training images)."""
+    folder = tmp_path_factory.mktemp("raw")
+    write_idx_folder(folder, tiny_arrays())
+    return folder
+
+
+def run_script(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run `python bench/<script> args` from the checkout; on a timeout kill its process group."""
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / script), *args],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=stage_env(TF_CPP_MIN_LOG_LEVEL="2"),
+            start_new_session=True,
+        )
+        try:
+            process.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # what a worker or a child left behind
+            process.wait(timeout=30)
+        out.seek(0)
+        return subprocess.CompletedProcess(script, process.returncode, out.read())
+
+
+def table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ")][1:]  # below the header
+
+
+@pytest.mark.slow
+def test_speed_bench_runs_on_tiny_data(tmp_path, tiny_raw, results_untouched):
+    configs = ["blog-torch", "blog-keras", "ours-torch", "ours-tf"]  # the baselines and targets
+    done = run_script(
+        "speed.py",
+        *("--raw", str(tiny_raw), "--repeats", "1", "--only", ",".join(configs)),
+        *("--out", str(tmp_path), "--arrays", str(tmp_path / "arrays")),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    text = (tmp_path / "results.md").read_text()
+    assert [row.split("`")[1] for row in table_rows(text)] == configs
+    assert "Target: `ours-torch` at least 6x faster than `blog-torch`" in text
+    assert set(json.loads((tmp_path / "results.json").read_text())["configs"]) == set(configs)
+    assert np.load(tmp_path / "arrays/y.npy").shape == (400,)
+
+
+@pytest.mark.slow
+def test_step_profile_runs_on_tiny_data(tmp_path, tiny_raw, results_untouched):
+    done = run_script(
+        "step_profile.py",
+        *("--raw", str(tiny_raw), "--steps", "4", "--out", str(tmp_path)),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    text = (tmp_path / "step_profile.md").read_text()
+    assert len(table_rows(text)) == len(step_profile.PARTS) + 2
+    assert json.loads((tmp_path / "step_profile.json").read_text())["training_samples"] == 400
+
+
+@pytest.mark.slow
+def test_distributed_bench_runs_one_and_two_workers_on_tiny_data(
+    tmp_path, tiny_raw, results_untouched
+):
+    configs = ["torch-1", "torch-2"]  # one worker, and two through the stage's launcher
+    done = run_script(
+        "distributed.py",
+        *("--raw", str(tiny_raw), "--repeats", "1", "--epochs", "2", "--only", ",".join(configs)),
+        *("--out", str(tmp_path), "--arrays", str(tmp_path / "arrays")),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    payload = json.loads((tmp_path / "distributed.json").read_text())
+    assert set(payload["configs"]) == set(configs) and payload["training_samples"] == 400
+    assert payload["configs"]["torch-2"]["all_reduce_ms"] > 0
+    assert len(table_rows((tmp_path / "distributed.md").read_text())) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not DEBIAN_FASHION.exists(),
+    reason="needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)",
+)
+def test_stage_time_bench_runs_the_smallest_pipeline(tmp_path, results_untouched):
+    # The pipeline's download checks the real dataset's SHA-256: Debian's Fashion-MNIST, as
+    # `download` leaves it (the four .gz files and a manifest naming the dataset).
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for source in DEBIAN_FASHION.glob("*.gz"):
+        (raw / source.name).symlink_to(source)
+    (raw / "manifest.json").write_text(json.dumps({"dataset": "fashion-mnist"}))
+    smallest = [
+        "train.epochs=1",
+        "train.seeds=[0]",
+        "export.formats.tf=[]",
+        "export.formats.torch=[]",
+        "export.serve=false",
+    ]
+    settings = [part for setting in smallest for part in ("--set", setting)]
+    done = run_script(
+        "stage_time.py",
+        *("--raw", str(raw), "--repeats", "1", "--out", str(tmp_path / "out"), *settings),
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    text = (tmp_path / "out/stage_time.md").read_text()
+    assert "A `dvc repro` with `train.epochs=1` `train.seeds=[0]`" in text
+    payload = json.loads((tmp_path / "out/stage_time.json").read_text())
+    assert {"train-tf", "train-torch", "evaluate"} <= set(payload["stage_seconds"])
+    assert payload["frameworks"]["torch"]["seconds_to_first_step"] > 0
+
+
+def test_stage_time_settings_change_existing_keys_only():
+    params = {"train": {"epochs": 5, "seeds": [0, 1]}}
+    stage_time.apply_settings(params, ["train.epochs=1", "train.seeds=[0]"])
+    assert params == {"train": {"epochs": 1, "seeds": [0]}}
+    with pytest.raises(typer.BadParameter, match="trian.epochs=1"):
+        stage_time.apply_settings(params, ["trian.epochs=1"])

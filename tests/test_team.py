@@ -9,6 +9,7 @@ run, every wait is bounded and every process is stopped on the way out.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import requests
 import yaml
@@ -584,3 +586,47 @@ def test_the_try_out_command_serves_until_interrupted_then_removes_everything(tm
     assert not folder.exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(search, timeout=5)
+
+
+def test_the_try_out_command_names_a_server_that_died_with_its_log(tmp_path):
+    """The MLflow server dies while the command serves: the error says which process stopped,
+    ends with its log's last lines, and names a copy of the logs that still exists."""
+    port = free_port()
+    with open(tmp_path / "server.log", "w") as out:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "stages", "server", "--port", str(port)],
+            cwd=ROOT,
+            env=repo_env(**TELEMETRY_OFF),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    kept = None
+    try:
+        deadline = time.monotonic() + 180
+        while "Ctrl-C" not in (tmp_path / "server.log").read_text():
+            assert command.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        folder = Path((tmp_path / "server.log").read_text().split("storing in ", 1)[1].split()[0])
+        server = next(
+            child
+            for child in psutil.Process(command.pid).children()
+            if "--backend-store-uri" in child.cmdline()
+        )
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, as an OOM kill would
+        assert command.wait(timeout=60) == 1
+        printed = (tmp_path / "server.log").read_text()
+        assert "Traceback" not in printed
+        assert "error: mlflow server stopped by itself (exit code -9); its log ends:" in printed
+        assert f"Uvicorn running on http://127.0.0.1:{port}" in printed  # the log's own lines
+        kept = Path(printed.split("The full logs are kept in ", 1)[1].split()[0])
+        assert (kept / "mlflow-server.log").read_text().strip()
+        assert (kept / "postgres.log").exists()
+        assert str(folder) not in printed.split("error:", 1)[1]  # removed: not pointed at
+        assert not folder.exists()
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait(timeout=30)
+        if kept is not None:
+            shutil.rmtree(kept, ignore_errors=True)

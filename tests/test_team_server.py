@@ -3,6 +3,8 @@
 import os
 import re
 import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -10,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from stages.common import StageError
-from stages.team_server import OwnedProcess, free_port, postgres_bin_dir, wait_until
+from stages.team_server import (
+    OwnedProcess,
+    PortInUse,
+    check_port_free,
+    free_port,
+    postgres_bin_dir,
+    wait_until,
+)
+from tests.conftest import ROOT, stage_env
 
 
 def test_postgres_is_found_on_path_first_then_debians_newest(tmp_path):
@@ -70,16 +80,12 @@ def test_waiting_stops_when_the_process_dies_or_time_runs_out(tmp_path):
 
 
 def test_free_port_is_a_loopback_port_nothing_listens_on():
-    import socket
-
     port = free_port()
     with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
         probe.connect(("127.0.0.1", port))
 
 
 def test_the_readme_shows_the_team_commands_and_no_credentials():
-    from tests.conftest import ROOT
-
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Working as a team", 1)[1].split("\n## ", 1)[0]
     for command in (
@@ -98,3 +104,38 @@ def test_the_readme_shows_the_team_commands_and_no_credentials():
     # Credentials come from the environment: no password in any URI or assignment.
     assert not re.search(r"://[^/\s:@]+:[^/\s@$]+@", section)
     assert not re.search(r"(PASSWORD|SECRET\w*)=(?![\"']?\$)\S", section)
+
+
+def _taken_port() -> socket.socket:
+    """Return a socket listening on a loopback port, as another server would."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    return taken
+
+
+def test_a_taken_port_is_found_before_anything_starts():
+    taken = _taken_port()
+    with taken, pytest.raises(PortInUse, match=f"port {taken.getsockname()[1]} on 127.0.0.1"):
+        check_port_free(taken.getsockname()[1])
+    check_port_free(free_port())
+
+
+def test_the_server_command_on_a_taken_port_fails_at_once_with_a_port_hint(tmp_path):
+    with _taken_port() as taken:
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "stages", "server", "--port", str(port)],
+            cwd=ROOT,
+            env=stage_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert time.monotonic() - started < 10, done.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: port {port} on 127.0.0.1 is already in use"), last
+    assert "choose another with --port, e.g. --port " in last
+    assert "kept in" not in done.stderr  # nothing started, so there are no logs to point at
