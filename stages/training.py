@@ -577,17 +577,20 @@ def log_seed_result(result: SeedResult, model_path: Path) -> None:  # pragma: no
 
 
 def log_summary(
-    metrics: TrainerMetrics, mean_rows: list[dict[str, float]], history: Path
+    metrics: TrainerMetrics, mean_rows: list[dict[str, float]], history: Path, name: str
 ) -> None:  # pragma: no mutate block
-    """Log the stage run's headline metrics, the mean learning curve and the history file."""
+    """Log the stage run's headline metrics, the mean learning curve and the history file, the
+    file as `history/<name>`: `history` is its staging path, whose name is a temporary one."""
     import mlflow
+
+    from .tracking import log_artifact_as
 
     for row in mean_rows:
         mlflow.log_metrics(
             {f"mean_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
         )
     mlflow.log_metrics(metrics.headline())
-    mlflow.log_artifact(str(history), "history")
+    log_artifact_as(history, f"history/{name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,7 +755,7 @@ def run_trainer_stage(
         metrics = replace(
             metrics, stage_seconds=phases.since_start(), phase_seconds=dict(phases.seconds)
         )
-        log_summary(metrics, rows, tmp.history)
+        log_summary(metrics, rows, tmp.history, outputs.history.name)
         write_json(tmp.metrics, asdict(metrics))
     from .tracking import model_version
 

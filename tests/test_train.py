@@ -4,6 +4,7 @@ import inspect
 import json
 import os
 import signal
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -466,3 +467,27 @@ def test_many_models_predict_without_tensorflow_retracing_warnings(params_dict):
     finally:
         tf.get_logger().removeHandler(handler)
     assert [r.getMessage() for r in records if "retracing" in r.getMessage()] == []
+
+
+def all_artifacts(client: mlflow.MlflowClient, run_id: str, folder: str | None = None) -> set:
+    """Return every artifact path of a run, folders walked."""
+    paths = set()
+    for entry in client.list_artifacts(run_id, folder):
+        paths |= all_artifacts(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return paths
+
+
+def test_artifacts_carry_the_final_file_names_not_the_staging_ones(workspace):
+    out = run_trainer(workspace, "torch")
+    run_id = json.loads((out / "metrics.json").read_text())["mlflow_run_id"]
+    client = mlflow.MlflowClient()
+    stage_artifacts = all_artifacts(client, run_id)
+    assert "history/history.csv" in stage_artifacts, stage_artifacts
+    logged = client.download_artifacts(run_id, "history/history.csv", str(workspace))
+    assert Path(logged).read_bytes() == (out / "history.csv").read_bytes()  # byte for byte
+    (seed,) = client.search_runs(
+        [mlflow.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    seed_artifacts = all_artifacts(client, seed.info.run_id)
+    assert seed_artifacts == {"model/seed-0.pt"}
+    assert not [path for path in stage_artifacts | seed_artifacts if ".tmp-" in path]
