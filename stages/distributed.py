@@ -49,6 +49,7 @@ from .training import (
     TrainerMetrics,
     TrainerOutputs,
     Weights,
+    check_batch_size,
     load_splits,
     run_trainer_stage,
     to_device_data,
@@ -356,11 +357,16 @@ def run_stage(
     """Run a trainer stage on train.workers workers: one trains in this process, exactly as
     before; more are started through the framework's engine and rank 0 writes the outputs."""
     all_params = load_params(params)
-    launch = Launch.from_train(all_params.run_config(trainer.framework).train)
+    train = all_params.run_config(trainer.framework).train
+    launch = Launch.from_train(train)
     if launch.world_size == 1:
         return run_trainer_stage(trainer, data, outputs, params, process_start)
     if not isinstance(trainer, ParallelTrainer):
         raise StageError(f"the {trainer.framework} trainer cannot train on several workers")
+    sizes = read_json(data / "meta.json", "normalize").get("split_sizes", {})
+    if "train" in sizes:  # before any worker starts (load_splits checks meta.json itself)
+        key = all_params.batch_size_key(trainer.framework)
+        check_batch_size(train.batch_size, key, sizes["train"], data)
     launch_id = uuid.uuid4().hex
     job = StageJob(data, outputs, params, process_start, {"launch_id": launch_id})
     try:

@@ -8,6 +8,7 @@ each trainer module's `main()` hands its trainer to `run_trainer_stage`.
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from tqdm import tqdm
 
 from .common import (
     Deferred,
@@ -36,6 +38,10 @@ SPLITS = ("train", "val", "test")
 # MLflow prints these on registration; the stage's summary line names the version instead.
 REGISTRY_NOISE = ("Successfully registered model", "Created version")
 Weights = list[tuple[np.ndarray, np.ndarray]]  # per dense layer: kernel (fan_in, fan_out), bias
+# An epoch longer than this many steps trains in slices of it, to show progress between them;
+# the default (batch 64: 860 steps) is one slice, one train_epoch call as it always was.
+EPOCH_SLICE_STEPS = 1000
+PROGRESS_AFTER_SECONDS = 5.0  # a progress bar within an epoch only once it has run this long
 
 
 class NonFiniteLoss(Exception):
@@ -189,6 +195,16 @@ def load_splits(data_dir: Path, scheme: str, meta: Mapping[str, Any]) -> Splits:
     )
 
 
+def check_batch_size(batch_size: int, key: str, train_images: int, data: Path) -> None:
+    """Raise StageError when a batch is larger than the training split: each epoch would be one
+    short step."""
+    if batch_size > train_images:
+        raise StageError(
+            f"{key}={batch_size} is larger than the training split ({train_images} images in "
+            f"{data}); use at most {train_images}"
+        )
+
+
 def to_device_data(trainer: Trainer, splits: Splits, device: str) -> DeviceData:
     """Return the arrays training reads as tensors on `device`."""
     return DeviceData(
@@ -262,11 +278,12 @@ def divergence_message(
     """Return what a NaN/inf loss means: where it happened, what preceded it, what to change."""
     train = config.train
     step = (epoch - 1) * steps_per_epoch + error.step
-    before = (
-        f"after a loss of {error.previous:.4g} at step {step - 1}"
-        if error.previous is not None
-        else "at the epoch's first step"
-    )
+    if error.previous is not None:
+        before = f"after a loss of {error.previous:.4g} at step {step - 1}"
+    elif error.step == 1:
+        before = "at the epoch's first step"
+    else:  # the first step of a slice (train_epoch_in_slices): the loss before it is not kept
+        before = f"after finite losses up to step {step - 1}"
     return (
         f"training diverged: loss is {error.loss} at step {step} (epoch {epoch}, seed {seed}), "
         f"{before}. The inputs are finite (checked when loaded), so the updates blew up: "
@@ -280,6 +297,57 @@ def divergence_message(
     )
 
 
+def epoch_slices(order: np.ndarray, batch_size: int, steps: int) -> list[np.ndarray]:
+    """Return `order` cut into slices of `steps` whole batches (the last slice may be shorter)."""
+    span = steps * batch_size
+    return [order[start : start + span] for start in range(0, len(order), span)]
+
+
+def train_epoch_in_slices(
+    trainer: Trainer,
+    network: Any,
+    optimizer: Any,
+    tensors: DeviceData,
+    order: np.ndarray,
+    batch_size: int,
+    label: str,
+    progress_after_seconds: float | None,
+) -> EpochResult:
+    """Train one epoch as one train_epoch call, or, when longer than EPOCH_SLICE_STEPS steps, as
+    one call per slice, with a progress bar on stderr once the epoch has run for
+    `progress_after_seconds` (None: never). The slices take the very steps one call would."""
+    slices = epoch_slices(order, batch_size, EPOCH_SLICE_STEPS)
+    x, y = tensors.x_train, tensors.y_train
+    if len(slices) == 1:
+        return trainer.train_epoch(network, optimizer, x, y, order, batch_size)
+    results, done = [], 0
+    bar = tqdm(
+        total=-(-len(order) // batch_size),
+        desc=label,
+        unit="step",
+        file=sys.stderr,
+        leave=False,
+        delay=progress_after_seconds or 0.0,
+        disable=progress_after_seconds is None,
+    )
+    with bar:
+        for part in slices:
+            try:
+                results.append(trainer.train_epoch(network, optimizer, x, y, part, batch_size))
+            except NonFiniteLoss as exc:
+                raise NonFiniteLoss(done + exc.step, exc.loss, exc.previous) from None
+            steps = -(-len(part) // batch_size)
+            done += steps
+            bar.update(steps)
+    sizes = [len(part) for part in slices]
+    correct = sum(round(r.accuracy * n) for r, n in zip(results, sizes, strict=True))
+    return EpochResult(
+        loss=sum(r.loss * n for r, n in zip(results, sizes, strict=True)) / len(order),
+        accuracy=correct / len(order),
+        first_step_done=results[0].first_step_done,
+    )
+
+
 def train_one_seed(
     trainer: Trainer,
     config: RunConfig,
@@ -287,8 +355,10 @@ def train_one_seed(
     tensors: DeviceData,
     seed: int,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    progress_after_seconds: float | None = None,
 ) -> SeedResult:
-    """Train one model from `seed`: every epoch, validation after each, the test at the end."""
+    """Train one model from `seed`: every epoch, validation after each, the test at the end;
+    progress within a long epoch after `progress_after_seconds` (None: none)."""
     model_config, train = config.model, config.train
     trainer.seed_everything(seed, train.deterministic)
     initial = shared_weights(model_config, seed) if model_config.init == "shared" else None
@@ -301,9 +371,17 @@ def train_one_seed(
     for epoch in range(1, train.epochs + 1):
         order = batch_order(len(splits.train.y), seed, epoch)
         start = time.perf_counter()
+        label = f"[{trainer.framework}] seed {seed} epoch {epoch}/{train.epochs}"
         try:
-            result = trainer.train_epoch(
-                model, optimizer, tensors.x_train, tensors.y_train, order, train.batch_size
+            result = train_epoch_in_slices(
+                trainer,
+                model,
+                optimizer,
+                tensors,
+                order,
+                train.batch_size,
+                label,
+                progress_after_seconds,
             )
         except NonFiniteLoss as exc:
             raise StageError(
@@ -660,7 +738,9 @@ def train_seed_run(
             log_epoch(row)
             print(progress(framework, seed, epochs, row), flush=True)
 
-        result = train_one_seed(trainer, config, splits, tensors, seed, on_epoch)
+        result = train_one_seed(
+            trainer, config, splits, tensors, seed, on_epoch, PROGRESS_AFTER_SECONDS
+        )
         path = model_dir / f"seed-{seed}{trainer.model_suffix}"
         trainer.save_model(result.model, path)
         check_reload(trainer, path, result.model, config.model, tensors.x_test, device.kind)
@@ -693,6 +773,12 @@ def run_trainer_stage(
         device = trainer.describe_device(config.train.device, config.train.allow_tf32)
         meta = read_json(data / "meta.json", "normalize")
         splits = load_splits(data, config.scheme, meta)
+        check_batch_size(
+            config.train.batch_size,
+            all_params.batch_size_key(framework),
+            len(splits.train.y),
+            data,
+        )
     tags = {
         "framework": framework,
         "normalize_run_id": meta.get("mlflow_run_id", ""),

@@ -522,3 +522,25 @@ def test_exp_run_on_two_workers_runs_the_pipeline_and_reports_the_worker_count(t
     stages = [r for r in runs(repo) if r.info.run_name in ("train-tf", "train-torch")]
     assert len(stages) == 2
     assert all(r.info.status == "FINISHED" and r.data.tags["workers"] == "2" for r in stages)
+
+
+def test_a_batch_larger_than_the_split_is_refused_before_workers_start(
+    workspace, params_dict, monkeypatch
+):
+    stage_workspace(workspace, params_dict, batch_size=302)  # 300 training images; even split
+
+    def no_launch(*args):
+        raise AssertionError("workers started")
+
+    monkeypatch.setattr(KerasTrainer, "launch", no_launch)
+    start = psutil.Process().create_time()
+    processed = workspace / "processed"
+    with pytest.raises(StageError) as error:
+        run_stage(
+            KerasTrainer(), processed, outputs(workspace, "out"), workspace / "params.yaml", start
+        )
+    assert str(error.value) == (
+        f"train.batch_size=302 is larger than the training split (300 images in {processed}); "
+        "use at most 300"
+    )
+    assert not (workspace / "out").exists()

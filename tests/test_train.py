@@ -491,3 +491,45 @@ def test_artifacts_carry_the_final_file_names_not_the_staging_ones(workspace):
     seed_artifacts = all_artifacts(client, seed.info.run_id)
     assert seed_artifacts == {"model/seed-0.pt"}
     assert not [path for path in stage_artifacts | seed_artifacts if ".tmp-" in path]
+
+
+@pytest.mark.parametrize(
+    ("key", "size"), [("train.batch_size", 400), ("overrides.torch.batch_size", 301)]
+)
+def test_a_batch_larger_than_the_training_split_is_refused_before_any_work(
+    workspace, params_dict, key, size
+):
+    section, name = key.rsplit(".", 1)
+    target = params_dict
+    for part in section.split("."):
+        target = target[part]
+    target[name] = size
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    processed = write_processed(workspace / "processed")
+    with pytest.raises(StageError) as error:
+        run_trainer(workspace, "torch")
+    assert str(error.value) == (
+        f"{key}={size} is larger than the training split (300 images in {processed}); "
+        "use at most 300"
+    )
+    assert not (workspace / "out").exists()  # no outputs, no temporaries
+    assert mlflow.get_experiment_by_name("tf-vs-torch") is None  # no run, not even a failed one
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_an_epoch_in_slices_takes_the_same_steps_as_in_one_piece(
+    params_dict, framework, monkeypatch
+):
+    # what progress within a long epoch costs: nothing, the same steps in the same order
+    params_dict["train"].update(epochs=2, batch_size=32)
+    config = parse_params(params_dict).run_config(framework)
+    trainer, splits = TRAINERS[framework], tiny_splits(num_train=200)  # 7 steps, the last short
+    results = {}
+    for steps in (1000, 3):  # one slice, then slices of 3, 3 and 1 steps
+        monkeypatch.setattr("stages.training.EPOCH_SLICE_STEPS", steps)
+        tensors = to_device_data(trainer, splits, "cpu")
+        results[steps] = train_one_seed(trainer, config, splits, tensors, 0)
+    np.testing.assert_array_equal(results[3].probabilities, results[1000].probabilities)
+    for sliced, whole in zip(results[3].history, results[1000].history, strict=True):
+        assert sliced["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+        assert sliced["train_accuracy"] == pytest.approx(whole["train_accuracy"], abs=1e-12)
