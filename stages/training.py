@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .common import (
     Deferred,
     StageError,
+    file_sha256,
     load_npy,
     native_stderr_filtered,
     peak_rss_mb,
@@ -31,7 +32,7 @@ from .common import (
     write_json,
 )
 from .config import Framework, ModelConfig, RunConfig, TrainConfig, load_params
-from .dataset import IMAGE_SHAPE, IMAGE_SIZE, NUM_CLASSES
+from .dataset import ARRAY_DIGESTS, IMAGE_SHAPE, IMAGE_SIZE, NUM_CLASSES
 
 MODEL_NAME = "mnist-mlp-{framework}"  # one registered MLflow model per framework
 SPLITS = ("train", "val", "test")
@@ -184,7 +185,7 @@ def load_splits(data_dir: Path, scheme: str, meta: Mapping[str, Any]) -> Splits:
     sizes = meta.get("split_sizes", {})
     if set(sizes) != set(SPLITS):
         raise StageError(f"{data_dir / 'meta.json'} lacks split_sizes; rerun `dvc repro normalize`")
-    return Splits(
+    splits = Splits(
         **{
             split: Split(
                 _load_array(folder / f"x_{split}.npy", np.float32, (sizes[split], *IMAGE_SHAPE)),
@@ -193,6 +194,29 @@ def load_splits(data_dir: Path, scheme: str, meta: Mapping[str, Any]) -> Splits:
             for split in SPLITS
         }
     )
+    for split in SPLITS:
+        for path in (folder / f"x_{split}.npy", data_dir / f"y_{split}.npy"):
+            check_digest(path, data_dir, meta)
+    return splits
+
+
+def check_digest(path: Path, data_dir: Path, meta: Mapping[str, Any]) -> None:
+    """Raise StageError unless the file's sha256 is the one `normalize` recorded in meta.json:
+    arrays of another dataset, or another run, with the same shapes would train unnoticed."""
+    name = path.relative_to(data_dir).as_posix()
+    expected = meta.get(ARRAY_DIGESTS, {}).get(name)
+    meta_path = data_dir / "meta.json"
+    if expected is None:
+        raise StageError(
+            f"{meta_path} records no sha256 of {name} (written by an older `normalize`); "
+            "rerun `dvc repro normalize`"
+        )
+    if file_sha256(path) != expected:
+        raise StageError(
+            f"{path} is not the array `normalize` wrote: its sha256 differs from the one "
+            f"{meta_path} records, so the arrays in {data_dir} were replaced or changed since; "
+            f"rerun `dvc repro normalize` (or `dvc checkout {data_dir}`)"
+        )
 
 
 def check_batch_size(batch_size: int, key: str, train_images: int, data: Path) -> None:

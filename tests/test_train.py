@@ -533,3 +533,19 @@ def test_an_epoch_in_slices_takes_the_same_steps_as_in_one_piece(
     for sliced, whole in zip(results[3].history, results[1000].history, strict=True):
         assert sliced["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
         assert sliced["train_accuracy"] == pytest.approx(whole["train_accuracy"], abs=1e-12)
+
+
+def test_arrays_swapped_under_processed_are_refused_naming_the_file(workspace):
+    processed = write_processed(workspace / "processed")
+    x_train = processed / "scale" / "x_train.npy"
+    other = np.random.default_rng(1).random((300, 28, 28), dtype=np.float32)  # same shape, dtype
+    np.save(x_train, other)
+    with pytest.raises(StageError) as error:
+        run_trainer(workspace, "torch")
+    assert str(error.value) == (
+        f"{x_train} is not the array `normalize` wrote: its sha256 differs from the one "
+        f"{processed / 'meta.json'} records, so the arrays in {processed} were replaced or "
+        f"changed since; rerun `dvc repro normalize` (or `dvc checkout {processed}`)"
+    )
+    assert not (workspace / "out").exists()
+    assert mlflow.get_experiment_by_name("tf-vs-torch") is None  # refused before any run

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.common import StageError, staged_outputs
+from stages.common import StageError, file_sha256, staged_outputs
 from stages.config import parse_params
 from stages.training import (
     Device,
@@ -304,6 +304,7 @@ def test_labels_are_any_of_the_ten_classes_and_meta_must_give_the_sizes(tmp_path
     data = write_processed(tmp_path / "processed")
     meta = json.loads((data / "meta.json").read_text())
     np.save(data / "y_val.npy", np.full(100, 9, np.int64))  # one class only, the last: fine
+    meta["array_sha256"]["y_val.npy"] = file_sha256(data / "y_val.npy")  # as normalize would
     assert (load_splits(data, "scale", meta).val.y == 9).all()
     np.save(data / "y_val.npy", np.full(100, 10, np.int64))  # one past the last class
     with pytest.raises(StageError, match=r"y_val.npy holds labels outside 0..9; rerun"):
@@ -469,3 +470,22 @@ def test_a_divergence_in_a_later_slice_counts_the_earlier_slices_steps(monkeypat
         match=r"loss is nan at step 3 \(epoch 1, seed 0\), after finite losses up to step 2\.",
     ):
         train_one_seed(trainer, config, splits, to_device_data(trainer, splits, "cpu"), 0)
+
+
+def test_arrays_are_checked_against_the_digests_in_meta(tmp_path):
+    data = write_processed(tmp_path / "processed")
+    meta = json.loads((data / "meta.json").read_text())
+    load_splits(data, "scale", meta)  # untouched: loads
+    labels = np.load(data / "y_test.npy")
+    np.save(data / "y_test.npy", np.roll(labels, 1))  # the same labels, in another order
+    with pytest.raises(StageError, match=r"y_test.npy is not the array `normalize` wrote"):
+        load_splits(data, "scale", meta)
+    np.save(data / "y_test.npy", labels)
+    load_splits(data, "scale", meta)  # restored (as `dvc checkout` would): loads again
+    del meta["array_sha256"]
+    with pytest.raises(
+        StageError,
+        match=r"meta.json records no sha256 of scale/x_train.npy \(written by an older "
+        r"`normalize`\); rerun `dvc repro normalize`",
+    ):
+        load_splits(data, "scale", meta)
