@@ -121,11 +121,34 @@ class WorkerPlan:
 
     @property
     def threads(self) -> int:
-        """Return the intra-op threads this worker may use: this machine's cores, shared out.
+        """Return the intra-op threads this worker may use: this machine's cores, shared out."""
+        return threads_per_worker(available_cores(), self.local_world_size)
 
-        Two workers each running as many threads as there are cores make every step wait for
-        the other's threads: measured many times slower here (bench/distributed.md)."""
-        return max(1, len(os.sched_getaffinity(0)) // self.local_world_size)
+
+def available_cores() -> int:
+    """Return the cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def threads_per_worker(cores: int, local_workers: int) -> int:
+    """Return the intra-op threads each of a machine's workers gets: its cores, shared out.
+
+    Two workers each running as many threads as there are cores make every step wait for
+    the other's threads: measured many times slower here (bench/distributed.md)."""
+    return max(1, cores // local_workers)
+
+
+def oversubscription_warning(workers: int, cores: int) -> str | None:
+    """Return a warning when a machine's workers outnumber its cores, else None."""
+    if workers <= cores:
+        return None
+    threads = threads_per_worker(cores, workers)
+    return (
+        f"warning: train.workers={workers} on {cores} cores: each worker gets {threads} "
+        f"thread{'s' if threads > 1 else ''}, and {workers} workers take turns on {cores} "
+        "cores, so every step waits for the slowest: expect training slower than on 1 worker "
+        f"(bench/distributed.md); set train.workers to at most {cores}"
+    )
 
 
 def worker_device(requested: str, gpus: int, local_workers: int, framework: str) -> str:
@@ -367,6 +390,9 @@ def run_stage(
     if "train" in sizes:  # before any worker starts (load_splits checks meta.json itself)
         key = all_params.batch_size_key(trainer.framework)
         check_batch_size(train.batch_size, key, sizes["train"], data)
+    warning = oversubscription_warning(launch.workers, available_cores())
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     launch_id = uuid.uuid4().hex
     job = StageJob(data, outputs, params, process_start, {"launch_id": launch_id})
     try:

@@ -544,3 +544,35 @@ def test_a_batch_larger_than_the_split_is_refused_before_workers_start(
         "use at most 300"
     )
     assert not (workspace / "out").exists()
+
+
+def test_more_workers_than_cores_is_a_warning_naming_cores_and_threads():
+    assert distributed.oversubscription_warning(workers=8, cores=2) == (
+        "warning: train.workers=8 on 2 cores: each worker gets 1 thread, and 8 workers take "
+        "turns on 2 cores, so every step waits for the slowest: expect training slower than "
+        "on 1 worker (bench/distributed.md); set train.workers to at most 2"
+    )
+    assert "each worker gets 2 threads" not in distributed.oversubscription_warning(3, 2)
+    assert distributed.oversubscription_warning(workers=2, cores=2) is None
+    assert distributed.oversubscription_warning(workers=2, cores=16) is None
+
+
+def test_the_warning_is_one_line_on_stderr_at_stage_start(
+    workspace, params_dict, monkeypatch, capsys
+):
+    stage_workspace(workspace, params_dict, workers=8)
+    monkeypatch.setattr(distributed, "available_cores", lambda: 2)  # no 8 workers started
+    launched = []
+    monkeypatch.setattr(KerasTrainer, "launch", lambda *args: launched.append(args[1]))
+    start = psutil.Process().create_time()
+    run_stage(
+        KerasTrainer(),
+        workspace / "processed",
+        outputs(workspace, "out"),
+        workspace / "params.yaml",
+        start,
+    )
+    assert launched[0].workers == 8
+    err = capsys.readouterr().err
+    assert err == distributed.oversubscription_warning(8, 2) + "\n"
+    assert distributed.WorkerPlan(0, 8, 0, 8).threads == 1  # what the message says it gets
