@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import os
 import resource
@@ -257,6 +258,12 @@ def load_npy(path: Path, produced_by: str) -> np.ndarray:
         raise StageError(f"{path} not found; {rerun}") from None
     except (ValueError, OSError, EOFError) as exc:
         raise StageError(f"{path} is not a readable .npy file ({exc}); {rerun}") from None
+
+
+def file_sha256(path: Path) -> str:
+    """Return the hex sha256 of a file's bytes (about 0.2 s for MNIST's 220 MB of arrays)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def peak_rss_mb() -> int:

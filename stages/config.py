@@ -228,11 +228,7 @@ class Params(_Frozen):
         for framework in FRAMEWORKS:
             batch_size = self.run_config(framework).train.batch_size
             if batch_size % workers:
-                key = (
-                    f"overrides.{framework}.batch_size"
-                    if getattr(self.overrides, framework).batch_size
-                    else "train.batch_size"
-                )
+                key = self.batch_size_key(framework)
                 lower, higher = batch_size // workers * workers, -(-batch_size // workers) * workers
                 suggestion = f"{lower} or {higher}" if lower else str(higher)
                 raise ValueError(
@@ -242,6 +238,12 @@ class Params(_Frozen):
                     f"multiple of {workers}, e.g. {suggestion}"
                 )
         return self
+
+    def batch_size_key(self, framework: Framework) -> str:
+        """Return the params key that sets `framework`'s batch size: its override, if given."""
+        if getattr(self.overrides, framework).batch_size:
+            return f"overrides.{framework}.batch_size"
+        return "train.batch_size"
 
     def schemes(self) -> list[Scheme]:
         """Return every normalization scheme some trainer reads, the shared one first."""

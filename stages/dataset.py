@@ -13,6 +13,9 @@ SPLIT_FILES = {  # split -> (images stem, labels stem); each file is `<stem>.gz`
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 STEMS = tuple(stem for pair in SPLIT_FILES.values() for stem in pair)
+# meta.json's key for the SHA-256 of each array `normalize` wrote, by path within its folder
+# ("scale/x_train.npy", "y_train.npy"): the trainers refuse arrays that differ from them
+ARRAY_DIGESTS = "array_sha256"
 
 
 @dataclass(frozen=True)

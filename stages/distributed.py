@@ -49,6 +49,7 @@ from .training import (
     TrainerMetrics,
     TrainerOutputs,
     Weights,
+    check_batch_size,
     load_splits,
     run_trainer_stage,
     to_device_data,
@@ -120,11 +121,34 @@ class WorkerPlan:
 
     @property
     def threads(self) -> int:
-        """Return the intra-op threads this worker may use: this machine's cores, shared out.
+        """Return the intra-op threads this worker may use: this machine's cores, shared out."""
+        return threads_per_worker(available_cores(), self.local_world_size)
 
-        Two workers each running as many threads as there are cores make every step wait for
-        the other's threads: measured many times slower here (bench/distributed.md)."""
-        return max(1, len(os.sched_getaffinity(0)) // self.local_world_size)
+
+def available_cores() -> int:
+    """Return the cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def threads_per_worker(cores: int, local_workers: int) -> int:
+    """Return the intra-op threads each of a machine's workers gets: its cores, shared out.
+
+    Two workers each running as many threads as there are cores make every step wait for
+    the other's threads: measured many times slower here (bench/distributed.md)."""
+    return max(1, cores // local_workers)
+
+
+def oversubscription_warning(workers: int, cores: int) -> str | None:
+    """Return a warning when a machine's workers outnumber its cores, else None."""
+    if workers <= cores:
+        return None
+    threads = threads_per_worker(cores, workers)
+    return (
+        f"warning: train.workers={workers} on {cores} cores: each worker gets {threads} "
+        f"thread{'s' if threads > 1 else ''}, and {workers} workers take turns on {cores} "
+        "cores, so every step waits for the slowest: expect training slower than on 1 worker "
+        f"(bench/distributed.md); set train.workers to at most {cores}"
+    )
 
 
 def worker_device(requested: str, gpus: int, local_workers: int, framework: str) -> str:
@@ -356,11 +380,19 @@ def run_stage(
     """Run a trainer stage on train.workers workers: one trains in this process, exactly as
     before; more are started through the framework's engine and rank 0 writes the outputs."""
     all_params = load_params(params)
-    launch = Launch.from_train(all_params.run_config(trainer.framework).train)
+    train = all_params.run_config(trainer.framework).train
+    launch = Launch.from_train(train)
     if launch.world_size == 1:
         return run_trainer_stage(trainer, data, outputs, params, process_start)
     if not isinstance(trainer, ParallelTrainer):
         raise StageError(f"the {trainer.framework} trainer cannot train on several workers")
+    sizes = read_json(data / "meta.json", "normalize").get("split_sizes", {})
+    if "train" in sizes:  # before any worker starts (load_splits checks meta.json itself)
+        key = all_params.batch_size_key(trainer.framework)
+        check_batch_size(train.batch_size, key, sizes["train"], data)
+    warning = oversubscription_warning(launch.workers, available_cores())
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     launch_id = uuid.uuid4().hex
     job = StageJob(data, outputs, params, process_start, {"launch_id": launch_id})
     try:

@@ -280,7 +280,7 @@ def main(
         mlflow.log_metrics(flat_metrics({fw: result[fw] for fw in FRAMEWORKS}))
         for fw in FRAMEWORKS:
             mlflow.log_artifacts(str(outs[fw]), f"exports/{fw}")
-        mlflow.log_artifact(str(tmp_metrics))
+        mlflow.log_text(tmp_metrics.read_text(), metrics.name)  # the final name, not tmp's
     print_summary(result)
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import typer
 from sklearn.model_selection import train_test_split
 
-from .common import StageError, read_json, run_cli, staged_outputs, write_json
+from .common import StageError, file_sha256, read_json, run_cli, staged_outputs, write_json
 from .config import Scheme, load_params
-from .dataset import DATASETS, NUM_CLASSES, SPLIT_FILES
+from .dataset import ARRAY_DIGESTS, DATASETS, NUM_CLASSES, SPLIT_FILES
 from .idx import read_idx
 
 SPLITS = ("train", "val", "test")
@@ -170,6 +170,10 @@ def main(
             "class_counts": {split: class_counts(labels[split]) for split in SPLITS},
             "constants": constants,
             "train_digest": dataset.digest,
+            ARRAY_DIGESTS: {
+                path.relative_to(tmp_out).as_posix(): file_sha256(path)
+                for path in sorted(tmp_out.rglob("*.npy"))
+            },
             "download_run_id": download.get("mlflow_run_id", ""),
             "mlflow_run_id": run.info.run_id,
         }

@@ -6,9 +6,11 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager, suppress
@@ -462,6 +464,16 @@ def _start_run_retrying(stage: str, tags: dict[str, str], attempts: int = 5) -> 
                 raise
             time.sleep(0.5 * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def log_artifact_as(path: Path, artifact_file: str) -> None:
+    """Log the file at `path` into the active run as `artifact_file` ("folder/name"), byte for
+    byte: a staged output is logged under its final name, not its temporary one."""
+    folder, _, name = artifact_file.rpartition("/")
+    with tempfile.TemporaryDirectory(prefix="artifact-") as scratch:
+        copy = Path(scratch) / name
+        shutil.copyfile(path, copy)
+        mlflow.log_artifact(str(copy), folder or None)
 
 
 def model_version(name: str, run_id: str) -> str | None:

@@ -281,7 +281,8 @@ class KerasTrainer:
         """Train one pass over `order` in batches; raise NonFiniteLoss at the first bad step."""
         run_steps = _train_steps(network, optimizer)
         full = len(order) // batch_size * batch_size
-        chunks = [order[:batch_size], order[batch_size:full], order[full:]]  # first step alone
+        # the first step alone; an order shorter than a batch (a last slice) is that step only
+        chunks = [order[:batch_size], order[batch_size:full], order[max(full, batch_size) :]]
         total_loss, correct, done, first_step_done = 0.0, 0, 0, 0.0
         previous = None
         for chunk in chunks:

@@ -8,6 +8,7 @@ each trainer module's `main()` hands its trainer to `run_trainer_stage`.
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -17,10 +18,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from tqdm import tqdm
 
 from .common import (
     Deferred,
     StageError,
+    file_sha256,
     load_npy,
     native_stderr_filtered,
     peak_rss_mb,
@@ -29,13 +32,17 @@ from .common import (
     write_json,
 )
 from .config import Framework, ModelConfig, RunConfig, TrainConfig, load_params
-from .dataset import IMAGE_SHAPE, IMAGE_SIZE, NUM_CLASSES
+from .dataset import ARRAY_DIGESTS, IMAGE_SHAPE, IMAGE_SIZE, NUM_CLASSES
 
 MODEL_NAME = "mnist-mlp-{framework}"  # one registered MLflow model per framework
 SPLITS = ("train", "val", "test")
 # MLflow prints these on registration; the stage's summary line names the version instead.
 REGISTRY_NOISE = ("Successfully registered model", "Created version")
 Weights = list[tuple[np.ndarray, np.ndarray]]  # per dense layer: kernel (fan_in, fan_out), bias
+# An epoch longer than this many steps trains in slices of it, to show progress between them;
+# the default (batch 64: 860 steps) is one slice, one train_epoch call as it always was.
+EPOCH_SLICE_STEPS = 1000
+PROGRESS_AFTER_SECONDS = 5.0  # a progress bar within an epoch only once it has run this long
 
 
 class NonFiniteLoss(Exception):
@@ -178,7 +185,7 @@ def load_splits(data_dir: Path, scheme: str, meta: Mapping[str, Any]) -> Splits:
     sizes = meta.get("split_sizes", {})
     if set(sizes) != set(SPLITS):
         raise StageError(f"{data_dir / 'meta.json'} lacks split_sizes; rerun `dvc repro normalize`")
-    return Splits(
+    splits = Splits(
         **{
             split: Split(
                 _load_array(folder / f"x_{split}.npy", np.float32, (sizes[split], *IMAGE_SHAPE)),
@@ -187,6 +194,39 @@ def load_splits(data_dir: Path, scheme: str, meta: Mapping[str, Any]) -> Splits:
             for split in SPLITS
         }
     )
+    for split in SPLITS:
+        for path in (folder / f"x_{split}.npy", data_dir / f"y_{split}.npy"):
+            check_digest(path, data_dir, meta)
+    return splits
+
+
+def check_digest(path: Path, data_dir: Path, meta: Mapping[str, Any]) -> None:
+    """Raise StageError unless the file's sha256 is the one `normalize` recorded in meta.json:
+    arrays of another dataset, or another run, with the same shapes would train unnoticed."""
+    name = path.relative_to(data_dir).as_posix()
+    expected = meta.get(ARRAY_DIGESTS, {}).get(name)
+    meta_path = data_dir / "meta.json"
+    if expected is None:
+        raise StageError(
+            f"{meta_path} records no sha256 of {name} (written by an older `normalize`); "
+            "rerun `dvc repro normalize`"
+        )
+    if file_sha256(path) != expected:
+        raise StageError(
+            f"{path} is not the array `normalize` wrote: its sha256 differs from the one "
+            f"{meta_path} records, so the arrays in {data_dir} were replaced or changed since; "
+            f"rerun `dvc repro normalize` (or `dvc checkout {data_dir}`)"
+        )
+
+
+def check_batch_size(batch_size: int, key: str, train_images: int, data: Path) -> None:
+    """Raise StageError when a batch is larger than the training split: each epoch would be one
+    short step."""
+    if batch_size > train_images:
+        raise StageError(
+            f"{key}={batch_size} is larger than the training split ({train_images} images in "
+            f"{data}); use at most {train_images}"
+        )
 
 
 def to_device_data(trainer: Trainer, splits: Splits, device: str) -> DeviceData:
@@ -262,11 +302,12 @@ def divergence_message(
     """Return what a NaN/inf loss means: where it happened, what preceded it, what to change."""
     train = config.train
     step = (epoch - 1) * steps_per_epoch + error.step
-    before = (
-        f"after a loss of {error.previous:.4g} at step {step - 1}"
-        if error.previous is not None
-        else "at the epoch's first step"
-    )
+    if error.previous is not None:
+        before = f"after a loss of {error.previous:.4g} at step {step - 1}"
+    elif error.step == 1:
+        before = "at the epoch's first step"
+    else:  # the first step of a slice (train_epoch_in_slices): the loss before it is not kept
+        before = f"after finite losses up to step {step - 1}"
     return (
         f"training diverged: loss is {error.loss} at step {step} (epoch {epoch}, seed {seed}), "
         f"{before}. The inputs are finite (checked when loaded), so the updates blew up: "
@@ -280,6 +321,57 @@ def divergence_message(
     )
 
 
+def epoch_slices(order: np.ndarray, batch_size: int, steps: int) -> list[np.ndarray]:
+    """Return `order` cut into slices of `steps` whole batches (the last slice may be shorter)."""
+    span = steps * batch_size
+    return [order[start : start + span] for start in range(0, len(order), span)]
+
+
+def train_epoch_in_slices(
+    trainer: Trainer,
+    network: Any,
+    optimizer: Any,
+    tensors: DeviceData,
+    order: np.ndarray,
+    batch_size: int,
+    label: str,
+    progress_after_seconds: float | None,
+) -> EpochResult:
+    """Train one epoch as one train_epoch call, or, when longer than EPOCH_SLICE_STEPS steps, as
+    one call per slice, with a progress bar on stderr once the epoch has run for
+    `progress_after_seconds` (None: never). The slices take the very steps one call would."""
+    slices = epoch_slices(order, batch_size, EPOCH_SLICE_STEPS)
+    x, y = tensors.x_train, tensors.y_train
+    if len(slices) == 1:
+        return trainer.train_epoch(network, optimizer, x, y, order, batch_size)
+    results, done = [], 0
+    bar = tqdm(
+        total=-(-len(order) // batch_size),
+        desc=label,
+        unit="step",
+        file=sys.stderr,
+        leave=False,
+        delay=progress_after_seconds or 0.0,
+        disable=progress_after_seconds is None,
+    )
+    with bar:
+        for part in slices:
+            try:
+                results.append(trainer.train_epoch(network, optimizer, x, y, part, batch_size))
+            except NonFiniteLoss as exc:
+                raise NonFiniteLoss(done + exc.step, exc.loss, exc.previous) from None
+            steps = -(-len(part) // batch_size)
+            done += steps
+            bar.update(steps)
+    sizes = [len(part) for part in slices]
+    correct = sum(round(r.accuracy * n) for r, n in zip(results, sizes, strict=True))
+    return EpochResult(
+        loss=sum(r.loss * n for r, n in zip(results, sizes, strict=True)) / len(order),
+        accuracy=correct / len(order),
+        first_step_done=results[0].first_step_done,
+    )
+
+
 def train_one_seed(
     trainer: Trainer,
     config: RunConfig,
@@ -287,8 +379,10 @@ def train_one_seed(
     tensors: DeviceData,
     seed: int,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    progress_after_seconds: float | None = None,
 ) -> SeedResult:
-    """Train one model from `seed`: every epoch, validation after each, the test at the end."""
+    """Train one model from `seed`: every epoch, validation after each, the test at the end;
+    progress within a long epoch after `progress_after_seconds` (None: none)."""
     model_config, train = config.model, config.train
     trainer.seed_everything(seed, train.deterministic)
     initial = shared_weights(model_config, seed) if model_config.init == "shared" else None
@@ -301,9 +395,17 @@ def train_one_seed(
     for epoch in range(1, train.epochs + 1):
         order = batch_order(len(splits.train.y), seed, epoch)
         start = time.perf_counter()
+        label = f"[{trainer.framework}] seed {seed} epoch {epoch}/{train.epochs}"
         try:
-            result = trainer.train_epoch(
-                model, optimizer, tensors.x_train, tensors.y_train, order, train.batch_size
+            result = train_epoch_in_slices(
+                trainer,
+                model,
+                optimizer,
+                tensors,
+                order,
+                train.batch_size,
+                label,
+                progress_after_seconds,
             )
         except NonFiniteLoss as exc:
             raise StageError(
@@ -577,17 +679,20 @@ def log_seed_result(result: SeedResult, model_path: Path) -> None:  # pragma: no
 
 
 def log_summary(
-    metrics: TrainerMetrics, mean_rows: list[dict[str, float]], history: Path
+    metrics: TrainerMetrics, mean_rows: list[dict[str, float]], history: Path, name: str
 ) -> None:  # pragma: no mutate block
-    """Log the stage run's headline metrics, the mean learning curve and the history file."""
+    """Log the stage run's headline metrics, the mean learning curve and the history file, the
+    file as `history/<name>`: `history` is its staging path, whose name is a temporary one."""
     import mlflow
+
+    from .tracking import log_artifact_as
 
     for row in mean_rows:
         mlflow.log_metrics(
             {f"mean_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
         )
     mlflow.log_metrics(metrics.headline())
-    mlflow.log_artifact(str(history), "history")
+    log_artifact_as(history, f"history/{name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,7 +762,9 @@ def train_seed_run(
             log_epoch(row)
             print(progress(framework, seed, epochs, row), flush=True)
 
-        result = train_one_seed(trainer, config, splits, tensors, seed, on_epoch)
+        result = train_one_seed(
+            trainer, config, splits, tensors, seed, on_epoch, PROGRESS_AFTER_SECONDS
+        )
         path = model_dir / f"seed-{seed}{trainer.model_suffix}"
         trainer.save_model(result.model, path)
         check_reload(trainer, path, result.model, config.model, tensors.x_test, device.kind)
@@ -690,6 +797,12 @@ def run_trainer_stage(
         device = trainer.describe_device(config.train.device, config.train.allow_tf32)
         meta = read_json(data / "meta.json", "normalize")
         splits = load_splits(data, config.scheme, meta)
+        check_batch_size(
+            config.train.batch_size,
+            all_params.batch_size_key(framework),
+            len(splits.train.y),
+            data,
+        )
     tags = {
         "framework": framework,
         "normalize_run_id": meta.get("mlflow_run_id", ""),
@@ -752,7 +865,7 @@ def run_trainer_stage(
         metrics = replace(
             metrics, stage_seconds=phases.since_start(), phase_seconds=dict(phases.seconds)
         )
-        log_summary(metrics, rows, tmp.history)
+        log_summary(metrics, rows, tmp.history, outputs.history.name)
         write_json(tmp.metrics, asdict(metrics))
     from .tracking import model_version
 

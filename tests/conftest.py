@@ -16,7 +16,7 @@ import pytest
 import torch._inductor  # noqa: F401  before TensorFlow: triton segfaults if loaded after TF's LLVM
 import yaml
 
-from stages.dataset import STEMS, Dataset  # noqa: F401  (STEMS: re-exported for tests)
+from stages.dataset import ARRAY_DIGESTS, STEMS, Dataset  # noqa: F401  (STEMS: for tests)
 
 # MLflow's and DVC's documented switches: no usage reports from the tests or what they start.
 TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "true"}
@@ -159,6 +159,10 @@ def write_processed(folder: Path, scheme: str = "scale") -> Path:
         "split_sizes": {split: len(y) for split, (_, y) in splits.items()},
         "constants": {scheme: {"mean": 0.0, "std": 1.0}},
         "mlflow_run_id": "normalize-run",
+        ARRAY_DIGESTS: {
+            path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*.npy"))
+        },
     }
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder

@@ -522,3 +522,57 @@ def test_exp_run_on_two_workers_runs_the_pipeline_and_reports_the_worker_count(t
     stages = [r for r in runs(repo) if r.info.run_name in ("train-tf", "train-torch")]
     assert len(stages) == 2
     assert all(r.info.status == "FINISHED" and r.data.tags["workers"] == "2" for r in stages)
+
+
+def test_a_batch_larger_than_the_split_is_refused_before_workers_start(
+    workspace, params_dict, monkeypatch
+):
+    stage_workspace(workspace, params_dict, batch_size=302)  # 300 training images; even split
+
+    def no_launch(*args):
+        raise AssertionError("workers started")
+
+    monkeypatch.setattr(KerasTrainer, "launch", no_launch)
+    start = psutil.Process().create_time()
+    processed = workspace / "processed"
+    with pytest.raises(StageError) as error:
+        run_stage(
+            KerasTrainer(), processed, outputs(workspace, "out"), workspace / "params.yaml", start
+        )
+    assert str(error.value) == (
+        f"train.batch_size=302 is larger than the training split (300 images in {processed}); "
+        "use at most 300"
+    )
+    assert not (workspace / "out").exists()
+
+
+def test_more_workers_than_cores_is_a_warning_naming_cores_and_threads():
+    assert distributed.oversubscription_warning(workers=8, cores=2) == (
+        "warning: train.workers=8 on 2 cores: each worker gets 1 thread, and 8 workers take "
+        "turns on 2 cores, so every step waits for the slowest: expect training slower than "
+        "on 1 worker (bench/distributed.md); set train.workers to at most 2"
+    )
+    assert "each worker gets 2 threads" not in distributed.oversubscription_warning(3, 2)
+    assert distributed.oversubscription_warning(workers=2, cores=2) is None
+    assert distributed.oversubscription_warning(workers=2, cores=16) is None
+
+
+def test_the_warning_is_one_line_on_stderr_at_stage_start(
+    workspace, params_dict, monkeypatch, capsys
+):
+    stage_workspace(workspace, params_dict, workers=8)
+    monkeypatch.setattr(distributed, "available_cores", lambda: 2)  # no 8 workers started
+    launched = []
+    monkeypatch.setattr(KerasTrainer, "launch", lambda *args: launched.append(args[1]))
+    start = psutil.Process().create_time()
+    run_stage(
+        KerasTrainer(),
+        workspace / "processed",
+        outputs(workspace, "out"),
+        workspace / "params.yaml",
+        start,
+    )
+    assert launched[0].workers == 8
+    err = capsys.readouterr().err
+    assert err == distributed.oversubscription_warning(8, 2) + "\n"
+    assert distributed.WorkerPlan(0, 8, 0, 8).threads == 1  # what the message says it gets

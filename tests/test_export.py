@@ -410,6 +410,8 @@ def test_stage_exports_serves_and_reports_both_frameworks(in_trained, staged, tm
     assert "serving/serve-torch.log" in {
         a.path for a in client.list_artifacts(run.info.run_id, "serving")
     }
+    at_root = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "export.json" in at_root and not [p for p in at_root if ".tmp-" in p], at_root
 
     # evaluate renders the Deployment section and its chart from metrics/export.json
     run_stage(

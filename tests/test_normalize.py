@@ -1,5 +1,6 @@
 """Stage `normalize`: the numbers of each scheme, the stratified split, the outputs and the run."""
 
+import hashlib
 import json
 
 import mlflow
@@ -70,6 +71,10 @@ def test_stage_outputs_and_mlflow_run(workspace, tiny_idx, monkeypatch, params_d
     meta = json.loads((processed / "meta.json").read_text())
     assert meta["split_sizes"] == {"train": 300, "val": 100, "test": 100}
     assert meta["class_counts"]["val"] == [10] * 10
+    arrays = sorted(p.relative_to(processed).as_posix() for p in processed.rglob("*.npy"))
+    assert sorted(meta["array_sha256"]) == arrays and len(arrays) == 6  # every array, by name
+    for name, digest in meta["array_sha256"].items():
+        assert hashlib.sha256((processed / name).read_bytes()).hexdigest() == digest
 
     run = mlflow.get_run(meta["mlflow_run_id"])
     assert run.info.run_name == "normalize" and run.info.status == "FINISHED"

@@ -4,6 +4,7 @@ import inspect
 import json
 import os
 import signal
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -466,3 +467,85 @@ def test_many_models_predict_without_tensorflow_retracing_warnings(params_dict):
     finally:
         tf.get_logger().removeHandler(handler)
     assert [r.getMessage() for r in records if "retracing" in r.getMessage()] == []
+
+
+def all_artifacts(client: mlflow.MlflowClient, run_id: str, folder: str | None = None) -> set:
+    """Return every artifact path of a run, folders walked."""
+    paths = set()
+    for entry in client.list_artifacts(run_id, folder):
+        paths |= all_artifacts(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return paths
+
+
+def test_artifacts_carry_the_final_file_names_not_the_staging_ones(workspace):
+    out = run_trainer(workspace, "torch")
+    run_id = json.loads((out / "metrics.json").read_text())["mlflow_run_id"]
+    client = mlflow.MlflowClient()
+    stage_artifacts = all_artifacts(client, run_id)
+    assert "history/history.csv" in stage_artifacts, stage_artifacts
+    logged = client.download_artifacts(run_id, "history/history.csv", str(workspace))
+    assert Path(logged).read_bytes() == (out / "history.csv").read_bytes()  # byte for byte
+    (seed,) = client.search_runs(
+        [mlflow.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    seed_artifacts = all_artifacts(client, seed.info.run_id)
+    assert seed_artifacts == {"model/seed-0.pt"}
+    assert not [path for path in stage_artifacts | seed_artifacts if ".tmp-" in path]
+
+
+@pytest.mark.parametrize(
+    ("key", "size"), [("train.batch_size", 400), ("overrides.torch.batch_size", 301)]
+)
+def test_a_batch_larger_than_the_training_split_is_refused_before_any_work(
+    workspace, params_dict, key, size
+):
+    section, name = key.rsplit(".", 1)
+    target = params_dict
+    for part in section.split("."):
+        target = target[part]
+    target[name] = size
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    processed = write_processed(workspace / "processed")
+    with pytest.raises(StageError) as error:
+        run_trainer(workspace, "torch")
+    assert str(error.value) == (
+        f"{key}={size} is larger than the training split (300 images in {processed}); "
+        "use at most 300"
+    )
+    assert not (workspace / "out").exists()  # no outputs, no temporaries
+    assert mlflow.get_experiment_by_name("tf-vs-torch") is None  # no run, not even a failed one
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_an_epoch_in_slices_takes_the_same_steps_as_in_one_piece(
+    params_dict, framework, monkeypatch
+):
+    # what progress within a long epoch costs: nothing, the same steps in the same order
+    params_dict["train"].update(epochs=2, batch_size=32)
+    config = parse_params(params_dict).run_config(framework)
+    trainer, splits = TRAINERS[framework], tiny_splits(num_train=200)  # 7 steps, the last short
+    results = {}
+    for steps in (1000, 3):  # one slice, then slices of 3, 3 and 1 steps
+        monkeypatch.setattr("stages.training.EPOCH_SLICE_STEPS", steps)
+        tensors = to_device_data(trainer, splits, "cpu")
+        results[steps] = train_one_seed(trainer, config, splits, tensors, 0)
+    np.testing.assert_array_equal(results[3].probabilities, results[1000].probabilities)
+    for sliced, whole in zip(results[3].history, results[1000].history, strict=True):
+        assert sliced["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+        assert sliced["train_accuracy"] == pytest.approx(whole["train_accuracy"], abs=1e-12)
+
+
+def test_arrays_swapped_under_processed_are_refused_naming_the_file(workspace):
+    processed = write_processed(workspace / "processed")
+    x_train = processed / "scale" / "x_train.npy"
+    other = np.random.default_rng(1).random((300, 28, 28), dtype=np.float32)  # same shape, dtype
+    np.save(x_train, other)
+    with pytest.raises(StageError) as error:
+        run_trainer(workspace, "torch")
+    assert str(error.value) == (
+        f"{x_train} is not the array `normalize` wrote: its sha256 differs from the one "
+        f"{processed / 'meta.json'} records, so the arrays in {processed} were replaced or "
+        f"changed since; rerun `dvc repro normalize` (or `dvc checkout {processed}`)"
+    )
+    assert not (workspace / "out").exists()
+    assert mlflow.get_experiment_by_name("tf-vs-torch") is None  # refused before any run

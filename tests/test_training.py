@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.common import StageError, staged_outputs
+from stages.common import StageError, file_sha256, staged_outputs
 from stages.config import parse_params
 from stages.training import (
     Device,
@@ -304,6 +304,7 @@ def test_labels_are_any_of_the_ten_classes_and_meta_must_give_the_sizes(tmp_path
     data = write_processed(tmp_path / "processed")
     meta = json.loads((data / "meta.json").read_text())
     np.save(data / "y_val.npy", np.full(100, 9, np.int64))  # one class only, the last: fine
+    meta["array_sha256"]["y_val.npy"] = file_sha256(data / "y_val.npy")  # as normalize would
     assert (load_splits(data, "scale", meta).val.y == 9).all()
     np.save(data / "y_val.npy", np.full(100, 10, np.int64))  # one past the last class
     with pytest.raises(StageError, match=r"y_val.npy holds labels outside 0..9; rerun"):
@@ -409,3 +410,82 @@ def test_a_divergence_in_the_second_epoch_counts_the_first_epochs_steps():
         StageError, match=r"loss is nan at step 3 \(epoch 2, seed 0\), after a loss"
     ):
         train_one_seed(trainer, config, splits, to_device_data(trainer, splits, "cpu"), 0)
+
+
+def test_a_long_epoch_trains_in_slices_and_shows_its_progress(monkeypatch, capsys):
+    # 6 images at batch 1: 6 steps, in slices of 2 steps when an epoch holds more than 2
+    monkeypatch.setattr("stages.training.EPOCH_SLICE_STEPS", 2)
+    config = parse_params({"train": {"epochs": 1, "batch_size": 1}}).run_config("torch")
+    splits = _splits(train=6)
+    order = batch_order(6, 0, 1).tolist()
+
+    class SliceTrainer(ScriptedTrainer):
+        def train_epoch(self, network, optimizer, x, y, order, batch_size):
+            result = super().train_epoch(network, optimizer, x, y, order, batch_size)
+            slices = [call[0] for call in self.calls].count("epoch")  # 1, 2, 3
+            return EpochResult(float(slices), 0.5, result.first_step_done)  # 1 of 2 right
+
+    for after_seconds, shown in ((None, False), (1e9, False), (0.0, True)):
+        trainer = SliceTrainer()
+        tensors = to_device_data(trainer, splits, "cpu")
+        result = train_one_seed(
+            trainer, config, splits, tensors, 0, progress_after_seconds=after_seconds
+        )
+        assert [call for call in trainer.calls if call[0] == "epoch"] == [
+            ("epoch", order[0:2], 1),
+            ("epoch", order[2:4], 1),
+            ("epoch", order[4:6], 1),
+        ]
+        row = result.history[0]
+        assert (row["train_loss"], row["train_accuracy"]) == (2.0, 0.5)  # over the slices
+        assert result.first_step_done == 123.0 + 7  # the first slice's, not 8 or 9
+        err = capsys.readouterr().err
+        assert ("[torch] seed 0 epoch 1/1" in err and "/6" in err and "step" in err) == shown, err
+
+
+def test_an_epoch_of_one_slice_is_one_call_and_shows_nothing(capsys):
+    config = parse_params({"train": {"epochs": 1, "batch_size": 2}}).run_config("torch")
+    splits = _splits(train=6)
+    trainer = ScriptedTrainer()
+    tensors = to_device_data(trainer, splits, "cpu")
+    train_one_seed(trainer, config, splits, tensors, 0, progress_after_seconds=0.0)
+    assert [call[0] for call in trainer.calls].count("epoch") == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_a_divergence_in_a_later_slice_counts_the_earlier_slices_steps(monkeypatch):
+    monkeypatch.setattr("stages.training.EPOCH_SLICE_STEPS", 2)
+    config = parse_params({"train": {"epochs": 1, "batch_size": 1}}).run_config("torch")
+    splits = _splits(train=6)
+
+    class DivergingInSlice(ScriptedTrainer):
+        def train_epoch(self, network, optimizer, x, y, order, batch_size):
+            if [call[0] for call in self.calls].count("epoch") == 1:  # the second slice
+                raise NonFiniteLoss(1, float("nan"), None)  # as a trainer: no loss before it
+            return super().train_epoch(network, optimizer, x, y, order, batch_size)
+
+    trainer = DivergingInSlice()  # fails at the second slice's first step: step 3
+    with pytest.raises(
+        StageError,
+        match=r"loss is nan at step 3 \(epoch 1, seed 0\), after finite losses up to step 2\.",
+    ):
+        train_one_seed(trainer, config, splits, to_device_data(trainer, splits, "cpu"), 0)
+
+
+def test_arrays_are_checked_against_the_digests_in_meta(tmp_path):
+    data = write_processed(tmp_path / "processed")
+    meta = json.loads((data / "meta.json").read_text())
+    load_splits(data, "scale", meta)  # untouched: loads
+    labels = np.load(data / "y_test.npy")
+    np.save(data / "y_test.npy", np.roll(labels, 1))  # the same labels, in another order
+    with pytest.raises(StageError, match=r"y_test.npy is not the array `normalize` wrote"):
+        load_splits(data, "scale", meta)
+    np.save(data / "y_test.npy", labels)
+    load_splits(data, "scale", meta)  # restored (as `dvc checkout` would): loads again
+    del meta["array_sha256"]
+    with pytest.raises(
+        StageError,
+        match=r"meta.json records no sha256 of scale/x_train.npy \(written by an older "
+        r"`normalize`\); rerun `dvc repro normalize`",
+    ):
+        load_splits(data, "scale", meta)
