@@ -107,7 +107,7 @@ def server(
     import time
 
     from .common import Terminated, handle_stop_signals
-    from .team_server import PortInUse, free_port, team_server
+    from .team_server import team_server
 
     handle_stop_signals()
     try:
@@ -120,9 +120,6 @@ def server(
             while running.alive():
                 time.sleep(1)
             raise running.failure()
-    except PortInUse as exc:
-        typer.echo(f"error: {exc}; choose another with --port, e.g. --port {free_port()}", err=True)
-        raise typer.Exit(1) from None
     except StageError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -41,6 +41,7 @@ import numpy as np
 
 from .common import StageError, read_json, remove_outputs
 from .config import ModelConfig, TrainConfig, load_params
+from .ports import free_port
 from .training import (
     Device,
     EpochResult,
@@ -501,13 +502,6 @@ def describe_exit(returncode: int) -> str:
 # Workers as plain processes (TensorFlow's): started, watched and stopped here
 
 
-def free_port(host: str = "") -> int:
-    """Return a TCP port free on `host` ('' = every interface) now; it may be taken before use."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
 def split_address(address: str) -> tuple[str, int]:
     """Return (host, port) of 'host:port'."""
     host, _, port = address.rpartition(":")
@@ -679,7 +673,7 @@ def _launch_once(
     trainer: ParallelTrainer, launch: Launch, task: Task, argument: Any, port_taken: str
 ) -> Any:
     def pick(host: str) -> list[str]:
-        return [f"{host}:{free_port()}" for _ in range(launch.workers)]
+        return [f"{host}:{free_port('')}" for _ in range(launch.workers)]
 
     addresses = pick("127.0.0.1") if launch.nodes == 1 else exchange_addresses(launch, pick)
     root = Path(__file__).resolve().parents[1]

@@ -34,9 +34,9 @@ from .exporting import (
     measure_interleaved,
     read_half_result,
 )
+from .ports import free_port
 from .serving import (
     Server,
-    free_port,
     load_test,
     registered_version,
     serve_command,

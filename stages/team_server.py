@@ -15,7 +15,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .common import StageError
+from .ports import check_port_free, free_port
 
 DATABASE_USER = "mlflow"  # the cluster's only role, owner of both databases
 TRACKING_DATABASE = "mlflow"  # runs, experiments, registered models
@@ -100,23 +100,6 @@ def new_password() -> str:
     return secrets.token_urlsafe(24)
 
 
-class PortInUse(StageError):
-    """The port asked for is taken on 127.0.0.1."""
-
-
-def check_port_free(port: int) -> None:
-    """Raise PortInUse if `mlflow server` could not listen on `port` on 127.0.0.1 now."""
-    with socket.socket() as probe:
-        # As the server binds: SO_REUSEADDR, so only a listener (not TIME_WAIT) blocks it.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise PortInUse(
-                f"port {port} on 127.0.0.1 is already in use ({exc.strerror})"
-            ) from None
-
-
 def keep_logs(folder: Path) -> Path:
     """Copy every log under `folder` to a new temporary folder that is not removed; return it."""
     kept = Path(tempfile.mkdtemp(prefix="mlflow-team-logs-"))
@@ -124,13 +107,6 @@ def keep_logs(folder: Path) -> Path:
         with suppress(OSError):  # PostgreSQL's log belongs to its user: readable, not always
             shutil.copy2(log, kept / log.name)
     return kept
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def postgres_bin_dir(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from .common import StageError
 from .links import StageRuns
+from .ports import check_port_free, free_port
 from .serving import HOST, log_tail, started_server
 
 START_SECONDS = 180.0  # gunicorn/uvicorn workers on a busy 2-core machine take a minute
@@ -68,16 +68,11 @@ def ui_command(tracking_uri: str, port: int) -> list[str]:
 
 
 def port_to_use(port: int) -> int:
-    """Return `port`, or a free one for 0; raise StageError when `port` is taken."""
-    with socket.socket() as probe:
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            raise StageError(
-                f"port {port} on {HOST} is taken (another `mlflow ui`?); pass --port with "
-                "another port, or --port 0 for a free one"
-            ) from None
-        return probe.getsockname()[1]
+    """Return `port`, or a free one for 0; raise PortInUse when `port` is taken."""
+    if port == 0:
+        return free_port()
+    check_port_free(port)
+    return port
 
 
 def _healthy(port: int) -> bool:

@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ import yaml
 from stages import evaluate, export, export_tf, export_torch, exporting, serving
 from stages.common import StageError
 from stages.config import LoadTestConfig, Params, ParamsError, load_params, parse_params
+from stages.ports import free_port
 from tests.conftest import ROOT, run_stage, stage_env
 from tests.test_train import run_trainer, write_processed
 
@@ -285,7 +287,7 @@ def test_server_that_exits_at_once_says_why(tmp_path):
     command = [sys.executable, "-c", "print('no such model: mnist-mlp-x'); raise SystemExit(3)"]
     with (
         pytest.raises(StageError, match="exited with code 3 before answering GET /ping") as error,
-        serving.model_server(command, os.environ, serving.free_port(), tmp_path / "log", 30),
+        serving.model_server(command, os.environ, free_port(), tmp_path / "log", 30),
     ):
         pass
     assert "no such model: mnist-mlp-x" in str(error.value)
@@ -298,7 +300,7 @@ def test_registered_model_is_served_over_rest_and_stopped(in_trained, tmp_path):
     with pytest.raises(StageError, match="no version of the registered model 'mnist-mlp-torch'"):
         serving.registered_version("mnist-mlp-torch", "0" * 32, "train-torch")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    port = serving.free_port()
+    port = free_port()
     command = serving.serve_command(Path(sys.executable).parent / "mlflow", uri, port)
     x = np.load(in_trained / "processed/scale/x_test.npy")[:3]
     expected = reference(in_trained, "torch")[:3]
@@ -316,7 +318,7 @@ def test_registered_model_is_served_over_rest_and_stopped(in_trained, tmp_path):
         serving.softmax(np.array(answer["predictions"])), expected, atol=1e-5
     )
     with pytest.raises(ConnectionRefusedError):  # stopped: nothing listens any more
-        serving.socket.create_connection(("127.0.0.1", port), timeout=2)
+        socket.create_connection(("127.0.0.1", port), timeout=2)
 
 
 def _fake_halves(staged: dict, corrupt: str | None = None):
@@ -479,7 +481,7 @@ def test_export_defaults_match_the_file():
 def test_load_test_against_a_dead_port_counts_every_request_as_an_error():
     images = np.zeros((3, 28, 28), np.float32)
     level = serving.load_test(
-        serving.free_port(), images, np.full((3, 10), 0.1), 6, 2, time_limit_seconds=20
+        free_port(), images, np.full((3, 10), 0.1), 6, 2, time_limit_seconds=20
     )
     assert (level["answered"], level["errors"], level["concurrency"]) == (0, 6, 2)
     assert "ConnectionRefusedError" in level["first_error"]

@@ -25,9 +25,9 @@ import requests
 import yaml
 
 from stages.common import StageError
+from stages.ports import free_port
 from stages.team_server import (
     Credentials,
-    free_port,
     mlflow_server,
     new_password,
     postgres_bin_dir,

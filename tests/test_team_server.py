@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 
 from stages.common import StageError
+from stages.ports import PortInUse, check_port_free, free_port
 from stages.team_server import (
     OwnedProcess,
-    PortInUse,
-    check_port_free,
-    free_port,
     postgres_bin_dir,
     wait_until,
 )

@@ -69,9 +69,9 @@ def test_a_taken_port_is_refused_with_the_option_to_use():
         port = taken.getsockname()[1]
         with pytest.raises(StageError) as error:
             port_to_use(port)
-    assert str(error.value) == (
-        f"port {port} on 127.0.0.1 is taken (another `mlflow ui`?); pass --port with another "
-        "port, or --port 0 for a free one"
+    assert str(error.value).startswith(
+        f"port {port} on 127.0.0.1 is already in use (Address already in use); choose another "
+        "with --port, e.g. --port "
     )
     assert port_to_use(0) > 0
 
