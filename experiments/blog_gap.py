@@ -4,21 +4,21 @@
 
 Queues one `dvc exp run` per step, each changing one more thing from the blog's set-up towards
 ours, runs the queue (experiments/dvc_queue.py), and writes experiments/blog_gap.md (mean ± 95% CI
-over train.seeds) from `dvc exp show --json`. Nothing in the workspace changes: queued
+over train.seeds, and the evaluate stage's verdict: equivalent within the margin, one framework
+better, or inconclusive) from `dvc exp show --json`. Nothing in the workspace changes: queued
 experiments run in temp copies. A step that fails is named with the end of its log, the table
 keeps the steps that finished, and the script exits 1.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import typer
 from dvc_queue import Experiment, QueueError, collect, run_queue
+from evaluation import EVALUATION, accuracy_cell, difference_cell, verdict_words
 
 ROOT = Path(__file__).resolve().parents[1]
-EVALUATION = "metrics/evaluate.json"  # the evaluate stage's metrics: the table's numbers
 
 BLOG = {  # the blog's two scripts, as overrides of the shared, fair settings
     "overrides.tf.batch_size": "32",
@@ -73,29 +73,20 @@ def step_params() -> list[tuple[str, str, dict[str, str]]]:
 
 
 def row(description: str, evaluation: dict) -> str:
-    """Return one markdown row: accuracies with their intervals, and the difference."""
-
-    def acc(fw: str) -> str:
-        m = evaluation[fw]
-        half = (m["test_accuracy_ci_high"] - m["test_accuracy_ci_low"]) / 2
-        spread = "" if math.isnan(half) else f" ± {100 * half:.2f}"  # one seed: no interval
-        return f"{100 * m['test_accuracy']:.2f}{spread}"
-
-    diff = 100 * evaluation["accuracy_difference"]
-    low = 100 * evaluation["accuracy_difference_ci_low"]
-    high = 100 * evaluation["accuracy_difference_ci_high"]
-    verdict = "significant" if evaluation["significant"] else "no difference"
-    interval = "" if math.isnan(low) else f" [{low:+.2f}, {high:+.2f}]"
-    return f"| {description} | {acc('tf')} | {acc('torch')} | {diff:+.2f}{interval} ({verdict}) |"
+    """Return one markdown row: accuracies with their intervals, the difference, the verdict."""
+    accuracies = f"{accuracy_cell(evaluation, 'tf')} | {accuracy_cell(evaluation, 'torch')}"
+    verdict = verdict_words(evaluation)
+    return f"| {description} | {accuracies} | {difference_cell(evaluation)} ({verdict}) |"
 
 
 def table(dataset: str, rows: list[str]) -> str:
     """Return the markdown table: how it was measured, then one row per finished step."""
     lines = [
         f"Measured with `python experiments/blog_gap.py --dataset {dataset}`: each row changes one "
-        "more thing from the blog's set-up; test accuracy in %, mean ± 95% CI over train.seeds.",
+        "more thing from the blog's set-up; test accuracy in %, mean ± 95% CI over train.seeds; "
+        "the verdict is the evaluate stage's (equivalent: TOST within evaluate.equivalence_margin).",
         "",
-        "| step | TensorFlow/Keras | PyTorch | TF − PyTorch, points [95% CI] |",
+        "| step | TensorFlow/Keras | PyTorch | TF − PyTorch, points [95% CI] (verdict) |",
         "|---|---:|---:|---:|",
         *rows,
     ]

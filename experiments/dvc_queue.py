@@ -6,6 +6,11 @@ name the runs that failed, with the last lines of their `dvc queue logs`.
     if results.failures:
         print(results.report(), file=sys.stderr)
 
+A grid goes in as one `Sweep`: one `dvc exp run --queue --name <prefix> -S key=a,b -S ...`
+queues the cross product in DVC's own sweep syntax, and DVC names the runs <prefix>-1,
+<prefix>-2, ...; `Results.params` gives each run's params as `dvc exp show` reads them, which is
+how a script maps a run back to its cell.
+
 Every `dvc` command runs with a time limit and its output goes to files, not pipes: the workers
 `dvc queue start` detaches would otherwise hold a pipe open, and a read of it would never end.
 """
@@ -13,6 +18,7 @@ Every `dvc` command runs with a time limit and its output goes to files, not pip
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,35 @@ class Experiment:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    name: str  # DVC names the runs f"{name}-1", f"{name}-2", ... in the order it queues them
+    grid: Mapping[str, Sequence[str]]  # each becomes `-S key=a,b,c`: the cross product is queued
+    params: Mapping[str, str]  # the same for every run: `-S key=value`
+
+    def __post_init__(self) -> None:
+        for key, values in self.grid.items():
+            if not values or any("," in value for value in values):
+                raise ValueError(f"grid key {key} needs one or more values without commas")
+
+    def size(self) -> int:
+        """Return how many runs the sweep queues: the product of the grid's value counts."""
+        return math.prod(len(values) for values in self.grid.values())
+
+    def names(self) -> list[str]:
+        """Return the names DVC gives the sweep's runs (no suffix when there is one run: then
+        no `-S` has two values, and DVC queues no sweep)."""
+        if self.size() == 1:
+            return [self.name]
+        return [f"{self.name}-{index}" for index in range(1, self.size() + 1)]
+
+    def options(self) -> list[str]:
+        """Return the `-S` options of the one `dvc exp run --queue` that queues the sweep."""
+        settings = [f"{key}={','.join(values)}" for key, values in self.grid.items()]
+        settings += [f"{key}={value}" for key, value in self.params.items()]
+        return [part for setting in settings for part in ("-S", setting)]
+
+
+@dataclass(frozen=True)
 class Failure:
     name: str
     reason: str  # one sentence: failed, still running, not found, metrics missing
@@ -58,6 +93,8 @@ class Failure:
 class Results:
     metrics: dict[str, dict[str, dict]]  # experiment name -> metrics file -> its data
     failures: list[Failure]
+    # experiment name -> its params.yaml, flat (`train.learning_rate`), for every run found
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def report(self) -> str:
         """Return a paragraph naming each failed experiment, with its log's last lines."""
@@ -112,6 +149,30 @@ def queue(root: Path, experiments: Sequence[Experiment]) -> None:
         settings = [f"{key}={value}" for key, value in experiment.params.items()]
         options = [part for setting in settings for part in ("-S", setting)]
         dvc(root, "exp", "run", "--queue", "--name", experiment.name, *options)
+
+
+def queue_sweep(root: Path, sweep: Sweep) -> None:
+    """Queue the sweep's cross product in one command, replacing earlier runs of its names."""
+    for name in sweep.names():
+        dvc(root, "exp", "remove", name, check=False)  # absent the first time
+    dvc(root, "exp", "run", "--queue", "--name", sweep.name, *sweep.options())
+
+
+def flat_params(data: dict | None, path: str = "params.yaml") -> dict[str, Any]:
+    """Return an experiment's `params.yaml` from its `dvc exp show --json` data, as flat
+    `section.key` pairs ({} when there is none)."""
+    section = (((data or {}).get("params") or {}).get(path) or {}).get("data") or {}
+
+    def flatten(mapping: dict, prefix: str) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                flat |= flatten(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+        return flat
+
+    return flatten(section, "")
 
 
 def experiment_states(shown: Any) -> dict[str, tuple[str, dict | None]]:
@@ -192,12 +253,14 @@ def collect(
     """
     states = show(root) if states is None else states
     metrics: dict[str, dict[str, dict]] = {}
+    params: dict[str, dict[str, Any]] = {}
     failures = []
     for name in names:
         state, data = states.get(name, ("missing", None))
         if state == "missing":
             failures.append(Failure(name, "not in `dvc exp show` (was it queued here?)", ""))
             continue
+        params[name] = flat_params(data)
         if state in PENDING_STATES:
             failures.append(Failure(name, f"still {state}", ""))
             continue
@@ -215,7 +278,7 @@ def collect(
             failures.append(Failure(name, reason, log_tail(root, name)))
             continue
         metrics[name] = found
-    return Results(metrics, failures)
+    return Results(metrics, failures, params)
 
 
 def stop(root: Path) -> None:
@@ -225,16 +288,21 @@ def stop(root: Path) -> None:
 
 def run_queue(
     root: Path,
-    experiments: Sequence[Experiment],
+    experiments: Sequence[Experiment] | Sweep,
     jobs: int,
     seconds: float,
     required: Sequence[str] = (),
     poll_seconds: float = POLL_SECONDS,
 ) -> Results:
-    """Queue the experiments, run them on `jobs` workers for at most `seconds`, and return their
-    results; on a timeout or Ctrl-C the workers are stopped and the runs left count as failures."""
-    names = [experiment.name for experiment in experiments]
-    queue(root, experiments)
+    """Queue the experiments (named runs, or one sweep), run them on `jobs` workers for at most
+    `seconds`, and return their results; on a timeout or Ctrl-C the workers are stopped and the
+    runs left count as failures."""
+    if isinstance(experiments, Sweep):
+        names = experiments.names()
+        queue_sweep(root, experiments)
+    else:
+        names = [experiment.name for experiment in experiments]
+        queue(root, experiments)
     pending = list(names)
     try:
         dvc(root, "queue", "start", "-j", str(jobs))
@@ -252,4 +320,4 @@ def run_queue(
     failures = [
         Failure(f.name, late, f.log_tail) if f.name in pending else f for f in results.failures
     ]
-    return Results(results.metrics, failures)
+    return Results(results.metrics, failures, results.params)

@@ -51,6 +51,11 @@ class _Frozen(BaseModel):
 
 class MlflowConfig(_Frozen):
     experiment_name: Annotated[str, Field(min_length=1)] = "tf-vs-torch"
+    # params keys (`train.learning_rate`) whose values the runs of the stages that list
+    # mlflow.tag_params in dvc.yaml carry as tags, so `mlflow ui` can group runs by them
+    tag_params: list[str] = []
+
+    _distinct = field_validator("tag_params")(lambda values: _distinct_values(values))
 
 
 class DataConfig(_Frozen):
@@ -223,6 +228,22 @@ class Params(_Frozen):
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
+    def _tag_params_exist(self) -> Params:
+        settings = _flatten(self.model_dump(exclude={"mlflow"}))
+        unknown = [key for key in self.mlflow.tag_params if key not in settings]
+        if unknown:
+            raise ValueError(
+                f"mlflow.tag_params names {', '.join(unknown)}, which is not a setting of "
+                "params.yaml; give full keys such as train.learning_rate"
+            )
+        return self
+
+    def tag_values(self) -> dict[str, str]:
+        """Return the mlflow.tag_params keys with their values as text: the runs' cell tags."""
+        settings = _flatten(self.model_dump(exclude={"mlflow"}))
+        return {key: str(settings[key]) for key in self.mlflow.tag_params}
+
+    @model_validator(mode="after")
     def _batches_split_evenly(self) -> Params:
         workers = self.train.workers * self.train.nodes
         for framework in FRAMEWORKS:
@@ -296,6 +317,16 @@ class RunConfig(_Frozen):
                 else:
                     flat[f"{section}.{key}"] = value
         return flat
+
+
+def _flatten(section: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _describe(error: dict) -> str:

@@ -384,7 +384,9 @@ def run_stage(
     train = all_params.run_config(trainer.framework).train
     launch = Launch.from_train(train)
     if launch.world_size == 1:
-        return run_trainer_stage(trainer, data, outputs, params, process_start)
+        return run_trainer_stage(
+            trainer, data, outputs, params, process_start, all_params.tag_values()
+        )
     if not isinstance(trainer, ParallelTrainer):
         raise StageError(f"the {trainer.framework} trainer cannot train on several workers")
     sizes = read_json(data / "meta.json", "normalize").get("split_sizes", {})
@@ -395,7 +397,8 @@ def run_stage(
     if warning:
         print(warning, file=sys.stderr, flush=True)
     launch_id = uuid.uuid4().hex
-    job = StageJob(data, outputs, params, process_start, {"launch_id": launch_id})
+    tags = {**all_params.tag_values(), "launch_id": launch_id}
+    job = StageJob(data, outputs, params, process_start, tags)
     try:
         metrics = trainer.launch(launch, run_stage_worker, job)
     except BaseException as exc:

@@ -758,6 +758,7 @@ def main(
     result = compare(labels, probabilities, trainer_metrics, code_lines, margin)
     first = {fw: p[0].argmax(axis=1) for fw, p in probabilities.items()}  # the McNemar pair
     tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
+    tags |= config.tag_values()  # mlflow.tag_params
     deployment = read_json(export, "export") if export else None
     if deployment:
         tags["export_run_id"] = deployment.get("mlflow_run_id", "")

@@ -216,6 +216,7 @@ def main(
     from .tracking import stage_run
 
     tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
+    tags |= config.tag_values()  # mlflow.tag_params
     # the halves and the model servers: this interpreter's packages and this checkout's stages
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))

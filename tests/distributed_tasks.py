@@ -3,7 +3,10 @@ PyTorch worker that imported TensorFlow (or the reverse) would load both framewo
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,3 +91,51 @@ class FailingTrainer:
         if (self.rank, self.epochs) == (self.failing_rank, self.failing_epoch):
             raise RuntimeError(f"deliberate failure in worker {self.rank}")
         return self.inner.train_steps(*args)
+
+
+WRITE_EVENTS = ("open", "os.mkdir", "os.rename", "os.replace", "os.remove", "shutil.rmtree")
+
+
+class WriteRecordingTrainer:
+    """A framework's trainer whose every worker records, through a Python audit hook, each file
+    it creates, writes, renames or removes under `watched`: one line per write, in
+    `log_folder/rank-<rank>.log` (outside `watched`)."""
+
+    def __init__(self, inner: Any, watched: Path, log_folder: Path):
+        self.inner, self.watched, self.log_folder = inner, str(watched), log_folder
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # while unpickling, before __init__'s attributes exist
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def launch(self, *args: Any) -> Any:  # the framework's launcher, starting this wrapper
+        return type(self.inner).launch(self, *args)
+
+    def join(self, plan: WorkerPlan, requested: str) -> str:
+        log = self.log_folder / f"rank-{plan.rank}.log"
+        recording = [True]
+
+        def hook(event: str, args: tuple) -> None:
+            if event not in WRITE_EVENTS or not recording[0] or not args:
+                return
+            if event == "open" and not _opens_for_writing(*args[1:3]):
+                return
+            paths = [os.fsdecode(a) for a in args[:2] if isinstance(a, str | bytes | os.PathLike)]
+            if any(path.startswith(self.watched) for path in paths):
+                recording[0] = False  # the log's own open is not recorded
+                try:
+                    with open(log, "a") as lines:
+                        lines.write(f"{event} {' '.join(paths)}\n")
+                finally:
+                    recording[0] = True
+
+        log.touch()  # this rank joined, whether it writes or not
+        sys.addaudithook(hook)  # workers are processes of their own: it ends with them
+        return self.inner.join(plan, requested)
+
+
+def _opens_for_writing(mode: Any, flags: Any) -> bool:
+    if isinstance(mode, str) and any(c in mode for c in "wax+"):
+        return True
+    return isinstance(flags, int) and bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))

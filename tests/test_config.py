@@ -55,6 +55,23 @@ def test_bad_value_names_key_value_and_allowed(params_dict, section, key, value,
         parse_params(params_dict)
 
 
+def test_tag_params_name_settings_and_give_their_values_as_text(params_dict):
+    params_dict["mlflow"]["tag_params"] = ["train.learning_rate", "train.seeds", "data.dataset"]
+    assert parse_params(params_dict).tag_values() == {
+        "train.learning_rate": "0.001",
+        "train.seeds": "[0]",
+        "data.dataset": "mnist",
+    }
+    params_dict["mlflow"]["tag_params"] = ["train.lr", "train.optimizer"]  # a section is no setting
+    with pytest.raises(ParamsError, match="names train.lr, train.optimizer, which is not a"):
+        parse_params(params_dict)
+    params_dict["mlflow"]["tag_params"] = ["train.epochs", "train.epochs"]
+    with pytest.raises(
+        ParamsError, match="'mlflow.tag_params' is invalid: values must be distinct"
+    ):
+        parse_params(params_dict)
+
+
 def test_overrides_apply_to_one_framework_only(params_dict):
     params_dict["overrides"]["torch"].update(
         batch_size=64, scheme="symmetric", epsilon=1e-8, dropout_at_test=True, init="framework"

@@ -50,7 +50,7 @@ from stages.train_torch import TorchTrainer
 from stages.training import Trainer, TrainerOutputs, batch_order
 from tests import distributed_tasks
 from tests.conftest import DEBIAN_FASHION, ROOT, copy_repo, write_processed
-from tests.distributed_tasks import Experiment, FailingTrainer
+from tests.distributed_tasks import Experiment, FailingTrainer, WriteRecordingTrainer
 from tests.test_train import tiny_splits
 
 TRAINERS = {"tf": KerasTrainer, "torch": TorchTrainer}
@@ -312,6 +312,24 @@ def test_stage_on_two_workers_writes_rank_0s_outputs_deterministically(
         assert run.info.status == "FINISHED"
         assert (run.data.tags["workers"], run.data.tags["backend"]) == ("2", BACKENDS[framework])
     assert parents[0].data.params["train.workers"] == "2"
+    assert worker_processes() == []
+
+
+def test_only_rank_0_writes_the_stage_outputs(workspace, params_dict, tmp_path_factory):
+    stage_workspace(workspace, params_dict, epochs=1)
+    logs = tmp_path_factory.mktemp("writes")  # outside the watched folder
+    out = outputs(workspace, "out")
+    trainer = WriteRecordingTrainer(TorchTrainer(), workspace / "out", logs)
+    start = psutil.Process().create_time()
+    metrics = run_stage(trainer, workspace / "processed", out, workspace / "params.yaml", start)
+
+    assert metrics is not None and out.metrics.exists() and out.predictions.exists()
+    writes = {path.stem: path.read_text().splitlines() for path in logs.glob("rank-*.log")}
+    assert set(writes) == {"rank-0", "rank-1"}  # both workers ran, recording
+    assert writes["rank-1"] == []  # the other worker trained alongside and wrote nothing
+    written = " ".join(writes["rank-0"])
+    for final in (out.predictions, out.metrics, out.history):  # each moved into place by rank 0
+        assert f" {final}" in written, (final, writes["rank-0"])
     assert worker_processes() == []
 
 

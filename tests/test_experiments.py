@@ -1,6 +1,7 @@
-"""The experiment scripts: the shared queue module (experiments/dvc_queue.py) on its own, and
+"""The experiment scripts: the shared queue module (experiments/dvc_queue.py) on its own,
 experiments/blog_gap.py end to end through `dvc exp run --queue` and `dvc queue start` in a git
-copy of the repository, with a step that succeeds and a step that fails."""
+copy of the repository, with a step that succeeds and a step that fails, and
+experiments/verdict_map.py's table and map on constructed results and through a real sweep."""
 
 import json
 import math
@@ -15,12 +16,13 @@ import pytest
 import yaml
 
 from tests.conftest import DEBIAN_FASHION, ROOT, copy_repo
-from tests.test_pipeline import dvc, git, kill_processes_in, repo_env
+from tests.test_pipeline import dvc, git, kill_processes_in, repo_env, runs
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import blog_gap  # noqa: E402
 import dvc_queue  # noqa: E402
-from dvc_queue import Failure, Results  # noqa: E402
+import verdict_map  # noqa: E402
+from dvc_queue import Failure, Results, Sweep  # noqa: E402
 
 needs_fashion = pytest.mark.skipif(
     not DEBIAN_FASHION.exists(),
@@ -33,6 +35,8 @@ EVALUATION = {
     "accuracy_difference_ci_low": 0.0,
     "accuracy_difference_ci_high": 0.02,
     "significant": False,
+    "equivalence_margin": 0.002,
+    "verdict": "inconclusive",
 }
 # `dvc exp show --json` as DVC 3 writes it (trimmed): one finished, one failed, one queued.
 SHOWN = [
@@ -168,8 +172,172 @@ def test_a_row_from_one_seed_has_no_interval():
         one_seed[framework].update(test_accuracy_ci_low=math.nan, test_accuracy_ci_high=math.nan)
     one_seed.update(accuracy_difference_ci_low=math.nan, accuracy_difference_ci_high=math.nan)
     assert (
-        blog_gap.row("one seed", one_seed) == "| one seed | 85.00 | 84.00 | +1.00 (no difference) |"
+        blog_gap.row("one seed", one_seed) == "| one seed | 85.00 | 84.00 | +1.00 (inconclusive) |"
     )
+
+
+@pytest.mark.parametrize(
+    "verdict, words",
+    [
+        ("equivalent", "(equivalent within ±0.20)"),
+        ("tf_better", "(TensorFlow better)"),
+        ("torch_better", "(PyTorch better)"),
+        ("inconclusive", "(inconclusive)"),
+    ],
+)
+def test_a_blog_gap_row_says_the_tost_verdict_in_words(verdict, words):
+    evaluation = EVALUATION | {"verdict": verdict}
+    assert blog_gap.row("step", evaluation) == (
+        f"| step | 85.00 ± 1.00 | 84.00 ± 1.00 | +1.00 [+0.00, +2.00] {words} |"
+    )
+    assert "no difference" not in blog_gap.row("step", evaluation)
+
+
+def test_a_blog_gap_row_from_before_the_verdict_reads_significance():
+    old = {k: v for k, v in EVALUATION.items() if k not in ("verdict", "equivalence_margin")}
+    assert blog_gap.row("step", old).endswith("(inconclusive) |")
+    assert blog_gap.row("step", old | {"significant": True}).endswith("(TensorFlow better) |")
+
+
+# The verdict map on constructed results: no DVC.
+
+GRID = {"train.learning_rate": ["3e-4", "1e-3"], "train.batch_size": ["32", "64"]}
+
+
+def evaluation_with(verdict: str, difference: float) -> dict:
+    """Return EVALUATION with another verdict and difference (as fractions)."""
+    return EVALUATION | {"verdict": verdict, "accuracy_difference": difference}
+
+
+def test_a_sweep_queues_the_cross_product_in_one_command_and_dvc_names_its_runs():
+    swept = verdict_map.sweep(GRID, "fashion-mnist", seeds=2, epochs=1)
+    assert swept.names() == [f"verdict-map-{i}" for i in range(1, 5)]
+    options = swept.options()
+    assert options[:4] == ["-S", "train.learning_rate=3e-4,1e-3", "-S", "train.batch_size=32,64"]
+    settings = set(options[5::2])
+    assert {"train.seeds=[0,1]", "train.epochs=1", "export.serve=false"} <= settings
+    assert "mlflow.tag_params=[train.learning_rate,train.batch_size]" in settings
+    assert Sweep("one", {"a": ["1"]}, {}).names() == ["one"]  # no sweep: DVC adds no suffix
+    with pytest.raises(ValueError, match="without commas"):
+        Sweep("bad", {"a": ["1,2"]}, {})
+
+
+def test_the_grid_option_is_parsed_and_checked():
+    assert verdict_map.parse_grid([]) == verdict_map.DEFAULT_GRID
+    assert verdict_map.parse_grid(["train.epochs=1, 2", "model.activation=relu"]) == {
+        "train.epochs": ["1", "2"],
+        "model.activation": ["relu"],
+    }
+    for bad in (["train.epochs"], ["=1"], ["train.epochs="], ["a=1", "a=2"]):
+        with pytest.raises(verdict_map.typer.BadParameter):
+            verdict_map.parse_grid(bad)
+
+
+def test_runs_map_back_to_their_cells_by_the_params_dvc_reports():
+    params = {"train.learning_rate": 0.001, "train.batch_size": 32, "data.dataset": "mnist"}
+    assert verdict_map.cell_of(GRID, params) == ("1e-3", "32")
+    assert verdict_map.cell_of(GRID, params | {"train.batch_size": 128}) is None
+    assert verdict_map.cell_of(
+        {"train.optimizer.name": ["adam", "sgd"]}, {"train.optimizer.name": "sgd"}
+    ) == ("sgd",)
+
+
+def finished_grid() -> Results:
+    """Return the results of GRID with three cells finished (by run name) and one failed."""
+    params = {
+        f"verdict-map-{i}": {"train.learning_rate": lr, "train.batch_size": bs}
+        for i, (lr, bs) in enumerate([(3e-4, 32), (3e-4, 64), (1e-3, 32), (1e-3, 64)], 1)
+    }
+    metrics = {
+        "verdict-map-1": {EVALUATION_PATH: evaluation_with("equivalent", 0.0005)},
+        "verdict-map-2": {EVALUATION_PATH: evaluation_with("tf_better", 0.012)},
+        "verdict-map-4": {EVALUATION_PATH: evaluation_with("torch_better", -0.0099)},
+    }
+    failure = Failure("verdict-map-3", "failed (`dvc queue status`)", "ERROR: boom")
+    return Results(metrics, [failure], params)
+
+
+EVALUATION_PATH = verdict_map.EVALUATION
+
+
+def test_the_verdict_table_has_a_row_per_finished_cell_in_grid_order():
+    found = verdict_map.cells(GRID, finished_grid())
+    assert set(found) == {("3e-4", "32"), ("3e-4", "64"), ("1e-3", "64")}
+    text = verdict_map.table(GRID, found, "python experiments/verdict_map.py", 4, 5)
+    lines = text.splitlines()
+    assert lines[0].startswith("Measured with `python experiments/verdict_map.py`: ")
+    assert "export.serve=false" in lines[0]
+    assert "Time to accuracy is not in metrics/evaluate.json yet, so it has no column." in lines[0]
+    assert lines[2] == (
+        "| train.learning_rate | train.batch_size | TensorFlow/Keras | PyTorch "
+        "| TF − PyTorch, points [95% CI] | verdict |"
+    )
+    assert lines[3] == "|---|---|---:|---:|---:|---|"
+    assert lines[4:] == [
+        "| 3e-4 | 32 | 85.00 ± 1.00 | 84.00 ± 1.00 | +0.05 [+0.00, +2.00] "
+        "| equivalent within ±0.20 |",
+        "| 3e-4 | 64 | 85.00 ± 1.00 | 84.00 ± 1.00 | +1.20 [+0.00, +2.00] | TensorFlow better |",
+        "| 1e-3 | 64 | 85.00 ± 1.00 | 84.00 ± 1.00 | -0.99 [+0.00, +2.00] | PyTorch better |",
+    ]
+
+
+def test_the_table_has_time_to_accuracy_columns_only_when_evaluate_json_has_it():
+    timed = json.loads(json.dumps(EVALUATION))
+    for framework, seconds in (("tf", 12.0), ("torch", 9.5)):
+        timed[framework][verdict_map.TIME_TO_ACCURACY] = seconds
+    text = verdict_map.table({"a": ["1"]}, {("1",): timed}, "cmd", 1, 1)
+    assert "not in metrics/evaluate.json" not in text
+    assert "| TF seconds to accuracy | PyTorch seconds to accuracy |" in text
+    assert text.splitlines()[-1].endswith("| inconclusive | 12.0 | 9.5 |")
+
+
+def test_the_verdict_map_colours_each_cell_by_its_verdict(tmp_path):
+    found = verdict_map.cells(GRID, finished_grid())
+    path = tmp_path / "map.png"
+    verdict_map.draw(GRID, found, path, "title")
+    image = plt_image(path)
+    colours = {tuple(int(c) for c in pixel) for pixel in image.reshape(-1, image.shape[-1])}
+    for code in ("equivalent", "tf_better", "torch_better"):
+        assert hex_rgb(verdict_map.COLORS[code]) in colours, code
+    # three keys: one panel per value of the third
+    three = GRID | {"train.optimizer.name": ["adam", "sgd", "adamw"]}
+    found = {cell + ("sgd",): evaluation for cell, evaluation in found.items()}
+    verdict_map.draw(three, found, tmp_path / "facets.png", "title")
+    assert plt_image(tmp_path / "facets.png").shape[1] > image.shape[1]  # wider: three panels
+
+
+def plt_image(path: Path):
+    """Return a PNG's pixels as 0-255 RGB(A) integers."""
+    import matplotlib.image
+
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    return (matplotlib.image.imread(path) * 255).round()
+
+
+def hex_rgb(colour: str) -> tuple[int, ...]:
+    """Return "#rrggbb" as an (r, g, b, 255) tuple, as a PNG's RGBA pixels hold it."""
+    return (*(int(colour[i : i + 2], 16) for i in (1, 3, 5)), 255)
+
+
+def test_the_verdict_map_names_a_failed_cell_writes_the_rest_and_exits_1(
+    tmp_path, monkeypatch, capsys
+):
+    def fake_run_queue(root, swept, jobs, seconds, required, poll_seconds):
+        assert swept.grid == GRID and swept.params["data.dataset"] == "fashion-mnist"
+        return finished_grid()
+
+    monkeypatch.setattr(verdict_map, "run_queue", fake_run_queue)
+    out = tmp_path / "map.md"
+    grid = [f"{key}={','.join(values)}" for key, values in GRID.items()]
+    with pytest.raises(verdict_map.typer.Exit) as exited:
+        verdict_map.main(grid, "fashion-mnist", 4, 5, 1, 1.0, out, False)
+    assert exited.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert "1 experiment(s) did not finish: verdict-map-3" in err and "ERROR: boom" in err
+    assert "verdict-map-3 was the cell train.learning_rate=1e-3, train.batch_size=32" in err
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1e-3")]
+    assert len(rows) == 1  # the failed cell has no row
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 # End to end: the script in a git copy of the repository, its experiments through DVC's queue.
@@ -225,7 +393,9 @@ def test_blog_gap_runs_through_the_dvc_queue_and_writes_its_table(repo, tmp_path
     assert "queued 1 experiments" in done.stdout
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| step |") and len(rows) == 2  # the header and one step
-    assert rows[1].startswith("| the blog's set-up") and "difference" in rows[1]
+    assert rows[1].startswith("| the blog's set-up") and rows[1].endswith(
+        ("(inconclusive) |", "better) |", "(equivalent within ±0.20) |")
+    )  # the evaluate stage's verdict in words
     assert "nan" not in rows[1]  # one seed: no interval, rather than "± nan"
     shown = json.loads(dvc(repo, "exp", "show", "--json", timeout=300))
     state, data = dvc_queue.experiment_states(shown)["blog-gap-0-blog"]
@@ -262,3 +432,29 @@ def test_blog_gap_names_a_failed_experiment_with_its_log_and_keeps_the_rest(repo
     assert "failed to reproduce 'check-params'" in done.stderr  # the log's own last lines
     rows = [line for line in out.read_text().splitlines() if line.startswith("| the blog")]
     assert len(rows) == 1  # the step that finished
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_the_verdict_map_sweeps_two_cells_through_the_dvc_queue_and_tags_their_runs(repo, tmp_path):
+    out = tmp_path / "verdict_map.md"
+    args = ["--grid", "train.batch_size=64,128", "--seeds", "1", "--epochs", "1"]
+    args += ["--dataset", "fashion-mnist", "--timeout-minutes", "10", "--out", str(out)]
+    done = run_python(repo, "experiments/verdict_map.py", *args, timeout=600)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "queued 2 experiments" in done.stdout
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| train.batch_size | TensorFlow/Keras |") and len(rows) == 3
+    assert rows[1].startswith("| 64 | ") and rows[2].startswith("| 128 | ")
+    assert "nan" not in out.read_text()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # each cell's runs carry its setting as a tag; mlflow.tag_params says which
+    tagged = {
+        (run.info.run_name, run.data.tags.get("train.batch_size"))
+        for run in runs(repo)
+        if run.data.tags.get("dvc_exp_name", "").startswith("verdict-map-")
+    }
+    for batch_size in ("64", "128"):
+        for stage in ("train-tf", "train-torch", "export", "evaluate"):
+            assert (stage, batch_size) in tagged, (stage, batch_size, tagged)
+    assert not (repo / "experiments/verdict_map.md").exists()  # nothing written in the repo

@@ -249,3 +249,30 @@ def test_processes_starting_together_on_a_fresh_store_all_succeed(tmp_path):
         assert sorted(r.info.status for r in runs) == ["FINISHED"] * racers
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_trainer_stage_run_and_its_seed_runs_carry_the_tag_params(workspace, params_dict):
+    import psutil
+    import yaml
+
+    from stages.distributed import run_stage
+    from stages.train_torch import TorchTrainer
+    from stages.training import TrainerOutputs
+    from tests.conftest import write_processed
+
+    params_dict["mlflow"]["tag_params"] = ["train.learning_rate", "train.optimizer.name"]
+    params_dict["train"]["epochs"] = 1
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    write_processed(workspace / "processed")
+    out = workspace / "out"
+    outputs = TrainerOutputs(
+        out / "model", out / "predictions.npy", out / "metrics.json", out / "history.csv"
+    )
+    start = psutil.Process().create_time()
+    run_stage(TorchTrainer(), workspace / "processed", outputs, workspace / "params.yaml", start)
+    experiment = mlflow.get_experiment_by_name("tf-vs-torch")
+    runs = mlflow.MlflowClient().search_runs([experiment.experiment_id])
+    assert {run.info.run_name for run in runs} == {"train-torch", "train-torch-seed-0"}
+    for run in runs:  # the cell's settings, as `mlflow ui` groups by them
+        assert run.data.tags["train.learning_rate"] == "0.001"
+        assert run.data.tags["train.optimizer.name"] == "adam"
