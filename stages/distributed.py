@@ -334,6 +334,9 @@ class DistributedTrainer:
     def log_model(self, network: Any, input_example: np.ndarray, registered_name: str) -> None:
         self.inner.log_model(network, input_example, registered_name)
 
+    def summary_writer(self, folder: Path) -> Any:
+        return self.inner.summary_writer(folder)
+
 
 def run_worker(
     trainer: ParallelTrainer, plan: WorkerPlan, task: Task, argument: Any, requested: str

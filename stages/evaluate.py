@@ -35,6 +35,7 @@ SPEED_KEYS = (
     "samples_per_second",
     "seconds_to_first_step",
     "peak_rss_mb",
+    "cpu_utilisation_percent",
     "parameters",
     "model_file_bytes",
     "latency_batch1_p50_ms",
@@ -124,6 +125,7 @@ def compare(
             "device": trainer_metrics[fw].get("device"),
             "workers": trainer_metrics[fw].get("workers", 1),  # before data-parallel training: 1
             "backend": trainer_metrics[fw].get("backend", "none"),
+            "tensorboard_tags": trainer_metrics[fw].get("tensorboard_tags", []),
         }
     diff = difference(accuracy["tf"], accuracy["torch"])
     same = equivalence(accuracy["tf"], accuracy["torch"], margin_points / 100)
@@ -306,6 +308,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:  # pragma:
         ("Training throughput", *fmt("samples_per_second", "{:,.0f} samples/s")),
         ("Time to first step", *fmt("seconds_to_first_step", "{:.1f} s")),
         ("Peak memory (RSS)", *fmt("peak_rss_mb", "{:,} MiB")),
+        ("CPU utilisation while training (mean)", *fmt("cpu_utilisation_percent", "{:.0f} %")),
         ("Parameters", *fmt("parameters", "{:,}")),
         ("Model file", *fmt("model_file_bytes", "{:,} bytes")),
         (
@@ -325,6 +328,19 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:  # pragma:
         ("Data-parallel workers", *(workers(fw) for fw in FRAMEWORKS)),
     ]
     return rows
+
+
+def cpu_sentence(result: dict[str, Any]) -> str:
+    """Return one sentence on how busy each trainer kept the CPU while training ("" when a
+    trainer's metrics predate the measure)."""
+    percent = {fw: result[fw].get("cpu_utilisation_percent") for fw in FRAMEWORKS}
+    if not all(percent.values()):
+        return ""
+    return (
+        f"While training, {LABELS['tf']} kept {percent['tf']:.0f} % of the CPU busy and "
+        f"{LABELS['torch']} {percent['torch']:.0f} % (the stage process's CPU time over its "
+        "cores' time; each stage run's `system/*` metrics in MLflow hold the machine's samples)."
+    )
 
 
 def print_table(result: dict[str, Any]) -> None:  # pragma: no mutate block
@@ -523,6 +539,8 @@ def markdown_report(
         "![](disagreements.png)",
         "",
         "## Speed and memory",
+        "",
+        cpu_sentence(result),
         "",
         "![](speed_memory.png)",
         "",

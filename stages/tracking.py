@@ -466,6 +466,23 @@ def _start_run_retrying(stage: str, tags: dict[str, str], attempts: int = 5) -> 
     raise AssertionError("unreachable")
 
 
+@contextmanager
+def system_metrics(run_id: str, sampling_seconds: float) -> Iterator[None]:
+    """Record MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk,
+    network; GPU utilisation and memory where nvidia-ml-py finds a GPU) into run `run_id`, one
+    sample every `sampling_seconds`, until the block ends (before the run does)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # The monitor `mlflow.start_run(log_system_metrics=True)` starts, given its interval here
+    # rather than through MLflow's process-wide environment variable (which still overrides it).
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_seconds)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def log_artifact_as(path: Path, artifact_file: str) -> None:
     """Log the file at `path` into the active run as `artifact_file` ("folder/name"), byte for
     byte: a staged output is logged under its final name, not its temporary one."""

@@ -13,6 +13,7 @@ import platform
 import random
 import time
 import weakref
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,25 @@ def _predict(network: keras.Model, training: bool):
             input_signature=signature,
         )
     return compiled[key]
+
+
+class EventWriter:
+    """Scalars into TensorBoard event files with TensorFlow's own `tf.summary`; mirrors
+    `train_torch.EventWriter` (`training.EventWriter`)."""
+
+    def __init__(self, folder: Path):
+        self._writer = tf.summary.create_file_writer(str(folder))
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        """Write each tag's value at `step` and flush, so TensorBoard sees it at once."""
+        with self._writer.as_default(step=step):
+            for tag, value in values.items():
+                tf.summary.scalar(tag, value)  # a float32 tensor summary, TensorBoard's scalars
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self._writer.close()
 
 
 class KerasTrainer:
@@ -344,6 +364,10 @@ class KerasTrainer:
                 registered_model_name=registered_name,
             )
 
+    def summary_writer(self, folder: Path) -> EventWriter:
+        """Return a writer of scalar summaries into TensorBoard event files in `folder`."""
+        return EventWriter(folder)
+
     # -- data-parallel: distributed.ParallelTrainer --------------------------------------------
 
     def launch(self, launch: Launch, task: Task, argument: Any) -> Any:
@@ -456,10 +480,13 @@ def main(
     history: Path = typer.Option(
         Path("metrics/history_tf.csv"), help="Per-epoch history (DVC plot)."
     ),
+    tensorboard: Path = typer.Option(
+        Path("logs/tensorboard/tf"), help="Folder for TensorBoard event files, one per seed."
+    ),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Train the network in TensorFlow/Keras once per seed."""
-    outputs = TrainerOutputs(model, predictions, metrics, history)
+    outputs = TrainerOutputs(model, predictions, metrics, history, tensorboard)
     run_stage(KerasTrainer(), data, outputs, params, psutil.Process().create_time())
 
 

@@ -12,7 +12,10 @@ import os
 import platform
 import random
 import signal
+import sys
 import time
+import types
+from collections.abc import Mapping
 from contextlib import nullcontext
 from datetime import timedelta
 from itertools import pairwise
@@ -58,6 +61,37 @@ from .training import (
 )
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+
+
+class EventWriter:
+    """Scalars into TensorBoard event files with `torch.utils.tensorboard`; mirrors
+    `train_tf.EventWriter` (`training.EventWriter`)."""
+
+    def __init__(self, folder: Path):
+        # torch.utils.tensorboard imports TensorFlow, when installed, for TensorBoard's file
+        # I/O (seconds and hundreds of MiB, in the PyTorch trainer); a module named
+        # tensorboard.compat.notf is TensorBoard's switch to its TensorFlow-free stub instead.
+        # Only while TensorFlow is not loaded: a process holding both trainers (the tests)
+        # keeps the real one, which TensorFlow's tf.summary.scalar reaches through the same
+        # module.
+        if "tensorflow" not in sys.modules:
+            sys.modules.setdefault(
+                "tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf")
+            )
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(folder))
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        """Write each tag's value at `step` and flush, so TensorBoard sees it at once."""
+        for tag, value in values.items():
+            # new_style: a float32 tensor summary, as tf.summary.scalar writes, not a simple_value
+            self._writer.add_scalar(tag, value, step, new_style=True)
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self._writer.close()
 
 
 class SGDW(torch.optim.SGD):
@@ -274,6 +308,10 @@ class TorchTrainer:
             registered_model_name=registered_name,
         )
 
+    def summary_writer(self, folder: Path) -> EventWriter:
+        """Return a writer of scalar summaries into TensorBoard event files in `folder`."""
+        return EventWriter(folder)
+
     # -- data-parallel: distributed.ParallelTrainer --------------------------------------------
 
     def launch(self, launch: Launch, task: Task, argument: Any) -> Any:
@@ -436,10 +474,13 @@ def main(
     history: Path = typer.Option(
         Path("metrics/history_torch.csv"), help="Per-epoch history (DVC plot)."
     ),
+    tensorboard: Path = typer.Option(
+        Path("logs/tensorboard/torch"), help="Folder for TensorBoard event files, one per seed."
+    ),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Train the network in PyTorch once per seed."""
-    outputs = TrainerOutputs(model, predictions, metrics, history)
+    outputs = TrainerOutputs(model, predictions, metrics, history, tensorboard)
     run_stage(TorchTrainer(), data, outputs, params, psutil.Process().create_time())
 
 

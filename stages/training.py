@@ -8,16 +8,18 @@ each trainer module's `main()` hands its trainer to `run_trainer_stage`.
 from __future__ import annotations
 
 import csv
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 from .common import (
@@ -43,6 +45,15 @@ Weights = list[tuple[np.ndarray, np.ndarray]]  # per dense layer: kernel (fan_in
 # the default (batch 64: 860 steps) is one slice, one train_epoch call as it always was.
 EPOCH_SLICE_STEPS = 1000
 PROGRESS_AFTER_SECONDS = 5.0  # a progress bar within an epoch only once it has run this long
+# The history columns written to TensorBoard, and their tags: the same in both frameworks, so
+# `tensorboard --logdir logs/tensorboard` overlays them; the step is the epoch.
+TENSORBOARD_TAGS = {
+    "train_loss": "train/loss",
+    "train_accuracy": "train/accuracy",
+    "val_loss": "val/loss",
+    "val_accuracy": "val/accuracy",
+}
+SYSTEM_METRICS_SECONDS = 1.0  # MLflow's system metrics on the stage run: one sample a second
 
 
 class NonFiniteLoss(Exception):
@@ -77,6 +88,18 @@ class Device:
     def as_params(self) -> dict[str, object]:
         """Return the description as MLflow parameters, `device.<field>`."""
         return {f"device.{key}": value for key, value in asdict(self).items()}
+
+
+class EventWriter(Protocol):  # pragma: no mutate block  (stubs: nothing runs)
+    """Scalars into one folder of TensorBoard event files, as `Trainer.summary_writer` opens it."""
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        """Write each tag's value at `step` and flush, so TensorBoard sees it at once."""
+        ...
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        ...
 
 
 @runtime_checkable
@@ -130,6 +153,10 @@ class Trainer(Protocol):  # pragma: no mutate block  (stubs: nothing runs)
 
     def log_model(self, network: Any, input_example: np.ndarray, registered_name: str) -> None:
         """Log the network with its MLflow flavor, signature and pins, and register it."""
+        ...
+
+    def summary_writer(self, folder: Path) -> EventWriter:
+        """Return a writer of scalar summaries into TensorBoard event files in `folder`."""
         ...
 
 
@@ -294,6 +321,13 @@ class SeedResult:
     train_seconds: float
     samples_per_second: float
     first_step_done: float  # time.perf_counter() when the first step's result was ready
+    cpu_seconds: float = 0.0  # this process's CPU time (all its threads) in train_seconds
+
+
+def process_cpu_seconds() -> float:
+    """Return the CPU time this process has used so far, user and system, all its threads."""
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
 
 
 def divergence_message(
@@ -391,10 +425,10 @@ def train_one_seed(
     steps_per_epoch = -(-len(splits.train.y) // train.batch_size)
     history: list[dict[str, float]] = []
     first_step_done = 0.0
-    train_seconds = 0.0
+    train_seconds = cpu_seconds = 0.0
     for epoch in range(1, train.epochs + 1):
         order = batch_order(len(splits.train.y), seed, epoch)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), process_cpu_seconds()
         label = f"[{trainer.framework}] seed {seed} epoch {epoch}/{train.epochs}"
         try:
             result = train_epoch_in_slices(
@@ -413,6 +447,7 @@ def train_one_seed(
             ) from None
         seconds = time.perf_counter() - start
         train_seconds += seconds
+        cpu_seconds += process_cpu_seconds() - cpu_start
         first_step_done = first_step_done or result.first_step_done
         row = {
             "epoch": epoch,
@@ -442,6 +477,7 @@ def train_one_seed(
         train_seconds=train_seconds,
         samples_per_second=train.epochs * len(splits.train.y) / train_seconds,
         first_step_done=first_step_done,
+        cpu_seconds=cpu_seconds,
     )
 
 
@@ -482,6 +518,12 @@ def progress(
     if "val_accuracy" in row:
         line += f", val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.4f}"
     return f"{line} ({row['seconds']:.1f} s)"
+
+
+def tensorboard_scalars(row: Mapping[str, float]) -> dict[str, float]:
+    """Return an epoch's history row as TensorBoard tags and values (no validation split: no
+    `val/` tags)."""
+    return {tag: float(row[key]) for key, tag in TENSORBOARD_TAGS.items() if key in row}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,6 +595,16 @@ class Phases:
         return time.time() - self.process_start
 
 
+def cpu_utilisation_percent(results: list[SeedResult], cores: int) -> float:
+    """Return the CPU time the seeds' epochs took as a percentage of what `cores` cores could
+    give in their training time: 100 is every core busy, the scale of MLflow's
+    `system/cpu_utilization_percentage`, but this process alone (the machine may be shared)."""
+    seconds = sum(r.train_seconds for r in results)
+    if seconds <= 0:
+        return 0.0
+    return 100.0 * sum(r.cpu_seconds for r in results) / (seconds * cores)
+
+
 def mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     """Return the per-epoch mean over seeds of each history column."""
     rows = []
@@ -589,6 +641,9 @@ class TrainerMetrics:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     workers: int = 1  # data-parallel workers (train.workers x train.nodes)
     backend: str = "none"  # their collective backend
+    tensorboard_tags: list[str] = field(default_factory=list)  # in every seed's event files
+    # the stage process's CPU time in the epochs, % of its cores (rank 0's alone on N workers)
+    cpu_utilisation_percent: float = 0.0
 
     def headline(self) -> dict[str, float]:
         """Return the numeric metrics, for the stage run's MLflow metrics."""
@@ -610,6 +665,7 @@ def summarize(
 ) -> TrainerMetrics:
     """Return the stage's metrics: accuracy as the mean over seeds, speed as the median."""
     first = results[0]
+    tags = {tag for r in results for row in r.history for tag in tensorboard_scalars(row)}
     # first_step_done is a perf_counter reading; turn it into wall-clock time
     first_step_wall = time.time() - (time.perf_counter() - first.first_step_done)
     return TrainerMetrics(
@@ -632,6 +688,8 @@ def summarize(
         mlflow_run_id=run_id,
         workers=device.workers,
         backend=device.backend,
+        tensorboard_tags=sorted(tags),
+        cpu_utilisation_percent=cpu_utilisation_percent(results, len(os.sched_getaffinity(0))),
     )
 
 
@@ -663,8 +721,11 @@ def log_epoch(row: Mapping[str, float]) -> None:  # pragma: no mutate block
     mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
-def log_seed_result(result: SeedResult, model_path: Path) -> None:  # pragma: no mutate block
-    """Log a seed's test metrics and timings, and its native model file."""
+def log_seed_result(
+    result: SeedResult, model_path: Path, events: Path
+) -> None:  # pragma: no mutate block
+    """Log a seed's test metrics and timings, its native model file, and its TensorBoard event
+    files (the folder `events`) as `tensorboard/`."""
     import mlflow
 
     mlflow.log_metrics(
@@ -676,6 +737,7 @@ def log_seed_result(result: SeedResult, model_path: Path) -> None:  # pragma: no
         }
     )
     mlflow.log_artifact(str(model_path), "model")
+    mlflow.log_artifacts(str(events), "tensorboard")
 
 
 def log_summary(
@@ -707,18 +769,27 @@ class TrainerOutputs:
     predictions: Path
     metrics: Path
     history: Path
+    tensorboard: Path  # a folder: one folder of event files per seed, `seed-<seed>`
 
 
 @contextmanager
 def trainer_run(
-    framework: str, experiment: str, tags: Mapping[str, str], params: Mapping[str, object]
+    framework: str,
+    experiment: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, object],
+    system_metrics_seconds: float = SYSTEM_METRICS_SECONDS,
 ) -> Iterator[Any]:
-    """Open the trainer stage's MLflow run and log its parameters; yield the active run."""
+    """Open the trainer stage's MLflow run, recording MLflow's system metrics every
+    `system_metrics_seconds` until it ends, and log its parameters; yield the active run."""
     import mlflow
 
-    from .tracking import stage_run
+    from .tracking import stage_run, system_metrics
 
-    with stage_run(f"train-{framework}", experiment, tags) as run:
+    with (
+        stage_run(f"train-{framework}", experiment, tags) as run,
+        system_metrics(run.info.run_id, system_metrics_seconds),
+    ):
         mlflow.log_params(params)
         yield run
 
@@ -745,30 +816,37 @@ def train_seed_run(
     tensors: DeviceData,
     seed: int,
     model_dir: Path,
+    tensorboard_dir: Path,
     device: Device,
     stage: Deferred,
     tags: Mapping[str, str],
     phases: Phases,
 ) -> SeedResult:  # pragma: no mutate block
     """Train, save and check one seed inside its own nested MLflow run, which opens when the
-    first epoch has something to log."""
+    first epoch has something to log; each epoch's losses and accuracies also go to TensorBoard
+    event files in `tensorboard_dir/seed-<seed>`."""
     framework, epochs = trainer.framework, config.train.epochs
     name, params = f"train-{framework}-seed-{seed}", {**config.flat(), "seed": seed}
+    events = tensorboard_dir / f"seed-{seed}"
     with Deferred(lambda: seed_run(stage, name, {**tags, "seed": str(seed)}, params)) as run:
+        # the event files open with the first epoch's row too (PyTorch's writer imports
+        # TensorBoard), and are complete before they are logged
+        with Deferred(lambda: closing(trainer.summary_writer(events))) as writer:
 
-        def on_epoch(row: dict[str, float]) -> None:
-            with phases.phase("mlflow_start"):
-                run.get()
-            log_epoch(row)
-            print(progress(framework, seed, epochs, row), flush=True)
+            def on_epoch(row: dict[str, float]) -> None:
+                with phases.phase("mlflow_start"):
+                    run.get()
+                log_epoch(row)
+                writer.get().write(int(row["epoch"]), tensorboard_scalars(row))
+                print(progress(framework, seed, epochs, row), flush=True)
 
-        result = train_one_seed(
-            trainer, config, splits, tensors, seed, on_epoch, PROGRESS_AFTER_SECONDS
-        )
+            result = train_one_seed(
+                trainer, config, splits, tensors, seed, on_epoch, PROGRESS_AFTER_SECONDS
+            )
         path = model_dir / f"seed-{seed}{trainer.model_suffix}"
         trainer.save_model(result.model, path)
         check_reload(trainer, path, result.model, config.model, tensors.x_test, device.kind)
-        log_seed_result(result, path)
+        log_seed_result(result, path, events)
     print(
         f"[{framework}] seed {seed}: test accuracy {result.test_accuracy:.4f}, "
         f"{result.train_seconds:.1f} s",
@@ -787,8 +865,10 @@ def run_trainer_stage(
     params: Path,
     process_start: float,
     extra_tags: Mapping[str, str] | None = None,
+    system_metrics_seconds: float = SYSTEM_METRICS_SECONDS,
 ) -> TrainerMetrics:  # pragma: no mutate block
-    """Run a trainer stage: load, train every seed, write the outputs, log and register."""
+    """Run a trainer stage: load, train every seed, write the outputs, log and register;
+    MLflow samples the machine (system metrics) every `system_metrics_seconds` on the stage run."""
     phases = Phases(process_start)
     framework = trainer.framework
     with phases.phase("setup"):
@@ -819,13 +899,17 @@ def run_trainer_stage(
         },
     )
     # MLflow's import and store set-up take seconds: the runs open when the first epoch has
-    # something to log, so training starts first.
+    # something to log, so training starts first (and MLflow's system metrics with the run,
+    # after that epoch; `cpu_utilisation_percent` counts every epoch).
     with (
-        Deferred(lambda: trainer_run(framework, experiment, tags, params_logged)) as stage,
+        Deferred(
+            lambda: trainer_run(framework, experiment, tags, params_logged, system_metrics_seconds)
+        ) as stage,
         staged_outputs(*asdict(outputs).values()) as temps,
     ):
         tmp = TrainerOutputs(*temps)
         tmp.model_dir.mkdir()
+        tmp.tensorboard.mkdir()
         with phases.phase("setup"):
             tensors = to_device_data(trainer, splits, device.kind)
         with phases.phase("training"):
@@ -837,6 +921,7 @@ def run_trainer_stage(
                     tensors,
                     seed,
                     tmp.model_dir,
+                    tmp.tensorboard,
                     device,
                     stage,
                     tags,
@@ -863,7 +948,9 @@ def run_trainer_stage(
                 results[0].model, splits.test.x[:5], MODEL_NAME.format(framework=framework)
             )
         metrics = replace(
-            metrics, stage_seconds=phases.since_start(), phase_seconds=dict(phases.seconds)
+            metrics,
+            stage_seconds=phases.since_start(),
+            phase_seconds=dict(phases.seconds),
         )
         log_summary(metrics, rows, tmp.history, outputs.history.name)
         write_json(tmp.metrics, asdict(metrics))

@@ -168,7 +168,9 @@ def write_processed(folder: Path, scheme: str = "scale") -> Path:
     return folder
 
 
-def run_trainer(workspace: Path, framework: str, tag: str = "out") -> Path:
+def run_trainer(
+    workspace: Path, framework: str, tag: str = "out", system_metrics_seconds: float = 1.0
+) -> Path:
     """Run a trainer stage in-process on the tiny processed data; return its output folder."""
     import psutil
 
@@ -182,10 +184,19 @@ def run_trainer(workspace: Path, framework: str, tag: str = "out") -> Path:
     out = workspace / tag
     trainer = {"tf": KerasTrainer, "torch": TorchTrainer}[framework]()
     outputs = TrainerOutputs(
-        out / "model", out / "predictions.npy", out / "metrics.json", out / "history.csv"
+        out / "model",
+        out / "predictions.npy",
+        out / "metrics.json",
+        out / "history.csv",
+        out / "tensorboard",
     )
     run_trainer_stage(
-        trainer, processed, outputs, workspace / "params.yaml", psutil.Process().create_time()
+        trainer,
+        processed,
+        outputs,
+        workspace / "params.yaml",
+        psutil.Process().create_time(),
+        system_metrics_seconds=system_metrics_seconds,
     )
     return out
 

@@ -242,7 +242,11 @@ def stage_workspace(workspace: Path, params_dict: dict, **train) -> Path:
 def outputs(workspace: Path, tag: str) -> TrainerOutputs:
     out = workspace / tag
     return TrainerOutputs(
-        out / "model", out / "predictions.npy", out / "metrics.json", out / "history.csv"
+        out / "model",
+        out / "predictions.npy",
+        out / "metrics.json",
+        out / "history.csv",
+        out / "tensorboard",
     )
 
 
@@ -358,7 +362,7 @@ def start_stage(workspace: Path, framework: str, log, *args: str) -> subprocess.
     return subprocess.Popen(
         [sys.executable, "-m", f"stages.train_{framework}", "--data", "processed"]
         + ["--model", "out/model", "--predictions", "out/p.npy", "--metrics", "out/m.json"]
-        + ["--history", "out/h.csv", *args],
+        + ["--history", "out/h.csv", "--tensorboard", "out/tb", *args],
         cwd=workspace,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stdout=log,

@@ -285,6 +285,13 @@ def test_report_sentences_state_the_numbers_of_the_metrics(workspace):
     assert f"{100 * result['agreement']:.2f}%" in report
     assert f"seed-{result['mcnemar_seed']} pair" in report
     assert f"## Confusion matrices (seed {result['mcnemar_seed']})" in report
+    cpu = {fw: f"{result[fw]['cpu_utilisation_percent']:.0f} %" for fw in ("tf", "torch")}
+    assert f"| CPU utilisation while training (mean) | {cpu['tf']} | {cpu['torch']} |" in report
+    assert (
+        f"## Speed and memory\n\nWhile training, TensorFlow/Keras kept {cpu['tf']} of the CPU "
+        f"busy and PyTorch {cpu['torch']} (" in report
+    )
+    assert result["tf"]["tensorboard_tags"] == result["torch"]["tensorboard_tags"] != []
 
 
 def _verdict_result(difference, low, high, code, seeds=4, p=0.0123, tost=(-0.001, 0.004, 0.3)):
@@ -377,8 +384,19 @@ def test_compare_carries_loss_per_seed_accuracy_and_the_trainers_facts():
     sure[np.arange(4), 5] = 0.5  # the other half of each image's probability
     probabilities = {fw: np.stack([sure, sure]) for fw in ("tf", "torch")}
     facts = {
-        "tf": {"seeds": [0, 1], "device": "cpu", "workers": 2, "backend": "ring"},
-        "torch": {"seeds": [0, 1], "device": "cuda:0", "train_seconds": 3.0},
+        "tf": {
+            "seeds": [0, 1],
+            "device": "cpu",
+            "workers": 2,
+            "backend": "ring",
+            "tensorboard_tags": ["train/loss", "val/loss"],
+        },
+        "torch": {
+            "seeds": [0, 1],
+            "device": "cuda:0",
+            "train_seconds": 3.0,
+            "cpu_utilisation_percent": 87.5,
+        },
     }
     result = compare(labels, probabilities, facts, {"tf": 30, "torch": 40})
     torch = result["torch"]
@@ -400,10 +418,30 @@ def test_compare_carries_loss_per_seed_accuracy_and_the_trainers_facts():
         3.0,
         None,
     )
+    assert result["tf"]["tensorboard_tags"] == ["train/loss", "val/loss"]  # for the claims
+    assert torch["tensorboard_tags"] == []  # metrics from before the event files
+    assert (torch["cpu_utilisation_percent"], result["tf"]["cpu_utilisation_percent"]) == (
+        87.5,
+        None,
+    )
     # identical predictions: every seed pair agrees fully and McNemar finds nothing
     assert result["agreement_per_seed"] == [1.0, 1.0]
     assert result["mcnemar_p_value_per_seed"] == [1.0, 1.0]
     assert math.isnan(result["speedup_torch_over_tf"])  # TensorFlow's time is missing
+
+
+def test_cpu_utilisation_is_a_table_row_and_a_sentence_only_when_both_measured_it():
+    labels = np.arange(100) % 10
+    probabilities = {fw: np.stack([_fake(labels, 0.9, 0)]) for fw in ("tf", "torch")}
+    facts = {"tf": SPEED, "torch": SPEED | {"cpu_utilisation_percent": 87.5}}
+    result = compare(labels, probabilities, facts, {"tf": 1, "torch": 1})
+    row = {measure: (tf, torch) for measure, tf, torch in evaluate.table_rows(result)}
+    assert row["CPU utilisation while training (mean)"] == ("n/a", "88 %")
+    assert evaluate.cpu_sentence(result) == ""  # TensorFlow's metrics predate the measure
+    result["tf"]["cpu_utilisation_percent"] = 49.6
+    assert evaluate.cpu_sentence(result).startswith(
+        "While training, TensorFlow/Keras kept 50 % of the CPU busy and PyTorch 88 % ("
+    )
 
 
 def test_the_speed_up_is_tensorflow_time_over_pytorch_time():

@@ -32,8 +32,10 @@ TRAINER_ARGS = [
     "m.json",
     "--history",
     "h.csv",
+    "--tensorboard",
+    "tb",
 ]
-OUTPUTS = ("model", "p.npy", "m.json", "h.csv")
+OUTPUTS = ("model", "p.npy", "m.json", "h.csv", "tb")
 
 
 def stage(

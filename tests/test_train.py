@@ -46,7 +46,7 @@ def test_both_trainers_implement_the_contract_with_its_signatures():
         for name in dir(Trainer)
         if not name.startswith("_") and callable(getattr(Trainer, name))
     ]
-    assert len(members) == 11
+    assert len(members) == 12
     for trainer in TRAINERS.values():
         assert isinstance(trainer, Trainer)
         for name in members:
@@ -391,7 +391,12 @@ def test_mlflow_runs_have_the_same_keys_in_both_frameworks(workspace):
         runs[framework] = mlflow.get_run(metrics["mlflow_run_id"])
     tf_run, torch_run = runs["tf"], runs["torch"]
     assert set(tf_run.data.params) == set(torch_run.data.params)
-    assert set(tf_run.data.metrics) == set(torch_run.data.metrics)
+    # MLflow's system/* metrics appear with their first sample, a second after the run opens
+    # (test_the_stage_run_records_system_metrics): a tiny stage may end before it
+    keys = {
+        fw: {k for k in run.data.metrics if not k.startswith("system/")} for fw, run in runs.items()
+    }
+    assert keys["tf"] == keys["torch"]
     for key in ("test_accuracy", "train_seconds", "seconds_to_first_step", "peak_rss_mb"):
         assert key in tf_run.data.metrics  # headline numbers on the stage runs themselves
     assert tf_run.data.params["device.threads"] == torch_run.data.params["device.threads"]
@@ -444,7 +449,8 @@ def test_sigterm_ends_the_run_killed_and_leaves_no_model(workspace, params_dict)
         "train-torch": "KILLED",
         "train-torch-seed-0": "KILLED",
     }
-    assert not any((workspace / name).exists() for name in ("model", "p.npy", "m.json", "h.csv"))
+    outputs = ("model", "p.npy", "m.json", "h.csv", "tb")
+    assert not any((workspace / name).exists() for name in outputs)
     assert not [p for p in workspace.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -489,7 +495,9 @@ def test_artifacts_carry_the_final_file_names_not_the_staging_ones(workspace):
         [mlflow.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
     )
     seed_artifacts = all_artifacts(client, seed.info.run_id)
-    assert seed_artifacts == {"model/seed-0.pt"}
+    events = {path for path in seed_artifacts if path.startswith("tensorboard/")}
+    assert seed_artifacts - events == {"model/seed-0.pt"}
+    assert {f"tensorboard/{p.name}" for p in (out / "tensorboard/seed-0").iterdir()} == events
     assert not [path for path in stage_artifacts | seed_artifacts if ".tmp-" in path]
 
 
@@ -549,3 +557,65 @@ def test_arrays_swapped_under_processed_are_refused_naming_the_file(workspace):
     )
     assert not (workspace / "out").exists()
     assert mlflow.get_experiment_by_name("tf-vs-torch") is None  # refused before any run
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Return each tag's (step, value) pairs in a folder of event files, read by TensorBoard's
+    own reader. Both trainers write float32 tensor summaries of TensorBoard's scalars plugin
+    (tf.summary.scalar's kind, and PyTorch's add_scalar with new_style=True), so one API,
+    `Tensors`, reads both."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    reader = event_accumulator.EventAccumulator(
+        str(folder),
+        size_guidance={event_accumulator.TENSORS: 0},  # 0: keep every event
+    )
+    reader.Reload()
+    assert reader.Tags()["scalars"] == []  # no old-style simple values beside them
+    found = {}
+    for tag in reader.Tags()["tensors"]:
+        assert reader.SummaryMetadata(tag).plugin_data.plugin_name == "scalars", tag
+        found[tag] = [
+            (event.step, tensor_util.make_ndarray(event.tensor_proto).item())
+            for event in reader.Tensors(tag)
+        ]
+    return found
+
+
+def test_both_frameworks_write_tensorboard_events_with_the_same_tags_steps_and_history(
+    workspace,
+):
+    import csv
+
+    written = {}
+    for framework in ("tf", "torch"):
+        out = run_trainer(workspace, framework, framework)
+        assert [p.name for p in (out / "tensorboard").iterdir()] == ["seed-0"]
+        written[framework] = tensorboard_scalars(out / "tensorboard/seed-0")
+        with open(out / "history.csv") as rows:  # one seed: the mean history is its history
+            history = list(csv.DictReader(rows))
+        expected = {
+            f"{split}/{measure}": [
+                (int(row["epoch"]), np.float32(row[f"{split}_{measure}"]).item()) for row in history
+            ]
+            for split in ("train", "val")
+            for measure in ("loss", "accuracy")
+        }
+        assert written[framework] == expected, framework  # float32, as TensorBoard stores it
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["tensorboard_tags"] == sorted(expected)
+    steps = {fw: {tag: [s for s, _ in v] for tag, v in w.items()} for fw, w in written.items()}
+    assert steps["tf"] == steps["torch"] == {tag: [1, 2] for tag in written["tf"]}
+
+
+def test_the_stage_run_records_system_metrics(workspace):
+    out = run_trainer(workspace, "torch", system_metrics_seconds=0.1)
+    metrics = json.loads((out / "metrics.json").read_text())
+    run = mlflow.get_run(metrics["mlflow_run_id"])
+    assert {
+        "system/cpu_utilization_percentage",
+        "system/system_memory_usage_megabytes",
+    } <= set(run.data.metrics), sorted(run.data.metrics)
+    assert 0 < metrics["cpu_utilisation_percent"] <= 100
+    assert run.data.metrics["cpu_utilisation_percent"] == metrics["cpu_utilisation_percent"]

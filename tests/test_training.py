@@ -28,6 +28,7 @@ from stages.training import (
     mean_history,
     shared_weights,
     summarize,
+    tensorboard_scalars,
     to_device_data,
     train_one_seed,
     write_history,
@@ -54,7 +55,7 @@ class FakeTrainer:
         return 7
 
 
-def seed_result(seed, accuracy, seconds):
+def seed_result(seed, accuracy, seconds, cpu_seconds=0.0):
     return SeedResult(
         seed=seed,
         model=object(),
@@ -65,6 +66,7 @@ def seed_result(seed, accuracy, seconds):
         train_seconds=seconds,
         samples_per_second=1000 / seconds,
         first_step_done=0.0,
+        cpu_seconds=cpu_seconds,
     )
 
 
@@ -90,6 +92,20 @@ def test_summary_is_the_mean_accuracy_and_the_median_time_over_seeds(tmp_path):
     assert summary.mlflow_run_id == "run-1" and summary.device == "cpu"
     assert summary.samples_per_second == pytest.approx(1000 / 11.0)  # the median too
     assert "test_accuracy_per_seed" not in summary.headline()  # lists are not MLflow metrics
+    assert summary.tensorboard_tags == ["train/accuracy"]  # the history's columns, as tags
+
+
+def test_cpu_utilisation_is_the_epochs_cpu_time_over_their_cores_time(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # 2 cores to use
+    results = [seed_result(3, 0.8, 10.0, cpu_seconds=12.0), seed_result(5, 0.9, 30.0, 48.0)]
+    model_file = tmp_path / "m.pt"
+    model_file.write_bytes(b"x")
+    device = Device("cpu", "test cpu", "1.0", "none", 2)
+    summary = summarize(FakeTrainer(), results, Latency(0.1, 0.2, 3.0), device, model_file, 0, "")
+    assert summary.cpu_utilisation_percent == 75.0  # 60 CPU seconds of 2 cores x 40 s
+    assert summary.headline()["cpu_utilisation_percent"] == 75.0  # on the stage run too
 
 
 def test_divergence_message_counts_steps_across_epochs():
@@ -384,6 +400,7 @@ def test_the_seed_loop_asks_each_framework_the_same_things(init):
     assert result.first_step_done == 123.0 + 7  # the first epoch's, not the second's
     assert result.samples_per_second == pytest.approx(2 * 6 / result.train_seconds)
     assert result.train_seconds == pytest.approx(sum(row["seconds"] for row in rows))
+    assert 0 <= result.cpu_seconds < 1  # the scripted epochs' CPU time, not the whole process's
     assert all(0 <= row["seconds"] < 1 for row in rows)  # a scripted epoch is instant
 
 
@@ -489,3 +506,12 @@ def test_arrays_are_checked_against_the_digests_in_meta(tmp_path):
         r"`normalize`\); rerun `dvc repro normalize`",
     ):
         load_splits(data, "scale", meta)
+
+
+def test_an_epoch_row_becomes_the_same_tensorboard_tags_in_both_frameworks():
+    row = {"epoch": 3, "train_loss": 0.5, "train_accuracy": 0.8, "seconds": 1.2, "val_loss": 0.4}
+    assert tensorboard_scalars(row) == {
+        "train/loss": 0.5,
+        "train/accuracy": 0.8,
+        "val/loss": 0.4,
+    }  # neither the epoch (the step) nor the seconds; no val/accuracy without the column
