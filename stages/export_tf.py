@@ -8,7 +8,6 @@ of verification and measurements per format (see `exporting.export_half`).
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,8 @@ import typer
 from .common import StageError, run_cli
 from .config import ModelConfig
 from .dataset import IMAGE_SHAPE
-from .exporting import Format, Predict, export_half, load_onnx
+from .exporting import ExportHalf, Format, Predict, export_half, load_onnx
 from .train_tf import KerasTrainer, keras, tf  # TensorFlow imported once, its start-up chatter held
-
-FRAMEWORK = "tf"
 
 
 def load_trained(path: Path, model: ModelConfig) -> tuple[keras.Model, Predict]:
@@ -87,6 +84,7 @@ FORMATS = {
     "saved_model": Format(export_saved_model, load_saved_model),
     "litert": Format(export_litert, load_litert),
 }
+HALF = ExportHalf("tf", FORMATS, load_trained)
 
 
 def main(
@@ -100,7 +98,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Export the trained Keras model to every format in export.formats.tf, verified."""
-    export_half(sys.modules[__name__], model, images, out, result, reference, params)
+    export_half(HALF, model, images, out, result, reference, params)
 
 
 if __name__ == "__main__":

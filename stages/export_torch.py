@@ -7,7 +7,6 @@ of verification and measurements per format (see `exporting.export_half`).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,9 @@ from torch import nn
 
 from .common import run_cli
 from .config import ModelConfig
-from .exporting import Format, Predict, export_half, load_onnx
+from .exporting import ExportHalf, Format, Predict, export_half, load_onnx
 from .train_torch import TorchTrainer
 
-FRAMEWORK = "torch"
 BATCH = torch.export.Dim("batch")  # any batch size, not the example's
 
 
@@ -71,6 +69,7 @@ FORMATS = {
     "onnx": Format(export_onnx, load_onnx),
     "torch_export": Format(export_program, load_program),
 }
+HALF = ExportHalf("torch", FORMATS, load_trained)
 
 
 def main(
@@ -84,7 +83,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Export the trained PyTorch network to every format in export.formats.torch, verified."""
-    export_half(sys.modules[__name__], model, images, out, result, reference, params)
+    export_half(HALF, model, images, out, result, reference, params)
 
 
 if __name__ == "__main__":

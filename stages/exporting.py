@@ -2,8 +2,8 @@
 written once and framework-free: file names, the check that an export predicts like the trained
 model, the runtime measurements, and the ONNX Runtime both frameworks' ONNX files run in.
 
-Each half module supplies the same small set of names — `FRAMEWORK`, `load_trained`,
-`FORMATS` (format -> `Format`) — and hands itself to `export_half`.
+Each half module builds one `ExportHalf` (its framework, its formats, how it loads the trained
+model) and hands it to `export_half`.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import time
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from .common import StageError, read_json, write_json
-from .config import ModelConfig, load_params
+from .config import Framework, ModelConfig, load_params
 from .training import measure_latency
 
 # Largest |p_export - p_trained| allowed for any image and class. float32 kernels that fuse or
@@ -62,13 +62,13 @@ class Format:
     load: Callable[[Path], Predict]  # path -> a predict function running in the format's runtime
 
 
-class ExportHalf(Protocol):
-    """What `export_tf` and `export_torch` each provide."""
+@dataclass(frozen=True)
+class ExportHalf:
+    """One framework's half of the export stage: `export_tf.HALF` and `export_torch.HALF`."""
 
-    FRAMEWORK: str
-    FORMATS: dict[str, Format]
-
-    def load_trained(self, path: Path, model: ModelConfig) -> tuple[Any, Predict]: ...
+    framework: Framework
+    formats: Mapping[str, Format]  # format name -> how to write it and load it back
+    load_trained: Callable[[Path, ModelConfig], tuple[Any, Predict]]  # the model + softmax
 
 
 def find_trained_model(folder: Path, seed: int, produced_by: str) -> Path:
@@ -116,7 +116,7 @@ def load_trained_checked(half: ExportHalf, path: Path, model: ModelConfig) -> tu
         raise StageError(
             f"{path} could not be loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             "); it is corrupt or does not match params.yaml's model: "
-            f"{restore_hint(path, f'train-{half.FRAMEWORK}')}"
+            f"{restore_hint(path, f'train-{half.framework}')}"
         ) from None
 
 
@@ -245,7 +245,7 @@ def export_half(
     and one row per format (plus `native`, the trained model itself) to `result`.
     """
     params = load_params(params_path)
-    formats = getattr(params.export.formats, half.FRAMEWORK)
+    formats = getattr(params.export.formats, half.framework)
     x = np.load(images)
     load_trained_checked(half, model_path, params.model)  # warm-up: imports, first graph
     start = time.perf_counter()
@@ -265,23 +265,23 @@ def export_half(
     predictors = {"native": predict_native}
     for name in formats:
         path = out / FILE_NAMES[name]
-        label = f"{name} export of {half.FRAMEWORK} model {model_path.name}"
+        label = f"{name} export of {half.framework} model {model_path.name}"
         start = time.perf_counter()
-        half.FORMATS[name].export(model, path, x[:EXAMPLE_BATCH])
+        half.formats[name].export(model, path, x[:EXAMPLE_BATCH])
         export_seconds = time.perf_counter() - start
-        predict, row = load_and_check(label, half.FORMATS[name].load, path, x, reference)
+        predict, row = load_and_check(label, half.formats[name].load, path, x, reference)
         rows[name] = {"export_seconds": export_seconds, **row}
         if name not in SHARED_RUNTIME_FORMATS:
             predictors[name] = predict
         print(
-            f"[{half.FRAMEWORK}] {name}: {row['file_bytes']:,} bytes, agrees on every test "
+            f"[{half.framework}] {name}: {row['file_bytes']:,} bytes, agrees on every test "
             f"image (max difference {row['max_abs_difference']:.2g})",
             flush=True,
         )
     for name, speed in measure_interleaved(predictors, x).items():
         rows[name] |= speed
     np.save(reference_path, reference)
-    write_json(result, {"framework": half.FRAMEWORK, "model": str(model_path), "formats": rows})
+    write_json(result, {"framework": half.framework, "model": str(model_path), "formats": rows})
 
 
 def read_half_result(path: Path, framework: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from stages.ports import free_port
 from tests.conftest import ROOT, run_stage, stage_env
 from tests.test_train import run_trainer, write_processed
 
-HALVES = {"tf": export_tf, "torch": export_torch}
+HALVES = {"tf": export_tf.HALF, "torch": export_torch.HALF}
 FILES = {
     "tf": {"model.onnx", "saved_model", "model.tflite"},
     "torch": {"model.onnx", "model.pt2"},
@@ -140,14 +140,14 @@ def test_tiny_model_round_trips_through_every_format(trained, staged, framework)
     formats = json.loads(staged["metrics"].read_text())[framework]["formats"]
     out = staged[f"out_{framework}"]
     assert {p.name for p in out.iterdir()} == FILES[framework]
-    assert set(formats) == {"native", *HALVES[framework].FORMATS}
+    assert set(formats) == {"native", *HALVES[framework].formats}
     x, expected = np.load(trained / "processed/scale/x_test.npy"), reference(trained, framework)
     for name, row in formats.items():
         assert row["disagreements"] == 0 and row["max_abs_difference"] <= 1e-4, name
         assert row["file_bytes"] > 10_000, name  # the weights are inside, not beside it
         assert row["latency_batch1_p50_ms"] > 0 and row["load_seconds"] > 0, name
         if name != "native":  # reloaded in its runtime here: the trained model's probabilities
-            predict = HALVES[framework].FORMATS[name].load(out / row["file"])
+            predict = HALVES[framework].formats[name].load(out / row["file"])
             np.testing.assert_allclose(predict(x), expected, atol=1e-4)
 
 
@@ -169,7 +169,7 @@ def test_corrupted_file_is_an_error_naming_the_format(staged, tmp_path, framewor
     with pytest.raises(StageError, match=f"^{label}: .* could not be loaded by its runtime"):
         exporting.load_and_check(
             label,
-            HALVES[framework].FORMATS[name].load,
+            HALVES[framework].formats[name].load,
             broken,
             np.zeros((4, 28, 28), np.float32),
             np.full((4, 10), 0.1, np.float32),
@@ -231,14 +231,12 @@ def test_a_corrupt_trained_model_is_one_line_naming_it_before_any_export(
     _assert_nothing_written(tmp_path, "out")
 
 
-class UnreadableHalf:
-    """An export half whose runtime cannot read the trained model (an intact zip, bad inside)."""
+def _unreadable(path, model):
+    """Load like a runtime that cannot read the trained model (an intact zip, bad inside)."""
+    raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central")
 
-    FRAMEWORK = "torch"
-    FORMATS: dict = {}
 
-    def load_trained(self, path, model):
-        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central")
+UNREADABLE = exporting.ExportHalf("torch", {}, _unreadable)
 
 
 def test_a_model_its_runtime_cannot_load_is_one_message_naming_it(tmp_path):
@@ -247,7 +245,7 @@ def test_a_model_its_runtime_cannot_load_is_one_message_naming_it(tmp_path):
     np.save(images, np.zeros((4, 28, 28), np.float32))
     with pytest.raises(StageError) as raised:
         exporting.export_half(
-            UnreadableHalf(),
+            UNREADABLE,
             model,
             images,
             tmp_path / "out",
@@ -394,7 +392,7 @@ def test_stage_exports_serves_and_reports_both_frameworks(in_trained, staged, tm
         out = options[f"out_{framework}"]
         assert {p.name for p in out.iterdir()} == FILES[framework]
         formats = result[framework]["formats"]
-        assert set(formats) == {"native", *HALVES[framework].FORMATS}
+        assert set(formats) == {"native", *HALVES[framework].formats}
         assert formats["onnx"]["latency_batch1_p50_ms"] > 0  # measured side by side, here
         served = result[framework]["served"]
         assert served["model_uri"].startswith(f"models:/mnist-mlp-{framework}/")
