@@ -104,6 +104,9 @@ def main(
     timeout_minutes: float = typer.Option(
         240.0, min=0.0, help="Stop the queue and report what is unfinished after this long."
     ),
+    rev: str = typer.Option(
+        "", help="With --collect-only: the commit the runs were queued from (default HEAD)."
+    ),
 ) -> None:
     """Queue and run the steps, then write the table; exit 1 naming every step that failed."""
     chosen = step_params()[:steps]
@@ -114,7 +117,7 @@ def main(
     out.parent.mkdir(parents=True, exist_ok=True)  # before the run, not after it
     try:
         if collect_only:
-            results = collect(ROOT, names, required=[EVALUATION])
+            results = collect(ROOT, names, required=[EVALUATION], rev=rev or None)
         else:
             results = run_queue(
                 ROOT, experiments, jobs, timeout_minutes * 60, required=[EVALUATION]

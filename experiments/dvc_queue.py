@@ -198,16 +198,19 @@ def experiment_states(shown: Any) -> dict[str, tuple[str, dict | None]]:
 
 
 def show(
-    root: Path, attempts: int = 3, pause_seconds: float = 2.0
+    root: Path, attempts: int = 3, pause_seconds: float = 2.0, rev: str | None = None
 ) -> dict[str, tuple[str, dict | None]]:
-    """Return the states and data of the named experiments `dvc exp show --json` lists.
+    """Return the states and data of the named experiments `dvc exp show --json` lists: those of
+    commit `rev` (the one they were queued from), or of HEAD.
 
     `dvc exp show` fails now and then when a queued run finishes while it reads it (its .run
     file is gone): it is asked again, `attempts` times in all.
     """
     for attempt in range(1, attempts + 1):
         try:
-            return experiment_states(json.loads(dvc(root, "exp", "show", "--json").stdout))
+            revision = ("--rev", rev) if rev else ()
+            shown = dvc(root, "exp", "show", "--json", *revision).stdout
+            return experiment_states(json.loads(shown))
         except QueueError:
             if attempt == attempts:
                 raise
@@ -247,11 +250,12 @@ def collect(
     names: Sequence[str],
     required: Sequence[str] = (),
     states: dict[str, tuple[str, dict | None]] | None = None,
+    rev: str | None = None,
 ) -> Results:
     """Return the metrics of each finished experiment, and a Failure for every other one: failed,
     still queued or running, not in `dvc exp show`, or without one of the `required` metrics files.
     """
-    states = show(root) if states is None else states
+    states = show(root, rev=rev) if states is None else states
     metrics: dict[str, dict[str, dict]] = {}
     params: dict[str, dict[str, Any]] = {}
     failures = []
@@ -297,6 +301,13 @@ def run_queue(
     """Queue the experiments (named runs, or one sweep), run them on `jobs` workers for at most
     `seconds`, and return their results; on a timeout or Ctrl-C the workers are stopped and the
     runs left count as failures."""
+    # the experiments belong to this commit: one committed meanwhile must not hide them
+    baseline = (
+        subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+        or None
+    )
     if isinstance(experiments, Sweep):
         names = experiments.names()
         queue_sweep(root, experiments)
@@ -311,11 +322,11 @@ def run_queue(
             f"{seconds / 60:.0f} min (`dvc queue status` shows progress)",
             flush=True,
         )
-        pending = wait(lambda: show(root), names, seconds, poll_seconds)
+        pending = wait(lambda: show(root, rev=baseline), names, seconds, poll_seconds)
     finally:
         if pending:
             stop(root)
-    results = collect(root, names, required)
+    results = collect(root, names, required, rev=baseline)
     late = f"did not finish within {seconds / 60:.0f} min and was stopped"
     failures = [
         Failure(f.name, late, f.log_tail) if f.name in pending else f for f in results.failures

@@ -124,6 +124,20 @@ def test_exp_show_is_asked_again_when_a_finishing_run_makes_it_fail(monkeypatch)
         dvc_queue.show(ROOT, attempts=2, pause_seconds=0)
 
 
+def test_exp_show_reads_the_commit_the_runs_were_queued_from(monkeypatch):
+    # a commit made while the queue runs moves HEAD: `dvc exp show` alone would hide the runs
+    calls = []
+
+    def fake_dvc(root, *args, **options):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 0, json.dumps(SHOWN), "")
+
+    monkeypatch.setattr(dvc_queue, "dvc", fake_dvc)
+    dvc_queue.show(ROOT, rev="9e37f1b")
+    dvc_queue.show(ROOT)
+    assert calls == [("exp", "show", "--json", "--rev", "9e37f1b"), ("exp", "show", "--json")]
+
+
 def test_waiting_for_the_queue_is_bounded():
     running = {"slow": ("running", None), "quick": ("success", {})}
     started = time.monotonic()
