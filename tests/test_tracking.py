@@ -266,7 +266,11 @@ def test_a_trainer_stage_run_and_its_seed_runs_carry_the_tag_params(workspace, p
     write_processed(workspace / "processed")
     out = workspace / "out"
     outputs = TrainerOutputs(
-        out / "model", out / "predictions.npy", out / "metrics.json", out / "history.csv"
+        out / "model",
+        out / "predictions.npy",
+        out / "metrics.json",
+        out / "history.csv",
+        out / "tensorboard",
     )
     start = psutil.Process().create_time()
     run_stage(TorchTrainer(), workspace / "processed", outputs, workspace / "params.yaml", start)
