@@ -88,10 +88,11 @@ def log_tail(path: Path, lines: int = 12) -> str:
     return "\n".join(f"    {line}" for line in text) or "    (no output)"
 
 
-def _ping(port: int) -> bool:
+def answers(port: int, path: str = "/ping") -> bool:
+    """Return whether a server on 127.0.0.1:`port` answers GET `path` with 200 now."""
     connection = http.client.HTTPConnection(HOST, port, timeout=2)
     try:
-        connection.request("GET", "/ping")
+        connection.request("GET", path)
         return connection.getresponse().status == 200
     except OSError:
         return False
@@ -108,7 +109,7 @@ def wait_until_ready(process: subprocess.Popen, server: Server, start_seconds: f
                 f"the model server exited with code {process.returncode} before answering "
                 f"GET /ping; its last output:\n{log_tail(server.log)}"
             )
-        if _ping(server.port):
+        if answers(server.port):
             return time.perf_counter() - start
         time.sleep(0.25)
     raise StageError(

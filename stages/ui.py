@@ -5,7 +5,6 @@ pages). The server is owned: a bounded wait for /health, its process group stopp
 
 from __future__ import annotations
 
-import http.client
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from .common import StageError
 from .links import StageRuns
 from .ports import check_port_free, free_port
-from .serving import HOST, log_tail, started_server
+from .serving import HOST, answers, log_tail, started_server
 
 START_SECONDS = 180.0  # gunicorn/uvicorn workers on a busy 2-core machine take a minute
 STAGE_RUNS = ("train-tf", "train-torch")
@@ -75,17 +74,6 @@ def port_to_use(port: int) -> int:
     return port
 
 
-def _healthy(port: int) -> bool:
-    connection = http.client.HTTPConnection(HOST, port, timeout=2)
-    try:
-        connection.request("GET", "/health")
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
-
-
 def wait_until_healthy(process: subprocess.Popen, port: int, log: Path, seconds: float) -> None:
     """Return once the UI answers /health; raise StageError if it exits or does not answer."""
     deadline = time.monotonic() + seconds
@@ -95,7 +83,7 @@ def wait_until_healthy(process: subprocess.Popen, port: int, log: Path, seconds:
                 f"mlflow ui exited with code {process.returncode} before answering; its last "
                 f"output:\n{log_tail(log)}"
             )
-        if _healthy(port):
+        if answers(port, "/health"):
             return
         time.sleep(0.5)
     raise StageError(
