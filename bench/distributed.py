@@ -52,8 +52,8 @@ class Job:
 
 def train(trainer, epochs: int, arrays: Path = ARRAYS) -> list[float]:
     """Return each epoch's seconds: the default network and optimizer, batch_order's batches."""
-    from stages.config import load_params
-    from stages.training import batch_order
+    from stages.core.config import load_params
+    from stages.core.data import batch_order
 
     config = load_params(ROOT / "params.yaml").run_config(trainer.framework)
     trainer.describe_device("cpu", config.train.allow_tf32)
@@ -122,9 +122,9 @@ def child(name: str, epochs: int, arrays: Path = ARRAYS) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     framework, workers, _ = CONFIGS[name]
     if framework == "tf":
-        from stages.train_tf import KerasTrainer as Trainer
+        from stages.frameworks.tf_trainer import KerasTrainer as Trainer
     else:
-        from stages.train_torch import TorchTrainer as Trainer
+        from stages.frameworks.torch_trainer import TorchTrainer as Trainer
     trainer = Trainer()
     if name.endswith("-core"):  # one thread, as each of 2 workers has on this 2-core machine
         trainer.threads = 1
@@ -136,7 +136,7 @@ def child(name: str, epochs: int, arrays: Path = ARRAYS) -> None:
         result = {"epoch_seconds": train(trainer, epochs, arrays), "all_reduce_ms": None}
         result["launch_seconds"] = None
     else:
-        from stages.distributed import Launch
+        from stages.launcher.plan import Launch
 
         launch = Launch(workers=workers, device="cpu")
         result = trainer.launch(launch, worker_task, Job(epochs, time.time(), arrays))

@@ -52,7 +52,7 @@ CONFIGS = {
 
 
 def load(raw: Path) -> tuple[np.ndarray, np.ndarray]:
-    from stages.idx import read_idx
+    from stages.core.idx import read_idx
 
     return (
         read_idx(raw / "train-images-idx3-ubyte.gz"),
@@ -124,17 +124,16 @@ def keras_fit(raw: Path, batch_size: int, steps_per_execution: int = 1, jit: boo
 def ours(
     raw: Path, framework: str, variant: str = "", batch_size: int = 64, arrays: Path = ARRAYS
 ) -> float:
-    from stages.config import load_params
-    from stages.training import batch_order
+    from stages.core.config import load_params
+    from stages.core.data import batch_order
 
     if framework == "tf":
-        from stages import train_tf as module
+        from stages import train_torch
+        from stages.frameworks import torch_trainer
 
-        backend = module.KerasTrainer()
+        backend = train_torch.KerasTrainer()
     else:
-        from stages import train_torch as module
-
-        backend = module.TorchTrainer()
+        backend = torch_trainer.TorchTrainer()
     config = load_params(ROOT / "params.yaml").run_config(framework)  # the defaults users run
     if variant == "1-thread" and framework == "tf":  # must precede TensorFlow's first op
         import tensorflow as tf
@@ -155,7 +154,7 @@ def ours(
 
         torch.set_num_threads(1)
     if variant == "jit":
-        module.JIT_COMPILE = True
+        train_torch.JIT_COMPILE = True
     xs, ys = backend.to_device(x, "cpu"), backend.to_device(y, "cpu")
     train_epoch = backend.train_epoch
     if variant == "compile":

@@ -55,10 +55,10 @@ def profile(raw: Path, steps: int) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from stages.config import load_params
+    from stages.core.config import load_params
+    from stages.core.data import batch_order
+    from stages.frameworks.torch_trainer import TorchTrainer
     from stages.normalize import apply_scheme
-    from stages.train_torch import TorchTrainer
-    from stages.training import batch_order
 
     backend = TorchTrainer()
     config = load_params(ROOT / "params.yaml").run_config("torch")

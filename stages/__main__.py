@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from .common import StageError, read_json
-from .links import DEFAULT_PORT
+from stages.core.common import StageError, read_json
+from stages.tracking.links import DEFAULT_PORT
 
 app = typer.Typer(
     help="Read the comparison the pipeline produced; try a team MLflow server.",
@@ -19,7 +19,7 @@ app = typer.Typer(
 @app.command()
 def report(metrics: Path = typer.Option(Path("metrics/evaluate.json"))) -> None:
     """Print the comparison table from the evaluate stage's metrics."""
-    from .evaluate import print_table
+    from stages.report.tables import print_table
 
     try:
         print_table(read_json(metrics, "evaluate"))
@@ -38,7 +38,7 @@ def readme(
     deployment_doc: Path = typer.Option(Path("docs/deployment.md"), "--deployment-doc"),
 ) -> None:
     """Regenerate the README's results and docs/deployment.md's tables from the outputs."""
-    from .readme import recorded_digest, update_readme
+    from stages.report.readme import recorded_digest, update_readme
 
     try:
         digest = recorded_digest(root, lock)
@@ -64,11 +64,11 @@ def ui(
 
     import mlflow
 
-    from .common import Terminated, handle_stop_signals
-    from .config import load_params
-    from .links import comparison_url
-    from .tracking import is_server, tracking_uri, workspace_root
-    from .ui import latest_stage_runs, port_to_use, ui_server
+    from stages.core.common import Terminated, handle_stop_signals
+    from stages.core.config import load_params
+    from stages.tools.ui import latest_stage_runs, port_to_use, ui_server
+    from stages.tracking.links import comparison_url
+    from stages.tracking.runs import is_server, tracking_uri, workspace_root
 
     handle_stop_signals()
     try:
@@ -106,8 +106,8 @@ def server(
     """Run a throwaway team MLflow server (PostgreSQL, proxied artifacts, basic auth) until Ctrl-C."""
     import time
 
-    from .common import Terminated, handle_stop_signals
-    from .team_server import team_server
+    from stages.core.common import Terminated, handle_stop_signals
+    from stages.tools.team_server import team_server
 
     handle_stop_signals()
     try:

@@ -21,10 +21,10 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
-from .common import StageError, run_cli, staged_outputs, write_json
-from .config import load_params
-from .dataset import DATASETS, LOCAL_MIRRORS, SPLIT_FILES, Dataset, dataset_of_checksum
-from .idx import IdxError, decompress, parse_idx, sha256
+from stages.core.common import StageError, run_cli, staged_outputs, write_json
+from stages.core.config import load_params
+from stages.core.dataset import DATASETS, LOCAL_MIRRORS, SPLIT_FILES, Dataset, dataset_of_checksum
+from stages.core.idx import IdxError, decompress, parse_idx, sha256
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def main(
 ) -> None:  # pragma: no mutate block
     """Download and verify the dataset named by data.dataset in params.yaml."""
     config = load_params(params)
-    from .tracking import stage_run  # mlflow is slow to import; only load it once params are valid
+    from stages.tracking.runs import stage_run
 
     dataset = DATASETS[config.data.dataset]
     sources = sources_for(config.data.dataset, os.environ.get("DATASET_MIRROR"))

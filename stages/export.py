@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import typer
 
-from .common import StageError, read_json, run_cli, staged_outputs, write_json
-from .config import FRAMEWORKS, Framework, LoadTestConfig, load_params
-from .exporting import (
-    FILE_NAMES,
+from stages.core.common import StageError, read_json, run_cli, staged_outputs, write_json
+from stages.core.config import FRAMEWORKS, Framework, LoadTestConfig, load_params
+from stages.core.layout import FILE_NAMES, MODEL_NAME
+from stages.core.ports import free_port
+from stages.deploy.exports import (
     PROBABILITY_TOLERANCE,
     check_trained_model,
     find_trained_model,
@@ -34,8 +35,7 @@ from .exporting import (
     measure_interleaved,
     read_half_result,
 )
-from .ports import free_port
-from .serving import (
+from stages.deploy.serving import (
     Server,
     load_test,
     registered_version,
@@ -43,10 +43,11 @@ from .serving import (
     started_server,
     wait_until_ready,
 )
-from .training import MODEL_NAME
 
 HALF_TIMEOUT_SECONDS = 900  # one framework's exports, checks and measurements
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where `python -m stages.export_*` is found
+PACKAGE_ROOT = (
+    Path(__file__).resolve().parents[1]
+)  # where `python -m stages.frameworks.*_export` is found
 
 
 def run_half(
@@ -60,7 +61,7 @@ def run_half(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Run one framework's half in its own process; return its result and reference probabilities."""
     result, reference = scratch / f"{framework}.json", scratch / f"{framework}-reference.npy"
-    command = [sys.executable, "-m", f"stages.export_{framework}", "--model", str(model)]
+    command = [sys.executable, "-m", f"stages.frameworks.{framework}_export", "--model", str(model)]
     command += ["--images", str(images), "--out", str(out), "--result", str(result)]
     command += ["--reference", str(reference), "--params", str(params)]
     try:
@@ -213,7 +214,7 @@ def main(
     formats = config.export.formats
     import mlflow
 
-    from .tracking import stage_run
+    from stages.tracking.runs import stage_run
 
     tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
     tags |= config.tag_values()  # mlflow.tag_params

@@ -14,10 +14,17 @@ import numpy as np
 import typer
 from sklearn.model_selection import train_test_split
 
-from .common import StageError, file_sha256, read_json, run_cli, staged_outputs, write_json
-from .config import Scheme, load_params
-from .dataset import ARRAY_DIGESTS, DATASETS, NUM_CLASSES, SPLIT_FILES
-from .idx import read_idx
+from stages.core.common import (
+    StageError,
+    file_sha256,
+    read_json,
+    run_cli,
+    staged_outputs,
+    write_json,
+)
+from stages.core.config import Scheme, load_params
+from stages.core.dataset import ARRAY_DIGESTS, DATASETS, NUM_CLASSES, SPLIT_FILES
+from stages.core.idx import read_idx
 
 SPLITS = ("train", "val", "test")
 
@@ -111,7 +118,7 @@ def main(
 ) -> None:  # pragma: no mutate block
     """Normalize the raw images and split off a stratified validation set."""
     config = load_params(params)
-    from .tracking import stage_run
+    from stages.tracking.runs import stage_run
 
     download = read_json(raw / "manifest.json", "download")
     if download.get("dataset") != config.data.dataset:

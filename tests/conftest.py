@@ -16,7 +16,7 @@ import pytest
 import torch._inductor  # noqa: F401  before TensorFlow: triton segfaults if loaded after TF's LLVM
 import yaml
 
-from stages.dataset import ARRAY_DIGESTS, STEMS, Dataset  # noqa: F401  (STEMS: for tests)
+from stages.core.dataset import ARRAY_DIGESTS, Dataset
 
 # MLflow's and DVC's documented switches: no usage reports from the tests or what they start.
 TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "true"}
@@ -174,9 +174,9 @@ def run_trainer(
     """Run a trainer stage in-process on the tiny processed data; return its output folder."""
     import psutil
 
-    from stages.train_tf import KerasTrainer
-    from stages.train_torch import TorchTrainer
-    from stages.training import TrainerOutputs, run_trainer_stage
+    from stages.frameworks.tf_trainer import KerasTrainer
+    from stages.frameworks.torch_trainer import TorchTrainer
+    from stages.training.stage import TrainerOutputs, run_trainer_stage
 
     processed = workspace / "processed"
     if not processed.exists():

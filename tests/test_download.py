@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from stages import download
-from stages.common import StageError
-from stages.dataset import Dataset
+from stages.core.common import StageError
+from stages.core.dataset import STEMS, Dataset
+from stages.core.idx import IdxError
 from stages.download import Network, _local_path, _short, fetch_dataset, offline_hint, sources_for
-from stages.idx import IdxError
-from tests.conftest import DEBIAN_FASHION, ROOT, STEMS, run_stage
+from tests.conftest import DEBIAN_FASHION, ROOT, run_stage
 
 FAST = Network(timeout_seconds=0.5, retries=1, backoff_seconds=0.01)
 

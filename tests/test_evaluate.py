@@ -10,11 +10,15 @@ from typer.testing import CliRunner
 
 from stages import evaluate
 from stages.__main__ import app
-from stages.claims import blog_claims, claims_markdown
-from stages.evaluate import compare, count_code_lines, verdict
-from stages.stats import difference, mcnemar_exact, mean_interval
-from tests.conftest import ROOT, run_stage
-from tests.test_train import run_trainer
+from stages.core import common, comparison
+from stages.core.comparison import compare
+from stages.core.measure import count_code_lines
+from stages.core.stats import difference, mcnemar_exact, mean_interval
+from stages.report import plots, tables
+from stages.report.claims import blog_claims, claims_markdown
+from stages.report.tables import verdict
+from tests.conftest import run_stage
+from tests.frameworks.test_trainers import run_trainer
 
 
 def test_mcnemar_exact_on_a_known_table():
@@ -73,9 +77,7 @@ def _compare_accuracies(tf, torch, margin_points=0.2):
         "tf": np.stack([seed(a) for a in tf]),
         "torch": np.stack([seed(a) for a in torch]),
     }
-    return compare(
-        labels, probabilities, {"tf": SPEED, "torch": SPEED}, {"tf": 1, "torch": 1}, margin_points
-    )
+    return compare(labels, probabilities, {"tf": SPEED, "torch": SPEED}, margin_points)
 
 
 @pytest.mark.parametrize(
@@ -113,8 +115,6 @@ def run_evaluate(workspace):
         metrics_torch=workspace / "torch/metrics.json",
         history_tf=workspace / "tf/history.csv",
         history_torch=workspace / "torch/history.csv",
-        code_tf=ROOT / "stages/train_tf.py",
-        code_torch=ROOT / "stages/train_torch.py",
         metrics=workspace / "evaluate.json",
         report=workspace / "reports",
         params=workspace / "params.yaml",
@@ -127,7 +127,7 @@ def test_no_difference_is_not_called_equality():
     probabilities = {
         fw: np.stack([_fake(labels, 0.9, s) for s in range(3)]) for fw in ("tf", "torch")
     }
-    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED}, {"tf": 1, "torch": 1})
+    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED})
     assert result["agreement"] == 1.0 and result["mcnemar_p_value"] == 1.0
     # the same predictions in both, but 3 noisy seeds of 1,000 images: no difference shown, and
     # no equivalence either
@@ -144,12 +144,12 @@ def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
     assert len(result["torch"]["recall_per_class"]) == 10
     markdown = (reports / "comparison.md").read_text()
     assert "| Test accuracy (mean ± 95% CI) |" in markdown and "PyTorch" in markdown
-    for png in evaluate.PLOTS:
+    for png in plots.PLOTS:
         assert (reports / png).read_bytes()[:4] == b"\x89PNG"
         assert f"]({png})" in markdown
     page = (reports / "comparison.html").read_text()  # the same report, one offline page
-    assert page.count('<img src="data:image/png;base64,') == len(evaluate.PLOTS)
-    assert "<table>" in page and evaluate.verdict(result).split(":")[0] in page
+    assert page.count('<img src="data:image/png;base64,') == len(plots.PLOTS)
+    assert "<table>" in page and tables.verdict(result).split(":")[0] in page
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.info.run_name == "evaluate"
     # the verdict and its test reach the metrics file, the run and the report alike
@@ -158,7 +158,7 @@ def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
         result["equivalence_p_value"], nan_ok=True
     )
     assert run.data.metrics["equivalence_margin"] == result["equivalence_margin"] == 0.002
-    assert evaluate.verdict(result) in markdown
+    assert tables.verdict(result) in markdown
     assert (
         run.data.tags["tf_run_id"]
         == json.loads((workspace / "tf/metrics.json").read_text())["mlflow_run_id"]
@@ -203,7 +203,7 @@ def paired_predictions():
 def test_compare_names_the_winner_counts_each_side_and_averages_agreement():
     labels, probabilities = paired_predictions()
     speed = {"train_seconds": 2.0, "seeds": [7, 8, 9]}
-    result = compare(labels, probabilities, {"tf": speed, "torch": speed}, {"tf": 1, "torch": 1})
+    result = compare(labels, probabilities, {"tf": speed, "torch": speed})
     assert result["tf"]["test_accuracy"] == pytest.approx(0.95)
     assert result["torch"]["test_accuracy"] == pytest.approx(0.83)
     assert result["accuracy_difference"] == pytest.approx(0.12)  # TensorFlow minus PyTorch
@@ -214,7 +214,7 @@ def test_compare_names_the_winner_counts_each_side_and_averages_agreement():
     # disagreements per seed: 15, 20, 16 of 100 images -> agreement 0.85, 0.80, 0.84
     assert result["agreement_per_seed"] == pytest.approx([0.85, 0.80, 0.84])
     assert result["agreement"] == pytest.approx(0.83)
-    sentence = evaluate.agreement_sentence(result)
+    sentence = tables.agreement_sentence(result)
     assert "Paired seed by seed (7, 8, 9)" in sentence and "a mean of 83.00%" in sentence
     assert "seed-7 pair: TensorFlow alone is right on 10 images, PyTorch alone on 0" in sentence
 
@@ -222,7 +222,7 @@ def test_compare_names_the_winner_counts_each_side_and_averages_agreement():
 def test_per_class_precision_and_recall_are_each_their_own():
     labels, probabilities = paired_predictions()
     speed = {"seeds": [0, 1, 2]}
-    result = compare(labels, probabilities, {"tf": speed, "torch": speed}, {"tf": 1, "torch": 1})
+    result = compare(labels, probabilities, {"tf": speed, "torch": speed})
     predicted = probabilities["torch"].argmax(axis=2)
     recall = [
         np.mean([(p[labels == c] == c).mean() for p in predicted]) for c in range(10)
@@ -240,8 +240,8 @@ def test_one_seed_names_that_seed_not_a_first_or_second():
     labels, probabilities = paired_predictions()
     one = {fw: p[:1] for fw, p in probabilities.items()}
     speed = {"seeds": [0]}
-    result = compare(labels, one, {"tf": speed, "torch": speed}, {"tf": 1, "torch": 1})
-    sentence = evaluate.agreement_sentence(result)
+    result = compare(labels, one, {"tf": speed, "torch": speed})
+    sentence = tables.agreement_sentence(result)
     assert sentence.startswith("The seed-0 models of the two frameworks agree on 85.00%")
     assert "seed-0 pair" in sentence and "seed 1" not in sentence
     assert "from one seed" in verdict(result)
@@ -258,8 +258,8 @@ def test_one_seed_names_that_seed_not_a_first_or_second():
 def test_predictions_of_the_wrong_shape_are_refused(tmp_path, shape, message):
     path = tmp_path / "p.npy"
     np.save(path, np.full(shape, 0.1, np.float32))
-    with pytest.raises(evaluate.StageError, match=message + r".*rerun `dvc repro train-tf`"):
-        evaluate.load_predictions(path, 100, 3, "train-tf")
+    with pytest.raises(common.StageError, match=message + r".*rerun `dvc repro train-tf`"):
+        comparison.load_predictions(path, 100, 3, "train-tf")
 
 
 def test_a_truncated_prediction_file_names_the_file_and_the_stage(tmp_path):
@@ -267,18 +267,18 @@ def test_a_truncated_prediction_file_names_the_file_and_the_stage(tmp_path):
     np.save(path, np.full((3, 100, 10), 0.1, np.float32))
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(
-        evaluate.StageError,
+        common.StageError,
         match=rf"{path} is not a readable .npy file \(.*\); rerun `dvc repro train-torch`",
     ):
-        evaluate.load_predictions(path, 100, 3, "train-torch")
+        comparison.load_predictions(path, 100, 3, "train-torch")
 
 
 def test_report_sentences_state_the_numbers_of_the_metrics(workspace):
     result = run_evaluate(workspace)
     report = (workspace / "reports" / "comparison.md").read_text()
-    assert evaluate.verdict(result) in report
-    assert evaluate.agreement_sentence(result) in report
-    assert evaluate.self_agreement_sentence(result) in report
+    assert tables.verdict(result) in report
+    assert tables.agreement_sentence(result) in report
+    assert tables.self_agreement_sentence(result) in report
     claims = claims_markdown(blog_claims(result, None))  # no export metrics in this workspace
     assert f"## The blog's claims, checked\n\n{claims}\n" in report
     assert "\n| Measure | TensorFlow/Keras | PyTorch |\n|---|---:|---:|\n| " in report
@@ -370,7 +370,7 @@ def test_the_agreement_sentence_in_full(seeds, opening):
         "mcnemar_only_torch_right": 29,
         "mcnemar_p_value": 0.18876,
     }
-    assert evaluate.agreement_sentence(result) == (
+    assert tables.agreement_sentence(result) == (
         f"{opening} McNemar's exact test on the seed-{seeds[0]} pair: TensorFlow alone is right "
         "on 41 images, PyTorch alone on 29, p = 0.189."
     )
@@ -396,9 +396,10 @@ def test_compare_carries_loss_per_seed_accuracy_and_the_trainers_facts():
             "device": "cuda:0",
             "train_seconds": 3.0,
             "cpu_utilisation_percent": 87.5,
+            "trainer_code_lines": 40,
         },
     }
-    result = compare(labels, probabilities, facts, {"tf": 30, "torch": 40})
+    result = compare(labels, probabilities, facts)
     torch = result["torch"]
     assert torch["test_accuracy_per_seed"] == [0.75, 0.75]
     # cross-entropy by hand: three images at -ln 0.5, one at -ln(1e-12) (probability 0, clipped)
@@ -434,12 +435,12 @@ def test_cpu_utilisation_is_a_table_row_and_a_sentence_only_when_both_measured_i
     labels = np.arange(100) % 10
     probabilities = {fw: np.stack([_fake(labels, 0.9, 0)]) for fw in ("tf", "torch")}
     facts = {"tf": SPEED, "torch": SPEED | {"cpu_utilisation_percent": 87.5}}
-    result = compare(labels, probabilities, facts, {"tf": 1, "torch": 1})
-    row = {measure: (tf, torch) for measure, tf, torch in evaluate.table_rows(result)}
+    result = compare(labels, probabilities, facts)
+    row = {measure: (tf, torch) for measure, tf, torch in tables.table_rows(result)}
     assert row["CPU utilisation while training (mean)"] == ("n/a", "88 %")
-    assert evaluate.cpu_sentence(result) == ""  # TensorFlow's metrics predate the measure
+    assert tables.cpu_sentence(result) == ""  # TensorFlow's metrics predate the measure
     result["tf"]["cpu_utilisation_percent"] = 49.6
-    assert evaluate.cpu_sentence(result).startswith(
+    assert tables.cpu_sentence(result).startswith(
         "While training, TensorFlow/Keras kept 50 % of the CPU busy and PyTorch 88 % ("
     )
 
@@ -447,10 +448,10 @@ def test_cpu_utilisation_is_a_table_row_and_a_sentence_only_when_both_measured_i
 def test_the_speed_up_is_tensorflow_time_over_pytorch_time():
     labels, probabilities = paired_predictions()
     facts = {"tf": {"train_seconds": 6.0}, "torch": {"train_seconds": 1.5}}
-    result = compare(labels, probabilities, facts, {"tf": 1, "torch": 1})
+    result = compare(labels, probabilities, facts)
     assert result["speedup_torch_over_tf"] == 4.0  # PyTorch four times faster
-    assert math.isnan(evaluate._ratio(6.0, None)) and math.isnan(evaluate._ratio(None, 1.5))
-    assert math.isnan(evaluate._ratio(6.0, 0.0))
+    assert math.isnan(comparison._ratio(6.0, None)) and math.isnan(comparison._ratio(None, 1.5))
+    assert math.isnan(comparison._ratio(6.0, 0.0))
 
 
 def _predicting(labels, wrong_ranges):
@@ -470,7 +471,7 @@ def test_agreement_within_and_between_frameworks_worked_by_hand():
         "tf": np.stack([_predicting(labels, [(0, 10)]), _predicting(labels, [(0, 15)])]),
         "torch": np.stack([_predicting(labels, [(50, 60)]), _predicting(labels, [(50, 60)])]),
     }
-    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED}, {"tf": 1, "torch": 1})
+    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED})
     assert result["tf"]["self_agreement"] == pytest.approx(0.95)
     assert result["torch"]["self_agreement"] == pytest.approx(1.0)
     assert result["cross_agreement"] == pytest.approx((0.80 + 0.80 + 0.75 + 0.75) / 4)
@@ -478,7 +479,7 @@ def test_agreement_within_and_between_frameworks_worked_by_hand():
     # accuracies: TensorFlow 0.90 and 0.85 (sd 3.54 points), PyTorch 0.90 and 0.90 (sd 0)
     assert result["tf"]["test_accuracy_sd"] == pytest.approx(100 * 0.05 / math.sqrt(2) / 100)
     assert result["torch"]["test_accuracy_sd"] == 0.0
-    assert evaluate.self_agreement_sentence(result) == (
+    assert tables.self_agreement_sentence(result) == (
         "Run to run against framework to framework: two models of different frameworks agree on "
         "77.50% of the test images, two seeds of TensorFlow/Keras on 95.00% and two of PyTorch "
         "on 100.00% (every pair of seeds), so the frameworks differ more from each other than "
@@ -493,9 +494,9 @@ def test_frameworks_no_further_apart_than_seeds():
     # every model errs on its own 10 images: any two models, same framework or not, agree on 80%
     models = [_predicting(labels, [(10 * i, 10 * i + 10)]) for i in range(4)]
     probabilities = {"tf": np.stack(models[:2]), "torch": np.stack(models[2:])}
-    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED}, {"tf": 1, "torch": 1})
+    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED})
     assert result["cross_agreement"] == result["tf"]["self_agreement"] == pytest.approx(0.8)
-    sentence = evaluate.self_agreement_sentence(result)
+    sentence = tables.self_agreement_sentence(result)
     assert "differ from each other no more than each does from itself" in sentence
     assert "The accuracy difference, 0.00 points, is no larger than" in sentence
 
@@ -503,8 +504,8 @@ def test_frameworks_no_further_apart_than_seeds():
 def test_one_seed_has_no_run_to_run_baseline():
     labels = np.arange(100) % 10
     probabilities = {fw: np.stack([_predicting(labels, [(0, 10)])]) for fw in ("tf", "torch")}
-    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED}, {"tf": 1, "torch": 1})
+    result = compare(labels, probabilities, {"tf": SPEED, "torch": SPEED})
     assert math.isnan(result["tf"]["self_agreement"])
-    assert evaluate.self_agreement_sentence(result).startswith(
+    assert tables.self_agreement_sentence(result).startswith(
         "With one seed per framework there is no run-to-run baseline"
     )

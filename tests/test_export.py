@@ -21,14 +21,16 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import evaluate, export, export_tf, export_torch, exporting, serving
-from stages.common import StageError
-from stages.config import LoadTestConfig, Params, ParamsError, load_params, parse_params
-from stages.ports import free_port
+from stages import evaluate, export
+from stages.core.common import StageError
+from stages.core.config import LoadTestConfig, Params, ParamsError, load_params, parse_params
+from stages.core.ports import free_port
+from stages.deploy import exports, serving
+from stages.frameworks import tf_export, torch_export
 from tests.conftest import ROOT, run_stage, stage_env
-from tests.test_train import run_trainer, write_processed
+from tests.frameworks.test_trainers import run_trainer, write_processed
 
-HALVES = {"tf": export_tf.HALF, "torch": export_torch.HALF}
+HALVES = {"tf": tf_export.HALF, "torch": torch_export.HALF}
 FILES = {
     "tf": {"model.onnx", "saved_model", "model.tflite"},
     "torch": {"model.onnx", "model.pt2"},
@@ -105,18 +107,18 @@ def test_check_names_format_disagreements_and_largest_difference():
     rng = np.random.default_rng(0)
     reference = rng.dirichlet(np.ones(10), size=50).astype(np.float32)
     close = reference + 1e-6
-    assert exporting.check_agreement("onnx", reference, close)["disagreements"] == 0
+    assert exports.check_agreement("onnx", reference, close)["disagreements"] == 0
     wrong = reference.copy()
     wrong[:3] = np.roll(reference[:3], 1, axis=1)  # three images now predict another class
     with pytest.raises(StageError) as error:
-        exporting.check_agreement("litert export of tf model seed-0.keras", reference, wrong)
+        exports.check_agreement("litert export of tf model seed-0.keras", reference, wrong)
     message = str(error.value)
     assert message.startswith("litert export of tf model seed-0.keras: ")
     assert "another class than the trained model on 3 of 50 test images" in message
     assert f"differ by up to {np.abs(wrong - reference).max():.3g}" in message
     assert "(tolerance 0.0001)" in message
     with pytest.raises(StageError, match="answers with shape \\(50, 9\\)"):
-        exporting.check_agreement("onnx", reference, reference[:, :9])
+        exports.check_agreement("onnx", reference, reference[:, :9])
 
 
 @pytest.mark.parametrize(
@@ -161,13 +163,13 @@ def _corrupt(path: Path) -> None:
     [("tf", "onnx"), ("tf", "saved_model"), ("tf", "litert"), ("torch", "torch_export")],
 )
 def test_corrupted_file_is_an_error_naming_the_format(staged, tmp_path, framework, name):
-    source = staged[f"out_{framework}"] / exporting.FILE_NAMES[name]
+    source = staged[f"out_{framework}"] / exports.FILE_NAMES[name]
     broken = tmp_path / source.name
     (shutil.copytree if source.is_dir() else shutil.copy)(source, broken)
     _corrupt(broken)
     label = f"{name} export of the {framework} model"
     with pytest.raises(StageError, match=f"^{label}: .* could not be loaded by its runtime"):
-        exporting.load_and_check(
+        exports.load_and_check(
             label,
             HALVES[framework].formats[name].load,
             broken,
@@ -236,7 +238,7 @@ def _unreadable(path, model):
     raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central")
 
 
-UNREADABLE = exporting.ExportHalf("torch", {}, _unreadable)
+UNREADABLE = exports.ExportHalf("torch", {}, _unreadable)
 
 
 def test_a_model_its_runtime_cannot_load_is_one_message_naming_it(tmp_path):
@@ -244,7 +246,7 @@ def test_a_model_its_runtime_cannot_load_is_one_message_naming_it(tmp_path):
     images = tmp_path / "x_test.npy"
     np.save(images, np.zeros((4, 28, 28), np.float32))
     with pytest.raises(StageError) as raised:
-        exporting.export_half(
+        exports.export_half(
             UNREADABLE,
             model,
             images,
@@ -428,8 +430,6 @@ def test_stage_exports_serves_and_reports_both_frameworks(in_trained, staged, tm
         metrics_torch=in_trained / "torch/metrics.json",
         history_tf=in_trained / "tf/history.csv",
         history_torch=in_trained / "torch/history.csv",
-        code_tf=ROOT / "stages/train_tf.py",
-        code_torch=ROOT / "stages/train_torch.py",
         export=options["metrics"],
         metrics=tmp_path / "evaluate.json",
         report=tmp_path / "reports",
@@ -493,16 +493,16 @@ def test_load_test_against_a_dead_port_counts_every_request_as_an_error():
 def test_probabilities_beyond_the_tolerance_are_refused_within_it_kept():
     reference = np.full((20, 10), 0.5 / 9, np.float32)
     reference[:, 4] = 0.5  # class 4 everywhere, far ahead: the shifts below keep it
-    tolerance = exporting.PROBABILITY_TOLERANCE
+    tolerance = exports.PROBABILITY_TOLERANCE
     within, beyond = reference.copy(), reference.copy()
     within[7, 3] += 0.5 * tolerance
     beyond[7, 3] += 1.5 * tolerance
-    kept = exporting.check_agreement("onnx", reference, within)
+    kept = exports.check_agreement("onnx", reference, within)
     assert kept["disagreements"] == 0
     assert kept["max_abs_difference"] == pytest.approx(0.5 * tolerance, rel=1e-3)
     with pytest.raises(StageError, match="on 0 of 20 test images"):
-        exporting.check_agreement("onnx", reference, beyond)  # same class, too far off
-    assert exporting.check_agreement("onnx", reference, beyond, tolerance=2 * tolerance)
+        exports.check_agreement("onnx", reference, beyond)  # same class, too far off
+    assert exports.check_agreement("onnx", reference, beyond, tolerance=2 * tolerance)
 
 
 # A stand-in for `mlflow models serve`: image i (all pixels i) is answered with `answer(i)`, the

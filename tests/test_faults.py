@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import dataset as datasets
-from stages.config import ParamsError, parse_params
+from stages.core import common
+from stages.core import dataset as core_dataset
+from stages.core.config import ParamsError, parse_params
 from stages.download import Network, fetch_dataset, verify
-from stages.tracking import stage_run
+from stages.tracking.runs import stage_run
 from tests.conftest import stage_env, tiny_arrays, write_idx_folder, write_processed
 
 TRAINER_ARGS = [
@@ -218,7 +219,7 @@ def test_a_validation_split_smaller_than_the_classes_is_refused(workspace, param
     (workspace / "params.yaml").write_text(yaml.safe_dump(params_dict))
     raw = workspace / "raw"
     raw.mkdir()
-    for stem in datasets.STEMS:
+    for stem in core_dataset.STEMS:
         shutil.copy(folder / f"{stem}.gz", raw)
     (raw / "manifest.json").write_text('{"dataset": "mnist", "mlflow_run_id": ""}')
     done = stage(workspace, "normalize", "--raw", "raw", "--out", "processed")
@@ -277,7 +278,7 @@ def test_the_offline_hint_matches_the_dataset(tmp_path):
     missing = [str(tmp_path / "nowhere")]
     with pytest.raises(Exception) as fashion:
         fetch_dataset(
-            datasets.Dataset("fashion-mnist", (), datasets.FASHION_MNIST.sha256),
+            core_dataset.Dataset("fashion-mnist", (), core_dataset.FASHION_MNIST.sha256),
             tmp_path / "a",
             missing,
             FAST,
@@ -288,7 +289,10 @@ def test_the_offline_hint_matches_the_dataset(tmp_path):
     )
     with pytest.raises(Exception) as mnist:
         fetch_dataset(
-            datasets.Dataset("mnist", (), datasets.MNIST.sha256), tmp_path / "b", missing, FAST
+            core_dataset.Dataset("mnist", (), core_dataset.MNIST.sha256),
+            tmp_path / "b",
+            missing,
+            FAST,
         )
     text = str(mnist.value)
     assert "could not fetch train-images-idx3-ubyte.gz of mnist" in text
@@ -300,16 +304,15 @@ def test_the_offline_hint_matches_the_dataset(tmp_path):
 
 def test_a_checksum_of_the_other_dataset_says_which_one_it_is(tmp_path, monkeypatch):
     tiny = write_idx_folder(tmp_path / "tiny", tiny_arrays())
-    monkeypatch.setitem(datasets.DATASETS, "fashion-mnist", tiny)  # pretend these are Zalando's
+    monkeypatch.setitem(core_dataset.DATASETS, "fashion-mnist", tiny)  # pretend these are Zalando's
     stem = "train-labels-idx1-ubyte"
     with pytest.raises(Exception) as error:
-        verify(tmp_path / "tiny" / f"{stem}.gz", stem, datasets.MNIST.sha256[stem])
+        verify(tmp_path / "tiny" / f"{stem}.gz", stem, core_dataset.MNIST.sha256[stem])
     assert "checksum mismatch" in str(error.value)
     assert f"it is fashion-mnist's {stem}, so set data.dataset=fashion-mnist" in str(error.value)
 
 
 def test_a_signal_inside_a_store_write_is_delivered_after_it(monkeypatch):
-    from stages import common
 
     store_code: dict = {"__name__": "sqlalchemy.engine.base", "sys": sys}
     exec("def write():\n    return sys._getframe()", store_code)
@@ -356,7 +359,7 @@ def test_a_locked_store_fails_after_a_bounded_wait_naming_it(workspace, mlflow_s
 def test_a_full_disk_names_the_path_it_could_not_write(workspace, tiny_idx, monkeypatch, capsys):
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
-    from stages import common, download
+    from stages import download
 
     folder, dataset = tiny_idx
     monkeypatch.setitem(download.DATASETS, "mnist", dataset)

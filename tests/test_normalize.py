@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stages import download, normalize
-from stages.common import StageError
+from stages.core.common import StageError
 from stages.normalize import apply_scheme, class_counts, scheme_constants, split_validation
 from tests.conftest import run_stage
 

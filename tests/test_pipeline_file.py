@@ -15,6 +15,10 @@ import yaml
 from tests.conftest import ROOT, stage_env
 
 PACKAGE = "stages"
+# Stages that run project modules as subprocesses (`python -m ...`), not through an import.
+SUBPROCESS_MODULES = {
+    "export": ["stages.frameworks.tf_export", "stages.frameworks.torch_export"],
+}
 
 
 def project_imports(module: str) -> set[str]:
@@ -41,7 +45,13 @@ def project_imports(module: str) -> set[str]:
             else:
                 continue
             pending += [t.rstrip(".") for t in targets if t.startswith(f"{PACKAGE}.")]
-    return seen | {f"{PACKAGE}/__init__.py"}
+    # importing a module runs every package __init__ above it
+    packages = {
+        str(Path(*Path(file).parts[:depth], "__init__.py"))
+        for file in seen
+        for depth in range(1, len(Path(file).parts))
+    }
+    return seen | packages
 
 
 def stage_modules() -> dict[str, str]:
@@ -54,22 +64,36 @@ def stage_modules() -> dict[str, str]:
     return modules
 
 
-def test_every_stage_lists_every_project_module_it_imports():
+def needed_modules(stage: str, module: str) -> set[str]:
+    """Return the files of every project module the stage runs: its own and what they import."""
+    roots = [module, *SUBPROCESS_MODULES.get(stage, [])]
+    return set().union(*(project_imports(root) for root in roots))
+
+
+def test_every_stage_lists_exactly_the_project_modules_it_imports():
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     for name, module in stage_modules().items():
-        deps = {d.split()[0] for d in pipeline["stages"][name]["deps"]}
-        # the stage's module and every module it lists (some run as subprocesses) are roots
-        roots = [module] + [
-            d.removesuffix(".py").replace("/", ".") for d in deps if d.endswith(".py")
-        ]
-        needed = set().union(*(project_imports(root) for root in roots))
-        missing = needed - deps
-        assert not missing, f"dvc.yaml stage {name} lacks deps {sorted(missing)}"
+        deps = {d.split()[0] for d in pipeline["stages"][name]["deps"] if d.endswith(".py")}
+        needed = needed_modules(name, module)
+        assert not needed - deps, f"dvc.yaml stage {name} lacks deps {sorted(needed - deps)}"
+        # and nothing more: a module the stage does not run must not rerun it
+        assert not deps - needed, f"dvc.yaml stage {name} lists {sorted(deps - needed)}"
+
+
+def test_evaluate_does_not_depend_on_a_trainer_or_the_launcher():
+    needed = needed_modules("evaluate", "stages.evaluate")
+    assert not {f for f in needed if f.startswith(("stages/frameworks/", "stages/launcher/"))}
+    assert "stages/training/stage.py" not in needed
 
 
 def test_the_import_walk_finds_lazy_and_relative_imports():
     found = project_imports("stages.train_torch")
-    assert {"stages/training.py", "stages/tracking.py", "stages/dataset.py"} <= found
+    assert {
+        "stages/training/stage.py",
+        "stages/tracking/runs.py",
+        "stages/core/dataset.py",
+    } <= found
+    assert {"stages/core/__init__.py", "stages/frameworks/torch_trainer.py"} <= found
     assert "stages/evaluate.py" not in found
 
 
@@ -79,7 +103,7 @@ def test_check_params_stage_reads_the_whole_file_and_is_fast(tmp_path):
     (tmp_path / "params.yaml").write_text("trian:\n  epochs: 10\n")
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "stages.config", "--params", str(tmp_path / "params.yaml")],
+        [sys.executable, "-m", "stages.check_params", "--params", str(tmp_path / "params.yaml")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -24,9 +24,9 @@ import pytest
 import requests
 import yaml
 
-from stages.common import StageError
-from stages.ports import free_port
-from stages.team_server import (
+from stages.core.common import StageError
+from stages.core.ports import free_port
+from stages.tools.team_server import (
     Credentials,
     mlflow_server,
     new_password,

@@ -1,0 +1,167 @@
+"""Every number of the comparison, from framework-neutral outputs: accuracy statistics, the verdict,
+agreement, McNemar, speed. Imports neither framework nor MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable
+from itertools import combinations, product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import precision_recall_fscore_support
+
+from stages.core.common import StageError, load_npy
+from stages.core.config import FRAMEWORKS
+from stages.core.data import loss_and_accuracy
+from stages.core.dataset import NUM_CLASSES
+from stages.core.stats import difference, equivalence, mcnemar_exact, mean_interval, seeds_to_decide
+
+LABELS = {"tf": "TensorFlow/Keras", "torch": "PyTorch"}
+
+
+SPEED_KEYS = (
+    "train_seconds",
+    "samples_per_second",
+    "seconds_to_first_step",
+    "peak_rss_mb",
+    "cpu_utilisation_percent",
+    "parameters",
+    "model_file_bytes",
+    "latency_batch1_p50_ms",
+    "latency_batch1_p95_ms",
+    "throughput_batch1000_samples_per_second",
+)
+
+
+SAME_SPEED_WITHIN = 1.1  # ratios closer to 1 than this are "about the same": run-to-run noise
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """Return the per-epoch rows of a trainer's history CSV."""
+    if not path.exists():
+        raise StageError(f"{path} not found; run `dvc repro` to train both frameworks")
+    with open(path) as rows:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(rows)]
+
+
+def load_predictions(path: Path, num_test: int, seeds: int, stage: str) -> np.ndarray:
+    """Return (seeds, N, 10) test probabilities, checked against the test set and the seed count."""
+    rerun = f"rerun `dvc repro {stage}`"
+    probabilities = load_npy(path, stage)
+    expected = (seeds, num_test, NUM_CLASSES)
+    if probabilities.shape != expected:
+        raise StageError(
+            f"{path} has shape {probabilities.shape}, expected {expected} (seeds in the "
+            f"trainer's metrics, test images in `normalize`'s output); {rerun}"
+        )
+    if not np.isfinite(probabilities).all():
+        raise StageError(f"{path} contains NaN or infinite probabilities; {rerun}")
+    return probabilities
+
+
+def compare(
+    labels: np.ndarray,
+    probabilities: dict[str, np.ndarray],
+    trainer_metrics: dict[str, dict[str, Any]],
+    margin_points: float = 0.2,
+) -> dict[str, Any]:
+    """Return every number of the comparison: accuracy statistics, the verdict, agreement,
+    McNemar, speed. `margin_points` is the equivalence margin in accuracy points.
+
+    Seeds are paired by position in train.seeds: TensorFlow's i-th seed against PyTorch's i-th.
+    """
+    predicted = {fw: p.argmax(axis=2) for fw, p in probabilities.items()}  # (seeds, N)
+    scored = {fw: [loss_and_accuracy(p, labels) for p in probabilities[fw]] for fw in FRAMEWORKS}
+    losses = {fw: [loss for loss, _ in scored[fw]] for fw in FRAMEWORKS}
+    accuracy = {fw: [acc for _, acc in scored[fw]] for fw in FRAMEWORKS}
+    per_framework: dict[str, Any] = {}
+    for fw in FRAMEWORKS:
+        interval = mean_interval(accuracy[fw])
+        scores = [
+            precision_recall_fscore_support(
+                labels, seed_predictions, labels=range(NUM_CLASSES), zero_division=0
+            )
+            for seed_predictions in predicted[fw]
+        ]
+        per_framework[fw] = {
+            "test_accuracy": interval.mean,
+            "test_accuracy_ci_low": interval.low,
+            "test_accuracy_ci_high": interval.high,
+            "test_accuracy_per_seed": accuracy[fw],
+            "test_loss": float(np.mean(losses[fw])),
+            "precision_per_class": np.mean([s[0] for s in scores], axis=0).tolist(),
+            "recall_per_class": np.mean([s[1] for s in scores], axis=0).tolist(),
+            "code_lines": trainer_metrics[fw].get("trainer_code_lines"),
+            **{key: trainer_metrics[fw].get(key) for key in SPEED_KEYS},
+            "device": trainer_metrics[fw].get("device"),
+            "workers": trainer_metrics[fw].get("workers", 1),  # before data-parallel training: 1
+            "backend": trainer_metrics[fw].get("backend", "none"),
+            "tensorboard_tags": trainer_metrics[fw].get("tensorboard_tags", []),
+        }
+    diff = difference(accuracy["tf"], accuracy["torch"])
+    same = equivalence(accuracy["tf"], accuracy["torch"], margin_points / 100)
+    pairs = min(len(predicted["tf"]), len(predicted["torch"]))
+    seeds = trainer_metrics["tf"].get("seeds") or list(range(pairs))
+    paired = [
+        mcnemar_exact(predicted["tf"][s] == labels, predicted["torch"][s] == labels)
+        for s in range(pairs)
+    ]
+    agreement = [float((predicted["tf"][s] == predicted["torch"][s]).mean()) for s in range(pairs)]
+    for fw in FRAMEWORKS:
+        per_framework[fw]["self_agreement"] = mean_agreement(combinations(predicted[fw], 2))
+        per_framework[fw]["test_accuracy_sd"] = (
+            float(np.std(accuracy[fw], ddof=1)) if len(accuracy[fw]) > 1 else math.nan
+        )
+    return {
+        "tf": per_framework["tf"],
+        "torch": per_framework["torch"],
+        "accuracy_difference": diff.interval.mean,
+        "accuracy_difference_ci_low": diff.interval.low,
+        "accuracy_difference_ci_high": diff.interval.high,
+        "accuracy_difference_p_value": diff.p_value,
+        "significant": diff.significant,
+        "equivalence_margin": same.margin,
+        "equivalence_ci_low": same.interval.low,  # 90%: TOST at the 5% level
+        "equivalence_ci_high": same.interval.high,
+        "equivalence_p_value": same.p_value,
+        "equivalent": same.equivalent,
+        "verdict": verdict_code(diff.interval.mean, same.equivalent, diff.significant),
+        "seeds_to_decide": seeds_to_decide(accuracy["tf"], accuracy["torch"], same.margin),
+        "seeds": pairs,
+        "paired_seeds": list(seeds[:pairs]),
+        "agreement": float(np.mean(agreement)),
+        "agreement_per_seed": agreement,
+        "cross_agreement": mean_agreement(product(predicted["tf"], predicted["torch"])),
+        "mcnemar_seed": seeds[0],
+        "mcnemar_p_value": paired[0].p_value,
+        "mcnemar_only_tf_right": paired[0].only_a_right,
+        "mcnemar_only_torch_right": paired[0].only_b_right,
+        "mcnemar_p_value_per_seed": [m.p_value for m in paired],
+        "speedup_torch_over_tf": _ratio(
+            per_framework["tf"]["train_seconds"], per_framework["torch"]["train_seconds"]
+        ),
+    }
+
+
+def mean_agreement(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Return the mean share of test images on which each pair of models predicts the same
+    class (nan without pairs)."""
+    shares = [float((a == b).mean()) for a, b in pairs]
+    return float(np.mean(shares)) if shares else math.nan
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    return float(a / b) if a and b else math.nan
+
+
+def verdict_code(points: float, equivalent: bool, significant: bool) -> str:
+    """Return the verdict: equivalent (TOST first), tf_better or torch_better, or inconclusive."""
+    if equivalent:
+        return "equivalent"
+    if significant:
+        return "tf_better" if points > 0 else "torch_better"
+    return "inconclusive"

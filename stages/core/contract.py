@@ -1,0 +1,120 @@
+"""What a framework must provide to be compared (`Trainer`), and what crosses that boundary: the
+epoch's result, the device, the shared-weights layout and a divergence. Framework-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from stages.core.config import Framework, ModelConfig, TrainConfig
+
+Weights = list[tuple[np.ndarray, np.ndarray]]  # per dense layer: kernel (fan_in, fan_out), bias
+
+
+class NonFiniteLoss(Exception):
+    """A training step produced a NaN or infinite loss; `step` counts from 1 within the epoch."""
+
+    def __init__(self, step: int, loss: float, previous: float | None):
+        super().__init__(f"loss {loss} at step {step}")
+        self.step = step
+        self.loss = loss
+        self.previous = previous  # the last finite loss before it, None at the epoch's first step
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    loss: float
+    accuracy: float
+    first_step_done: float  # time.perf_counter() when the first step's result was ready
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a trainer runs, and the versions that matter there; the same keys in both frameworks."""
+
+    kind: str  # "cpu" or "cuda"
+    name: str
+    framework_version: str
+    cuda_version: str
+    threads: int  # intra-op threads the framework runs one operation on
+    workers: int = 1  # data-parallel workers training together (stages/distributed.py)
+    backend: str = "none"  # their collective backend: gloo, nccl, ring (TensorFlow's gRPC ring)
+
+    def as_params(self) -> dict[str, object]:
+        """Return the description as MLflow parameters, `device.<field>`."""
+        return {f"device.{key}": value for key, value in asdict(self).items()}
+
+
+class EventWriter(Protocol):  # pragma: no mutate block  (stubs: nothing runs)
+    """Scalars into one folder of TensorBoard event files, as `Trainer.summary_writer` opens it."""
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        """Write each tag's value at `step` and flush, so TensorBoard sees it at once."""
+        ...
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        ...
+
+
+@runtime_checkable
+class Trainer(Protocol):  # pragma: no mutate block  (stubs: nothing runs)
+    """What a framework must provide to be compared; both implementations mirror each other."""
+
+    framework: Framework
+    model_suffix: str  # the file suffix of `save_model`'s native format
+
+    def describe_device(self, requested: str, allow_tf32: bool) -> Device:
+        """Configure and return the device to train on; 'cuda' without a GPU is a StageError."""
+        ...
+
+    def seed_everything(self, seed: int, deterministic: bool) -> None:
+        """Seed every generator training touches; optionally force deterministic kernels."""
+        ...
+
+    def build_model(self, model: ModelConfig, initial_weights: Weights | None = None) -> Any:
+        """Return Flatten -> [Dense -> activation -> Dropout] per hidden layer -> Dense (logits)."""
+        ...
+
+    def make_optimizer(self, train: TrainConfig, network: Any) -> Any:
+        """Return the optimizer named by train.optimizer with every setting given explicitly."""
+        ...
+
+    def to_device(self, array: np.ndarray, device: str) -> Any:
+        """Return the array as a framework tensor on `device`."""
+        ...
+
+    def train_epoch(
+        self, network: Any, optimizer: Any, x: Any, y: Any, order: np.ndarray, batch_size: int
+    ) -> EpochResult:
+        """Train one pass over `order` in batches; raise NonFiniteLoss at the first bad step."""
+        ...
+
+    def predict_proba(self, network: Any, x: Any, training: bool = False) -> np.ndarray:
+        """Return (N, 10) softmax probabilities; evaluation mode unless training=True."""
+        ...
+
+    def save_model(self, network: Any, path: Path) -> None:
+        """Save the network in the framework's native format."""
+        ...
+
+    def load_model(self, path: Path, model: ModelConfig, device: str) -> Any:
+        """Return the network saved at `path`, ready to predict on `device`."""
+        ...
+
+    def count_parameters(self, network: Any) -> int:
+        """Return the number of trainable parameters."""
+        ...
+
+    def log_model(self, network: Any, input_example: np.ndarray, registered_name: str) -> None:
+        """Log the network with its MLflow flavor, signature and pins, and register it."""
+        ...
+
+    def summary_writer(self, folder: Path) -> EventWriter:
+        """Return a writer of scalar summaries into TensorBoard event files in `folder`."""
+        ...

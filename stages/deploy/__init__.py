@@ -1,0 +1,1 @@
+"""Exports and serving, framework-free: what both export halves share and `mlflow models serve`."""

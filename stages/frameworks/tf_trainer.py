@@ -1,0 +1,476 @@
+"""Stage `train-tf`: the network in TensorFlow/Keras. `KerasTrainer` mirrors
+`train_torch.TorchTrainer` method for method; both implement `training.Trainer`.
+
+The whole training set sits on the device as one tensor and batches are taken by index, in the
+order `training.batch_order` gives both frameworks, through one compiled graph per epoch.
+
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import time
+import weakref
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext, suppress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.core.common import StageError, native_stderr_filtered
+from stages.core.config import ModelConfig, TrainConfig
+from stages.core.contract import Device, EpochResult, NonFiniteLoss, Weights
+from stages.core.data import layer_sizes
+from stages.core.dataset import IMAGE_SHAPE
+from stages.launcher.plan import (
+    COLLECTIVE_TIMEOUT_SECONDS,
+    Launch,
+    StepTotals,
+    WorkerBatches,
+    WorkerPlan,
+    worker_device,
+)
+from stages.launcher.processes import launch_processes
+from stages.launcher.workers import Task
+
+# TensorFlow's C++ start-up lines and a tf.data attribute notice during model logging are
+# informational, and printed before any setting can silence them.
+TF_NOISE = (
+    "All log messages before absl::InitializeLog()",
+    "oneDNN custom operations are on",
+    "cpu_feature_guard.cc",
+    "To enable the following instructions",
+    "NodeDef mentions attribute use_unbounded_threadpool",
+)
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+with native_stderr_filtered(*TF_NOISE):
+    import keras
+    import tensorflow as tf
+
+
+keras.utils.disable_interactive_logging()  # no progress bars from MLflow's predict calls
+
+
+class _OneTracePerModel(logging.Filter):
+    """Drop TensorFlow's "frequent retracing" warning, a false alarm here: each model's predict
+    function is traced once (fixed input signature), but TensorFlow counts traces per Python
+    code object, so the four seeds' models and their reloads add up to a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_OneTracePerModel())
+
+
+# A worker whose port was taken between choosing and binding it fails with this (then retried).
+PORT_TAKEN = "Could not start gRPC server"
+
+
+_collectives: dict[str, tf.types.experimental.PolymorphicFunction] = {}  # one strategy a process
+
+
+JIT_COMPILE = False  # XLA made the training step slower on this CPU: see bench/results.md
+
+
+# Compiled functions per network (weak keys: a new model never reuses a dead model's graph).
+_compiled: weakref.WeakKeyDictionary[
+    keras.Model, dict[str, tf.types.experimental.PolymorphicFunction]
+]
+
+
+_compiled = weakref.WeakKeyDictionary()
+
+
+def _train_steps(network: keras.Model, optimizer: keras.optimizers.Optimizer):
+    # One graph runs many steps (a whole epoch): per-step Python dispatch dominated otherwise.
+    compiled = _compiled.setdefault(network, {})
+    if "train" not in compiled:
+
+        @tf.function(jit_compile=JIT_COMPILE, reduce_retracing=True)
+        def steps(x, y, batches):  # batches: (steps, batch_size) sample indices
+            # Fixed size: under XLA a dynamic-size TensorArray stacks to nothing. After a break,
+            # the unwritten entries stack as zeros behind the non-finite loss train_epoch finds.
+            losses = tf.TensorArray(tf.float32, size=tf.shape(batches)[0], element_shape=())
+            correct = tf.constant(0, tf.int64)
+            for i in tf.range(tf.shape(batches)[0]):
+                x_batch, y_batch = tf.gather(x, batches[i]), tf.gather(y, batches[i])
+                with tf.GradientTape() as tape:
+                    logits = network(x_batch, training=True)
+                    loss = tf.reduce_mean(
+                        tf.nn.sparse_softmax_cross_entropy_with_logits(y_batch, logits)
+                    )
+                gradients = tape.gradient(loss, network.trainable_variables)
+                optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
+                losses = losses.write(i, loss)
+                correct += tf.reduce_sum(tf.cast(tf.argmax(logits, axis=1) == y_batch, tf.int64))
+                if not tf.math.is_finite(loss):
+                    break
+            return losses.stack(), correct
+
+        compiled["train"] = steps
+    return compiled["train"]
+
+
+def _replica_steps(
+    network: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    strategy: tf.distribute.Strategy,
+):
+    # As _train_steps, each step this worker's slice under strategy.run: apply_gradients sums the
+    # gradients over workers (Keras 3 under a tf.distribute strategy), and the loss is the slice's
+    # share of the global batch's mean loss, so the sum is the whole batch's gradient.
+    compiled = _compiled.setdefault(network, {})
+    if "replica-train" not in compiled:
+
+        def step(x, y, index, weight):
+            x_batch, y_batch = tf.gather(x, index), tf.gather(y, index)
+            with tf.GradientTape() as tape:
+                logits = network(x_batch, training=True)
+                loss = tf.reduce_sum(
+                    weight * tf.nn.sparse_softmax_cross_entropy_with_logits(y_batch, logits)
+                )
+            gradients = tape.gradient(loss, network.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
+            right = (tf.argmax(logits, axis=1) == y_batch) & (weight > 0)  # padding excluded
+            return loss, tf.reduce_sum(tf.cast(right, tf.int64))
+
+        @tf.function(jit_compile=JIT_COMPILE, reduce_retracing=True)
+        def steps(x, y, index, weight):  # index, weight: (steps, slice) this worker's slices
+            losses = tf.TensorArray(tf.float32, size=tf.shape(index)[0])
+            correct = tf.constant(0, tf.int64)
+            for i in tf.range(tf.shape(index)[0]):
+                outputs = strategy.run(step, args=(x, y, index[i], weight[i]))
+                loss, step_correct = strategy.experimental_local_results(outputs)[0]  # 1 replica
+                losses = losses.write(i, loss)
+                correct += step_correct
+            return losses.stack(), correct
+
+        compiled["replica-train"] = steps
+    return compiled["replica-train"]
+
+
+def _predict(network: keras.Model, training: bool):
+    # One trace per network and mode: a fixed input signature, so no shape ever retraces.
+    compiled = _compiled.setdefault(network, {})
+    key = f"predict-{training}"
+    if key not in compiled:
+        signature = [tf.TensorSpec((None, *network.input_shape[1:]), tf.float32)]
+        compiled[key] = tf.function(
+            lambda inputs: tf.nn.softmax(network(inputs, training=training)),
+            input_signature=signature,
+        )
+    return compiled[key]
+
+
+class EventWriter:
+    """Scalars into TensorBoard event files with TensorFlow's own `tf.summary`; mirrors
+    `train_torch.EventWriter` (`training.EventWriter`)."""
+
+    def __init__(self, folder: Path):
+        self._writer = tf.summary.create_file_writer(str(folder))
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        """Write each tag's value at `step` and flush, so TensorBoard sees it at once."""
+        with self._writer.as_default(step=step):
+            for tag, value in values.items():
+                tf.summary.scalar(tag, value)  # a float32 tensor summary, TensorBoard's scalars
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self._writer.close()
+
+
+class KerasTrainer:
+    """The `training.Trainer` contract in TensorFlow/Keras, and `distributed.ParallelTrainer`'s."""
+
+    framework = "tf"
+    model_suffix = ".keras"
+    threads: int | None = None  # intra-op threads; None: every core (one worker per machine)
+    _strategy: tf.distribute.Strategy | None = None  # set by `join` in a worker
+
+    def describe_device(self, requested: str, allow_tf32: bool) -> Device:
+        """Configure and return the device to train on; 'cuda' without a GPU is a StageError."""
+        gpus = tf.config.list_physical_devices("GPU")
+        if requested == "cuda" and not gpus:
+            raise StageError(
+                "train.device is 'cuda' but TensorFlow finds no GPU (tf.config.list_physical_"
+                f"devices('GPU') is empty; TensorFlow {tf.__version__}, built with CUDA: "
+                f"{tf.test.is_built_with_cuda()}; the tensorflow-cpu wheel has no GPU support); "
+                "set train.device to 'auto' or 'cpu'"
+            )
+        if requested == "cpu":
+            with suppress(RuntimeError):  # a worker: `join` set this before TensorFlow started
+                tf.config.set_visible_devices([], "GPU")
+            gpus = []
+        if self._strategy is not None:  # a worker's single GPU, configured by `join`
+            gpus = tf.config.get_visible_devices("GPU")
+        for gpu in gpus:  # take GPU memory as needed, not all of it at start
+            with suppress(RuntimeError):
+                tf.config.experimental.set_memory_growth(gpu, True)
+        tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
+        threads = self.threads or len(os.sched_getaffinity(0))  # the same rule in both trainers
+        with suppress(RuntimeError):  # TensorFlow already ran an op here (tests): keep its pool
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        build = tf.sysconfig.get_build_info()
+        name = (
+            tf.config.experimental.get_device_details(gpus[0]).get("device_name", "gpu")
+            if gpus
+            else platform.processor() or "cpu"
+        )
+        return Device(
+            kind="cuda" if gpus else "cpu",
+            name=name,
+            framework_version=tf.__version__,
+            cuda_version=build.get("cuda_version", "none"),
+            threads=tf.config.threading.get_intra_op_parallelism_threads() or threads,
+        )
+
+    def seed_everything(self, seed: int, deterministic: bool) -> None:
+        """Seed every generator training touches; optionally force deterministic kernels."""
+        random.seed(seed)
+        np.random.seed(seed)
+        keras.utils.set_random_seed(seed)
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
+
+    def build_model(
+        self, model: ModelConfig, initial_weights: Weights | None = None
+    ) -> keras.Model:
+        """Return Flatten -> [Dense -> activation -> Dropout] per hidden layer -> Dense (logits)."""
+        # Keras's default initialisation is Glorot-uniform with zero biases: `framework` == `glorot`
+        sizes = layer_sizes(model)
+        layers: list[keras.Layer] = [keras.Input(shape=IMAGE_SHAPE), keras.layers.Flatten()]
+        for units in sizes[1:-1]:
+            layers += [
+                keras.layers.Dense(units),
+                keras.layers.Activation(model.activation),
+                keras.layers.Dropout(model.dropout_rate),
+            ]
+        layers.append(keras.layers.Dense(sizes[-1]))
+        network = keras.Sequential(layers)
+        dense = [layer for layer in network.layers if isinstance(layer, keras.layers.Dense)]
+        if model.init == "shared":
+            for index, layer in enumerate(dense):
+                layer.set_weights(list(initial_weights[index]))  # kernel (in, out), bias (out,)
+        return network
+
+    def make_optimizer(
+        self, train: TrainConfig, network: keras.Model
+    ) -> keras.optimizers.Optimizer:
+        """Return the optimizer named by train.optimizer with every setting given explicitly."""
+        settings = train.optimizer
+        if settings.name == "sgd":
+            optimizer = keras.optimizers.SGD(
+                learning_rate=train.learning_rate,
+                momentum=settings.momentum,
+                nesterov=settings.nesterov,
+                weight_decay=settings.weight_decay or None,  # decoupled, like TorchTrainer's SGDW
+            )
+        else:
+            optimizer_class = (
+                keras.optimizers.AdamW if settings.name == "adamw" else keras.optimizers.Adam
+            )
+            optimizer = optimizer_class(
+                learning_rate=train.learning_rate,
+                beta_1=settings.beta_1,
+                beta_2=settings.beta_2,
+                epsilon=settings.epsilon,
+                weight_decay=settings.weight_decay or None,  # None for adam (validated)
+            )
+        optimizer.build(network.trainable_variables)
+        return optimizer
+
+    def to_device(self, array: np.ndarray, device: str) -> tf.Tensor:
+        """Return the array as a tensor on `device`."""
+        with tf.device("/GPU:0" if device == "cuda" else "/CPU:0"):
+            return tf.convert_to_tensor(np.ascontiguousarray(array))
+
+    def train_epoch(
+        self,
+        network: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        x: tf.Tensor,
+        y: tf.Tensor,
+        order: np.ndarray,
+        batch_size: int,
+    ) -> EpochResult:
+        """Train one pass over `order` in batches; raise NonFiniteLoss at the first bad step."""
+        run_steps = _train_steps(network, optimizer)
+        full = len(order) // batch_size * batch_size
+        # the first step alone; an order shorter than a batch (a last slice) is that step only
+        chunks = [order[:batch_size], order[batch_size:full], order[max(full, batch_size) :]]
+        total_loss, correct, done, first_step_done = 0.0, 0, 0, 0.0
+        previous = None
+        for chunk in chunks:
+            if len(chunk) == 0:
+                continue
+            batches = chunk.reshape(-1, min(batch_size, len(chunk)))
+            losses, chunk_correct = run_steps(x, y, tf.constant(batches))
+            losses = losses.numpy()
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if len(bad):
+                before = losses[bad[0] - 1] if bad[0] else previous
+                raise NonFiniteLoss(done + int(bad[0]) + 1, float(losses[bad[0]]), before)
+            previous = float(losses[-1])
+            first_step_done = first_step_done or time.perf_counter()
+            total_loss += float(losses.sum()) * batches.shape[1]
+            correct += int(chunk_correct)
+            done += len(batches)
+        return EpochResult(total_loss / len(order), correct / len(order), first_step_done)
+
+    def predict_proba(
+        self, network: keras.Model, x: tf.Tensor, training: bool = False
+    ) -> np.ndarray:
+        """Return (N, 10) softmax probabilities; evaluation mode unless training=True."""
+        return _predict(network, training)(x).numpy()
+
+    def save_model(self, network: keras.Model, path: Path) -> None:
+        """Save the network in Keras's native .keras format."""
+        network.save(path)
+
+    def load_model(self, path: Path, model: ModelConfig, device: str) -> keras.Model:
+        """Return the network saved at `path` (the .keras file holds its architecture)."""
+        with tf.device("/GPU:0" if device == "cuda" else "/CPU:0"):
+            return keras.models.load_model(path)
+
+    def count_parameters(self, network: keras.Model) -> int:
+        """Return the number of trainable parameters."""
+        return int(sum(np.prod(v.shape) for v in network.trainable_variables))
+
+    def log_model(
+        self, network: keras.Model, input_example: np.ndarray, registered_name: str
+    ) -> None:
+        """Log the network with MLflow's TensorFlow flavor, signature and pins, and register it."""
+        import mlflow
+        from mlflow.models import infer_signature
+
+        output = network(input_example, training=False).numpy()
+        with native_stderr_filtered(*TF_NOISE):
+            mlflow.tensorflow.log_model(
+                network,
+                name="model",
+                input_example=input_example,
+                signature=infer_signature(input_example, output),
+                pip_requirements=[
+                    f"tensorflow=={tf.__version__}",
+                    f"keras=={keras.__version__}",
+                    f"mlflow=={mlflow.__version__}",
+                    f"numpy=={np.__version__}",
+                ],
+                registered_model_name=registered_name,
+            )
+
+    def summary_writer(self, folder: Path) -> EventWriter:
+        """Return a writer of scalar summaries into TensorBoard event files in `folder`."""
+        return EventWriter(folder)
+
+    # -- data-parallel: distributed.ParallelTrainer --------------------------------------------
+
+    def launch(self, launch: Launch, task: Task, argument: Any) -> Any:
+        """Start this machine's workers as processes, run `task` on each, wait; return rank 0's
+        result. A failing worker stops the others and raises WorkerFailed."""
+        return launch_processes(self, launch, task, argument, port_taken=PORT_TAKEN)
+
+    def join(self, plan: WorkerPlan, requested: str) -> str:
+        """Share out the threads, take this worker's GPU if each has one, and create the
+        MultiWorkerMirroredStrategy: all before TensorFlow's first operation, which fixes them."""
+        gpus = tf.config.list_physical_devices("GPU")
+        device = worker_device(requested, len(gpus), plan.local_world_size, "TensorFlow")
+        self.threads = plan.threads
+        tf.config.threading.set_intra_op_parallelism_threads(plan.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(plan.threads)
+        if device == "cuda":
+            tf.config.set_visible_devices(gpus[plan.local_rank], "GPU")
+            tf.config.experimental.set_memory_growth(gpus[plan.local_rank], True)
+        else:
+            tf.config.set_visible_devices([], "GPU")
+        cluster = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec({"worker": list(plan.addresses)}),
+            task_type="worker",
+            task_id=plan.rank,
+            rpc_layer="grpc",
+        )
+        implementation = tf.distribute.experimental.CommunicationImplementation
+        # No timeout on the strategy's own collectives (each step's gradients): TensorFlow
+        # starts a thread per timed collective that sleeps out the whole timeout (issue 62466),
+        # thousands a minute at this step rate. A worker that dies or stops is caught anyway by
+        # the coordination service's heartbeats; `all_reduce_sum` carries the timeout.
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation.NCCL if device == "cuda" else implementation.RING
+        )
+        self._strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=cluster, communication_options=options
+        )
+        return device
+
+    def backend(self, device: str) -> str:
+        """Return NCCL on GPUs, TensorFlow's gRPC ring all-reduce on the CPU."""
+        return "nccl" if device == "cuda" else "ring"
+
+    def replica_scope(self) -> AbstractContextManager[Any]:
+        """Return the strategy's scope: variables created in it are mirrored on every worker."""
+        return self._strategy.scope() if self._strategy else nullcontext()
+
+    def replicate(self, network: keras.Model) -> keras.Model:
+        """The network built in `replica_scope` is already the replica."""
+        return network
+
+    def train_steps(
+        self,
+        replica: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        x: tf.Tensor,
+        y: tf.Tensor,
+        batches: WorkerBatches,
+    ) -> StepTotals:
+        """Train this worker's slice of every global batch; losses summed over workers later."""
+        run_steps = _replica_steps(replica, optimizer, self._strategy)
+        index, weight = tf.constant(batches.index), tf.constant(batches.weight)
+        # the first step alone, as train_epoch does, to time it
+        first_losses, first_correct = run_steps(x, y, index[:1], weight[:1])
+        first_losses = first_losses.numpy()
+        first_step_done = time.perf_counter()
+        losses, correct = run_steps(x, y, index[1:], weight[1:])
+        return StepTotals(
+            np.concatenate([first_losses, losses.numpy()]).astype(np.float64),
+            int(first_correct) + int(correct),
+            first_step_done,
+        )
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """Return the vector summed over all workers."""
+        if "all-reduce" not in _collectives:
+            strategy = self._strategy
+
+            timed = tf.distribute.experimental.CommunicationOptions(
+                timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS
+            )
+
+            def replica_sum(vector):
+                context = tf.distribute.get_replica_context()
+                # (a copy made in the replica: an input as such has no device to reduce to)
+                local = tf.identity(vector)
+                return context.all_reduce(tf.distribute.ReduceOp.SUM, local, options=timed)
+
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)])
+            def reduce(vector):
+                summed = strategy.run(replica_sum, args=(vector,))
+                return strategy.experimental_local_results(summed)[0]
+
+            _collectives["all-reduce"] = reduce
+        return _collectives["all-reduce"](tf.constant(values, tf.float64)).numpy()
+
+    def leave(self) -> None:
+        """Wait until every worker is done: TensorFlow's workers watch each other's heartbeats,
+        and one that exits while another still works is reported as a crash."""
+        self.all_reduce_sum(np.zeros(1))

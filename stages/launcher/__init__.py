@@ -1,0 +1,1 @@
+"""Data-parallel training, framework-free: the plan, the workers' processes, rendezvous, failures."""

@@ -1,0 +1,1 @@
+"""MLflow: the store, one tagged run per stage execution, links into its UI."""
