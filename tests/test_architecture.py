@@ -40,9 +40,7 @@ def function_sizes(source: str) -> list[tuple[str, int, int]]:
         defaults = [None] * (len(positional) - len(arguments.defaults)) + list(arguments.defaults)
         pairs = list(zip(positional, defaults, strict=True))
         pairs += list(zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True))
-        counted = [
-            a for a, d in pairs if a.arg not in ("self", "cls") and not _is_cli_option(d)
-        ]
+        counted = [a for a, d in pairs if a.arg not in ("self", "cls") and not _is_cli_option(d)]
         lines = node.end_lineno - node.lineno + 1
         found.append((node.name, lines, len(counted)))
     return found
