@@ -4,7 +4,7 @@
 
 Each configuration trains the default network (params.yaml: batch 64, Adam) for --epochs epochs
 over the 60,000 training images in a fresh process of its own; 2 workers go through the stage's
-own launcher (stages/distributed.py: torchrun's machinery for PyTorch, worker processes under
+own launcher (stages/launcher/: torchrun's machinery for PyTorch, worker processes under
 MultiWorkerMirroredStrategy for TensorFlow) and split every global batch of 64 in two. Reported:
 seconds per epoch (the first epoch, which traces graphs, left out), the engine's all-reduce of one
 step's gradients (101,770 float32) timed alone, the launch (from the call to training in

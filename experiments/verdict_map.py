@@ -62,7 +62,7 @@ POLL_SECONDS = 30.0  # between two `dvc exp show`s: each reads every run and tak
 TIME_TO_ACCURACY = "time_to_accuracy_seconds"
 COLORS = {
     "equivalent": "#66bb6a",
-    "tf_better": "#ff6f00",  # stages/evaluate.py's colour for TensorFlow
+    "tf_better": "#ff6f00",  # stages/report/plots.py's colour for TensorFlow
     "torch_better": "#5c6bc0",  # and PyTorch's
     "inconclusive": "#d9d9d9",
 }
