@@ -128,12 +128,13 @@ def ours(
     from stages.core.data import batch_order
 
     if framework == "tf":
-        from stages import train_torch
-        from stages.frameworks import torch_trainer
+        from stages.frameworks.tf_trainer import KerasTrainer
 
-        backend = train_torch.KerasTrainer()
+        backend = KerasTrainer()
     else:
-        backend = torch_trainer.TorchTrainer()
+        from stages.frameworks.torch_trainer import TorchTrainer
+
+        backend = TorchTrainer()
     config = load_params(ROOT / "params.yaml").run_config(framework)  # the defaults users run
     if variant == "1-thread" and framework == "tf":  # must precede TensorFlow's first op
         import tensorflow as tf
@@ -153,8 +154,10 @@ def ours(
         import torch
 
         torch.set_num_threads(1)
-    if variant == "jit":
-        train_torch.JIT_COMPILE = True
+    if variant == "jit":  # TensorFlow's: XLA for the epoch graph
+        from stages.frameworks import tf_trainer
+
+        tf_trainer.JIT_COMPILE = True
     xs, ys = backend.to_device(x, "cpu"), backend.to_device(y, "cpu")
     train_epoch = backend.train_epoch
     if variant == "compile":

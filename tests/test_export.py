@@ -24,6 +24,7 @@ import yaml
 from stages import evaluate, export
 from stages.core.common import StageError
 from stages.core.config import LoadTestConfig, Params, ParamsError, load_params, parse_params
+from stages.core.layout import FILE_NAMES
 from stages.core.ports import free_port
 from stages.deploy import exports, serving
 from stages.frameworks import tf_export, torch_export
@@ -163,7 +164,7 @@ def _corrupt(path: Path) -> None:
     [("tf", "onnx"), ("tf", "saved_model"), ("tf", "litert"), ("torch", "torch_export")],
 )
 def test_corrupted_file_is_an_error_naming_the_format(staged, tmp_path, framework, name):
-    source = staged[f"out_{framework}"] / exports.FILE_NAMES[name]
+    source = staged[f"out_{framework}"] / FILE_NAMES[name]
     broken = tmp_path / source.name
     (shutil.copytree if source.is_dir() else shutil.copy)(source, broken)
     _corrupt(broken)
