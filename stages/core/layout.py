@@ -3,7 +3,32 @@
 from __future__ import annotations
 
 SPLITS = ("train", "val", "test")
+MANIFEST_FILE = "manifest.json"  # `download`'s record of its files, in its output folder
+META_FILE = "meta.json"  # `normalize`'s record of its arrays, in its output folder
+SAMPLES_FILE = "samples.png"  # `normalize`'s grid of sample images
 MODEL_NAME = "mnist-mlp-{framework}"  # one registered MLflow model per framework
+
+
+def images_file(split: str) -> str:
+    """Return the name of a split's (N, 28, 28) float32 images, in a scheme's folder."""
+    return f"x_{split}.npy"
+
+
+def labels_file(split: str) -> str:
+    """Return the name of a split's int64 labels, in `normalize`'s output folder."""
+    return f"y_{split}.npy"
+
+
+def model_file(seed: int, suffix: str) -> str:
+    """Return the name of a trainer's saved model for `seed` (`suffix` its native format's)."""
+    return f"seed-{seed}{suffix}"
+
+
+def registered_model_name(framework: str) -> str:
+    """Return the name of a framework's registered MLflow model."""
+    return MODEL_NAME.format(framework=framework)
+
+
 # The `export` stage's files, one per deployment format, and how a reader names each
 FILE_NAMES = {
     "onnx": "model.onnx",
