@@ -68,8 +68,8 @@ def test_result_tables_are_linked_not_pasted():
 
 def test_code_files_are_every_python_dep_of_every_stage():
     files = code_files(_yaml(ROOT / "dvc.yaml"))
-    assert "stages/config.py" in files and "stages/evaluate.py" in files
-    assert "stages/export_tf.py" in files and all(f.endswith(".py") for f in files)
+    assert "stages/core/config.py" in files and "stages/evaluate.py" in files
+    assert "stages/frameworks/tf_export.py" in files and all(f.endswith(".py") for f in files)
 
 
 def _lock(root, md5_of=file_md5):
