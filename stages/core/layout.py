@@ -6,6 +6,22 @@ SPLITS = ("train", "val", "test")
 MANIFEST_FILE = "manifest.json"  # `download`'s record of its files, in its output folder
 META_FILE = "meta.json"  # `normalize`'s record of its arrays, in its output folder
 SAMPLES_FILE = "samples.png"  # `normalize`'s grid of sample images
+# `evaluate`'s report folder: the report, its page, and its figures in the order it shows them
+REPORT_FILE = "comparison.md"
+REPORT_PAGE = "comparison.html"
+LEARNING_CURVES_PLOT = "learning_curves.png"
+CONFUSIONS_PLOT = "confusion_matrices.png"
+PER_CLASS_PLOT = "per_class_accuracy.png"
+DISAGREEMENTS_PLOT = "disagreements.png"
+SPEED_MEMORY_PLOT = "speed_memory.png"
+PLOTS = (
+    LEARNING_CURVES_PLOT,
+    CONFUSIONS_PLOT,
+    PER_CLASS_PLOT,
+    DISAGREEMENTS_PLOT,
+    SPEED_MEMORY_PLOT,
+)
+DEPLOYMENT_PLOT = "deployment.png"  # only with the `export` stage's metrics
 MODEL_NAME = "mnist-mlp-{framework}"  # one registered MLflow model per framework
 
 
