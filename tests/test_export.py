@@ -451,9 +451,9 @@ def test_stage_exports_serves_and_reports_both_frameworks(in_trained, staged, tm
 
 def test_halves_import_only_their_own_framework():
     for framework, other in (("tf", "torch"), ("torch", "tensorflow")):
-        source = (ROOT / f"stages/export_{framework}.py").read_text()
+        source = (ROOT / f"stages/frameworks/{framework}_export.py").read_text()
         assert f"import {other}" not in source
-    for module in ("export", "exporting", "serving"):
+    for module in ("export", "deploy/exports", "deploy/serving"):
         source = (ROOT / f"stages/{module}.py").read_text()
         assert "import torch" not in source and "import tensorflow" not in source
         assert "import keras" not in source
