@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -25,6 +26,7 @@ from stages.core.common import StageError, run_cli, staged_outputs, write_json
 from stages.core.config import load_params
 from stages.core.dataset import DATASETS, LOCAL_MIRRORS, SPLIT_FILES, Dataset, dataset_of_checksum
 from stages.core.idx import IdxError, decompress, parse_idx, sha256
+from stages.core.layout import MANIFEST_FILE
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,16 @@ class Network:
     timeout_seconds: float = 30.0
     retries: int = 3
     backoff_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class Fetcher:
+    """Where and how `download` fetches each file: the sources in order, one HTTP session."""
+
+    dataset_name: str
+    sources: list[str]
+    session: requests.Session
+    network: Network
 
 
 class SourceFailed(Exception):
@@ -133,7 +145,7 @@ def fetch_dataset(
     Files in `reuse_dir` that verify are copied rather than fetched again (DVC removes a stage's
     outputs before running it, so this serves runs outside DVC; DVC's run cache serves the rest).
     """
-    session = _session(network)
+    fetcher = Fetcher(dataset.name, sources, _session(network), network)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, dict[str, object]] = {}
     for stem, expected in dataset.sha256.items():
@@ -148,9 +160,7 @@ def fetch_dataset(
                 continue
             except IdxError:
                 pass  # fetch it again below
-        manifest[stem] = _fetch_verified(
-            dataset.name, stem, expected, dest, sources, session, network
-        )
+        manifest[stem] = _fetch_verified(fetcher, stem, expected, dest)
     shutil.rmtree(out_dir / ".partial", ignore_errors=True)
     for split, (images, labels) in SPLIT_FILES.items():
         if manifest[images]["items"] != manifest[labels]["items"]:
@@ -179,22 +189,14 @@ def offline_hint(dataset_name: str) -> str:
     )
 
 
-def _fetch_verified(
-    dataset_name: str,
-    stem: str,
-    expected: str,
-    dest: Path,
-    sources: list[str],
-    session: requests.Session,
-    network: Network,
-) -> dict[str, object]:
+def _fetch_verified(fetcher: Fetcher, stem: str, expected: str, dest: Path) -> dict[str, object]:
     filename = f"{stem}.gz"
     partial = dest.parent / ".partial" / filename  # same name, so errors name the real file
     partial.parent.mkdir(exist_ok=True)
     failures: list[str] = []
-    for source in sources:
+    for source in fetcher.sources:
         try:
-            fetch_one(source, filename, partial, session, network)
+            fetch_one(source, filename, partial, fetcher.session, fetcher.network)
         except SourceFailed as exc:
             partial.unlink(missing_ok=True)
             failures.append(f"{source}: {exc}")
@@ -209,9 +211,21 @@ def _fetch_verified(
     shutil.rmtree(partial.parent, ignore_errors=True)
     tried = "\n  ".join(failures)
     raise StageError(
-        f"could not fetch {filename} of {dataset_name} from any source:\n  {tried}\n"
-        + offline_hint(dataset_name)
+        f"could not fetch {filename} of {fetcher.dataset_name} from any source:\n  {tried}\n"
+        + offline_hint(fetcher.dataset_name)
     )
+
+
+def log_run(manifest: dict[str, Any], sources: list[str], seconds: float) -> None:
+    """Log the dataset, where each file came from, its checksum, and how long it all took."""
+    import mlflow
+
+    files = manifest["files"]
+    mlflow.log_params({"dataset": manifest["dataset"], "sources": ", ".join(sources)})
+    mlflow.log_params({f"source.{stem}": info["source"] for stem, info in files.items()})
+    mlflow.log_params({f"sha256.{stem}": info["sha256"] for stem, info in files.items()})
+    mlflow.log_metric("download_seconds", seconds)
+    mlflow.log_dict(manifest, MANIFEST_FILE)
 
 
 def main(
@@ -231,8 +245,6 @@ def main(
         stage_run("download", config.mlflow.experiment_name) as run,
         staged_outputs(out) as (tmp_out,),
     ):
-        import mlflow
-
         started = time.perf_counter()
         tmp_out.mkdir(parents=True)
         files = fetch_dataset(dataset, tmp_out, sources, network, reuse_dir=out)
@@ -241,12 +253,8 @@ def main(
             "files": files,
             "mlflow_run_id": run.info.run_id,
         }
-        write_json(tmp_out / "manifest.json", manifest)
-        mlflow.log_params({"dataset": config.data.dataset, "sources": ", ".join(sources)})
-        mlflow.log_params({f"source.{stem}": info["source"] for stem, info in files.items()})
-        mlflow.log_params({f"sha256.{stem}": info["sha256"] for stem, info in files.items()})
-        mlflow.log_metric("download_seconds", time.perf_counter() - started)
-        mlflow.log_dict(manifest, "manifest.json")
+        write_json(tmp_out / MANIFEST_FILE, manifest)
+        log_run(manifest, sources, time.perf_counter() - started)
     for stem, info in files.items():
         print(f"{stem}: {info['items']} items, verified, from {info['source']}")
 

@@ -8,21 +8,30 @@ histories and the `export` stage's measurements, and writes `metrics/evaluate.js
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import typer
 
 from stages.core.common import StageError, read_json, run_cli, staged_outputs, write_json
-from stages.core.comparison import (
-    compare,
-    load_predictions,
-    read_history,
-)
+from stages.core.comparison import compare, load_predictions, read_history
 from stages.core.config import FRAMEWORKS, load_params
-from stages.core.data import load_splits
+from stages.core.data import Split, load_splits
+from stages.core.layout import (
+    CONFUSIONS_PLOT,
+    DEPLOYMENT_PLOT,
+    DISAGREEMENTS_PLOT,
+    LEARNING_CURVES_PLOT,
+    META_FILE,
+    PER_CLASS_PLOT,
+    REPORT_FILE,
+    REPORT_PAGE,
+    SPEED_MEMORY_PLOT,
+)
 from stages.report.html import html_report
 from stages.report.plots import (
-    DEPLOYMENT_PLOT,
     plot_confusions,
     plot_deployment,
     plot_disagreements,
@@ -30,11 +39,111 @@ from stages.report.plots import (
     plot_per_class,
     plot_speed_memory,
 )
-from stages.report.tables import (
-    markdown_report,
-    print_table,
-)
+from stages.report.tables import markdown_report, print_table
 from stages.tracking.links import DEFAULT_PORT, StageRuns, comparison_url
+
+
+@dataclass(frozen=True)
+class TrainerFiles:
+    """What one trainer stage wrote that the comparison reads."""
+
+    predictions: Path  # (seeds, N, 10) test probabilities
+    metrics: Path
+    history: Path  # per-epoch CSV
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything the comparison is computed from, read and checked."""
+
+    meta: dict[str, Any]  # `normalize`'s meta.json
+    test: Split
+    trainer_metrics: dict[str, dict[str, Any]]
+    probabilities: dict[str, np.ndarray]
+    histories: dict[str, list[dict[str, float]]]
+    deployment: dict[str, Any] | None  # the `export` stage's metrics, when given
+
+
+def read_trainer_metrics(files: dict[str, TrainerFiles]) -> dict[str, dict[str, Any]]:
+    """Return each trainer's metrics, checked to have trained the same seeds."""
+    metrics = {fw: read_json(files[fw].metrics, f"train-{fw}") for fw in FRAMEWORKS}
+    seeds = {fw: metrics[fw].get("seeds", []) for fw in FRAMEWORKS}
+    if seeds["tf"] != seeds["torch"]:
+        raise StageError(
+            f"train-tf trained seeds {seeds['tf']} but train-torch {seeds['torch']}: the pairs "
+            "would not match; rerun `dvc repro` so both train train.seeds"
+        )
+    return metrics
+
+
+def read_evidence(data: Path, files: dict[str, TrainerFiles], export: Path | None) -> Evidence:
+    """Return the test set, both trainers' outputs and the export stage's metrics, checked."""
+    meta = read_json(data / META_FILE, "normalize")
+    test = load_splits(data, next(iter(meta["constants"])), meta).test
+    metrics = read_trainer_metrics(files)
+    probabilities = {
+        fw: load_predictions(
+            files[fw].predictions, len(test.y), len(metrics[fw].get("seeds", [])), f"train-{fw}"
+        )
+        for fw in FRAMEWORKS
+    }
+    histories = {fw: read_history(files[fw].history) for fw in FRAMEWORKS}
+    deployment = read_json(export, "export") if export else None
+    return Evidence(meta, test, metrics, probabilities, histories, deployment)
+
+
+def run_tags(evidence: Evidence, tag_values: dict[str, str]) -> dict[str, str]:
+    """Return the evaluate run's tags: the runs it compares, and mlflow.tag_params' values."""
+    metrics = evidence.trainer_metrics
+    tags = {f"{fw}_run_id": metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
+    tags |= tag_values
+    if evidence.deployment:
+        tags["export_run_id"] = evidence.deployment.get("mlflow_run_id", "")
+    return tags
+
+
+def write_plots(
+    folder: Path, evidence: Evidence, result: dict[str, Any]
+) -> None:  # pragma: no mutate block
+    """Save the report's figures into `folder`."""
+    labels, names = evidence.test.y, evidence.meta["class_names"]
+    first = {fw: p[0].argmax(axis=1) for fw, p in evidence.probabilities.items()}  # McNemar pair
+    plot_learning_curves(evidence.histories, folder / LEARNING_CURVES_PLOT)
+    plot_confusions(labels, first, names, folder / CONFUSIONS_PLOT)
+    plot_per_class(result, names, folder / PER_CLASS_PLOT)
+    plot_disagreements(evidence.test.x, labels, first, names, folder / DISAGREEMENTS_PLOT)
+    plot_speed_memory(result, folder / SPEED_MEMORY_PLOT)
+    if evidence.deployment:
+        plot_deployment(evidence.deployment, folder / DEPLOYMENT_PLOT)
+
+
+def write_report(folder: Path, evidence: Evidence, result: dict[str, Any]) -> None:
+    """Write the markdown report and its self-contained HTML page into `folder`."""
+    dataset = evidence.meta["dataset"]
+    markdown = markdown_report(result, dataset, evidence.deployment)
+    (folder / REPORT_FILE).write_text(markdown)
+    (folder / REPORT_PAGE).write_text(
+        html_report(markdown, folder, f"TensorFlow vs PyTorch on {dataset}")
+    )
+
+
+def log_run(result: dict[str, Any], report: Path) -> None:  # pragma: no mutate block
+    """Log every number of the comparison as MLflow metrics, the verdict, and the report."""
+    import mlflow
+
+    mlflow.log_metrics(
+        {
+            **{
+                f"{fw}_{k}": v
+                for fw in FRAMEWORKS
+                for k, v in result[fw].items()
+                if isinstance(v, int | float) and v is not None and not isinstance(v, bool)
+            },
+            **{k: float(v) for k, v in result.items() if isinstance(v, int | float)},
+        }
+    )
+    mlflow.set_tag("verdict", result["verdict"])
+    mlflow.log_artifacts(str(report), "report")
 
 
 def main(
@@ -54,72 +163,27 @@ def main(
     config = load_params(params)
     from stages.tracking.runs import stage_run
 
-    meta = read_json(data / "meta.json", "normalize")
-    test = load_splits(data, next(iter(meta["constants"])), meta).test
-    labels, images = test.y, test.x
-    trainer_metrics = {
-        "tf": read_json(metrics_tf, "train-tf"),
-        "torch": read_json(metrics_torch, "train-torch"),
+    files = {
+        "tf": TrainerFiles(predictions_tf, metrics_tf, history_tf),
+        "torch": TrainerFiles(predictions_torch, metrics_torch, history_torch),
     }
-    seeds = {fw: trainer_metrics[fw].get("seeds", []) for fw in FRAMEWORKS}
-    if seeds["tf"] != seeds["torch"]:
-        raise StageError(
-            f"train-tf trained seeds {seeds['tf']} but train-torch {seeds['torch']}: the pairs "
-            "would not match; rerun `dvc repro` so both train train.seeds"
-        )
-    probabilities = {
-        "tf": load_predictions(predictions_tf, len(labels), len(seeds["tf"]), "train-tf"),
-        "torch": load_predictions(
-            predictions_torch, len(labels), len(seeds["torch"]), "train-torch"
-        ),
-    }
-    histories = {"tf": read_history(history_tf), "torch": read_history(history_torch)}
+    evidence = read_evidence(data, files, export)
     margin = config.evaluate.equivalence_margin
-    result = compare(labels, probabilities, trainer_metrics, margin)
-    first = {fw: p[0].argmax(axis=1) for fw, p in probabilities.items()}  # the McNemar pair
-    tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
-    tags |= config.tag_values()  # mlflow.tag_params
-    deployment = read_json(export, "export") if export else None
-    if deployment:
-        tags["export_run_id"] = deployment.get("mlflow_run_id", "")
+    result = compare(evidence.test.y, evidence.probabilities, evidence.trainer_metrics, margin)
+    tags = run_tags(evidence, config.tag_values())  # mlflow.tag_params
 
     with (
         stage_run("evaluate", config.mlflow.experiment_name, tags) as run,
         staged_outputs(metrics, report) as (tmp_metrics, tmp_report),
     ):
-        import mlflow
-
         tmp_report.mkdir()
-        plot_learning_curves(histories, tmp_report / "learning_curves.png")
-        plot_confusions(labels, first, meta["class_names"], tmp_report / "confusion_matrices.png")
-        plot_per_class(result, meta["class_names"], tmp_report / "per_class_accuracy.png")
-        plot_disagreements(
-            images, labels, first, meta["class_names"], tmp_report / "disagreements.png"
-        )
-        plot_speed_memory(result, tmp_report / "speed_memory.png")
-        if deployment:
-            plot_deployment(deployment, tmp_report / DEPLOYMENT_PLOT)
-        report_markdown = markdown_report(result, meta["dataset"], deployment)
-        (tmp_report / "comparison.md").write_text(report_markdown)
-        (tmp_report / "comparison.html").write_text(
-            html_report(report_markdown, tmp_report, f"TensorFlow vs PyTorch on {meta['dataset']}")
-        )
+        write_plots(tmp_report, evidence, result)
+        write_report(tmp_report, evidence, result)
+        run_id = run.info.run_id
         write_json(
-            tmp_metrics, result | {"dataset": meta["dataset"], "mlflow_run_id": run.info.run_id}
+            tmp_metrics, result | {"dataset": evidence.meta["dataset"], "mlflow_run_id": run_id}
         )
-        mlflow.log_metrics(
-            {
-                **{
-                    f"{fw}_{k}": v
-                    for fw in FRAMEWORKS
-                    for k, v in result[fw].items()
-                    if isinstance(v, int | float) and v is not None and not isinstance(v, bool)
-                },
-                **{k: float(v) for k, v in result.items() if isinstance(v, int | float)},
-            }
-        )
-        mlflow.set_tag("verdict", result["verdict"])
-        mlflow.log_artifacts(str(tmp_report), "report")
+        log_run(result, tmp_report)
     print_table(result)
     stage_runs = StageRuns(run.info.experiment_id, (tags["tf_run_id"], tags["torch_run_id"]))
     print(

@@ -23,11 +23,19 @@ import numpy as np
 import typer
 
 from stages.core.common import StageError, read_json, run_cli, staged_outputs, write_json
-from stages.core.config import FRAMEWORKS, Framework, LoadTestConfig, load_params
-from stages.core.layout import FILE_NAMES, MODEL_NAME
+from stages.core.config import (
+    FRAMEWORKS,
+    ExportFormats,
+    Framework,
+    LoadTestConfig,
+    Params,
+    load_params,
+)
+from stages.core.layout import FILE_NAMES, images_file, registered_model_name
 from stages.core.ports import free_port
 from stages.deploy.exports import (
     PROBABILITY_TOLERANCE,
+    HalfFiles,
     check_trained_model,
     find_trained_model,
     load_and_check,
@@ -51,19 +59,13 @@ PACKAGE_ROOT = (
 
 
 def run_half(
-    framework: Framework,
-    model: Path,
-    images: Path,
-    out: Path,
-    scratch: Path,
-    params: Path,
-    env: Mapping[str, str],
+    framework: Framework, files: HalfFiles, params: Path, env: Mapping[str, str]
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Run one framework's half in its own process; return its result and reference probabilities."""
-    result, reference = scratch / f"{framework}.json", scratch / f"{framework}-reference.npy"
-    command = [sys.executable, "-m", f"stages.frameworks.{framework}_export", "--model", str(model)]
-    command += ["--images", str(images), "--out", str(out), "--result", str(result)]
-    command += ["--reference", str(reference), "--params", str(params)]
+    command = [sys.executable, "-m", f"stages.frameworks.{framework}_export"]
+    command += ["--model", str(files.model), "--images", str(files.images), "--out", str(files.out)]
+    command += ["--result", str(files.result), "--reference", str(files.reference)]
+    command += ["--params", str(params)]
     try:
         done = subprocess.run(
             command, env=dict(env), capture_output=True, text=True, timeout=HALF_TIMEOUT_SECONDS
@@ -77,7 +79,33 @@ def run_half(
         reported = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         reason = reported[-1].removeprefix("error: ") if reported else done.stderr[-2000:]
         raise StageError(f"the {framework} export failed: {reason}")
-    return read_half_result(result, framework), np.load(reference)
+    return read_half_result(files.result, framework), np.load(files.reference)
+
+
+def half_files(
+    trained: dict[str, Path], images: dict[str, Path], outs: dict[str, Path], scratch: Path
+) -> dict[str, HalfFiles]:
+    """Return what each half reads and writes; its result and reference go in `scratch`."""
+    return {
+        fw: HalfFiles(
+            model=trained[fw],
+            images=images[fw],
+            out=outs[fw],
+            result=scratch / f"{fw}.json",
+            reference=scratch / f"{fw}-reference.npy",
+        )
+        for fw in FRAMEWORKS
+    }
+
+
+def run_halves(
+    files: dict[str, HalfFiles], params: Path, env: Mapping[str, str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Run both halves, one after the other; return their results and reference probabilities."""
+    halves, references = {}, {}
+    for fw in FRAMEWORKS:
+        halves[fw], references[fw] = run_half(fw, files[fw], params, env)
+    return halves, references
 
 
 def onnx_side_by_side(
@@ -181,6 +209,129 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in flat.items() if np.isfinite(v)}
 
 
+def trained_models(folders: dict[str, Path], seed: int) -> dict[str, Path]:
+    """Return each trainer's saved model for `seed`, checked to be an intact file."""
+    trained = {fw: find_trained_model(folders[fw], seed, f"train-{fw}") for fw in FRAMEWORKS}
+    for fw, path in trained.items():
+        check_trained_model(path, f"train-{fw}")
+    return trained
+
+
+def run_tags(metrics: dict[str, Path], tag_values: dict[str, str]) -> dict[str, str]:
+    """Return the export run's tags: the trainer runs it exports from (read from their metrics
+    files), and mlflow.tag_params' values."""
+    trainer_metrics = {fw: read_json(metrics[fw], f"train-{fw}") for fw in FRAMEWORKS}
+    tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
+    return tags | tag_values
+
+
+def scheme_test_images(data: Path, config: Params) -> dict[str, Path]:
+    """Return each framework's test images, in the scheme its trainer reads."""
+    paths = {fw: data / config.run_config(fw).scheme / images_file("test") for fw in FRAMEWORKS}
+    for path in paths.values():
+        if not path.exists():
+            raise StageError(f"{path} not found; run `dvc repro normalize`")
+    return paths
+
+
+def half_env() -> dict[str, str]:
+    """Return the environment of the halves and the model servers: this interpreter's packages
+    and this checkout's stages."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def registered_uris(tags: dict[str, str]) -> dict[str, str]:
+    """Return the `models:/` URI of the model version each trainer run registered."""
+    return {
+        fw: registered_version(registered_model_name(fw), tags[f"{fw}_run_id"], f"train-{fw}")
+        for fw in FRAMEWORKS
+    }
+
+
+def log_settings(config: Params, seed: int) -> None:  # pragma: no mutate block
+    """Log what the stage exports and how it load-tests, as MLflow parameters."""
+    import mlflow
+
+    formats = config.export.formats
+    mlflow.log_params(
+        {
+            "seed": seed,
+            "formats.tf": ",".join(formats.tf),
+            "formats.torch": ",".join(formats.torch),
+            "tolerance": PROBABILITY_TOLERANCE,
+            "serve": config.export.serve,
+            **{f"load_test.{k}": v for k, v in config.export.load_test.model_dump().items()},
+        }
+    )
+
+
+def add_onnx_rows(
+    halves: dict[str, dict[str, Any]],
+    files: dict[str, HalfFiles],
+    formats: ExportFormats,
+    images: dict[str, np.ndarray],
+    references: dict[str, np.ndarray],
+) -> None:
+    """Add to each half's ONNX row what one ONNX Runtime, running both files, measured."""
+    onnx = {
+        fw: files[fw].out / FILE_NAMES["onnx"]
+        for fw in FRAMEWORKS
+        if "onnx" in getattr(formats, fw)
+    }
+    for fw, row in onnx_side_by_side(onnx, images, references).items():
+        halves[fw]["formats"]["onnx"] |= row
+
+
+def export_result(
+    seed: int, trained: dict[str, Path], halves: dict[str, dict[str, Any]], test_images: int
+) -> dict[str, Any]:
+    """Return metrics/export.json's content so far: every format's row, by framework."""
+    result: dict[str, Any] = {
+        "seed": seed,
+        "test_images": test_images,
+        "tolerance": PROBABILITY_TOLERANCE,
+    }
+    for fw in FRAMEWORKS:
+        result[fw] = {"model": str(trained[fw]), "formats": halves[fw]["formats"]}
+    return result
+
+
+def serve_logged(
+    uris: dict[str, str],
+    images: dict[str, np.ndarray],
+    references: dict[str, np.ndarray],
+    load: LoadTestConfig,
+    env: Mapping[str, str],
+    scratch: Path,
+) -> dict[str, dict[str, Any]]:
+    """Serve and load-test both models (serve_and_load_test), logging the servers' output."""
+    import mlflow
+
+    logs = {fw: scratch / f"serve-{fw}.log" for fw in FRAMEWORKS}
+    try:
+        return serve_and_load_test(uris, images, references, load, env, logs)
+    finally:
+        for log in logs.values():
+            if log.exists():
+                mlflow.log_artifact(str(log), "serving")
+
+
+def write_and_log(
+    result: dict[str, Any], path: Path, name: str, outs: dict[str, Path]
+) -> None:  # pragma: no mutate block
+    """Write the metrics file at `path`, log it (as `name`), its numbers and the exports."""
+    import mlflow
+
+    write_json(path, result)
+    mlflow.log_metrics(flat_metrics({fw: result[fw] for fw in FRAMEWORKS}))
+    for fw in FRAMEWORKS:
+        mlflow.log_artifacts(str(outs[fw]), f"exports/{fw}")
+    mlflow.log_text(path.read_text(), name)
+
+
 def main(
     data: Path = typer.Option(Path("data/processed"), help="Folder written by `normalize`."),
     models_tf: Path = typer.Option(Path("models/tf"), help="Folder written by `train-tf`."),
@@ -197,31 +348,14 @@ def main(
     """Export both frameworks' models, verify and measure every export, serve both over HTTP."""
     config = load_params(params)
     seed = config.train.seeds[0]
-    trained = {
-        "tf": find_trained_model(models_tf, seed, "train-tf"),
-        "torch": find_trained_model(models_torch, seed, "train-torch"),
-    }
-    for fw, path in trained.items():
-        check_trained_model(path, f"train-{fw}")
-    trainer_metrics = {
-        "tf": read_json(metrics_tf, "train-tf"),
-        "torch": read_json(metrics_torch, "train-torch"),
-    }
-    test_images = {fw: data / config.run_config(fw).scheme / "x_test.npy" for fw in FRAMEWORKS}
-    for path in test_images.values():
-        if not path.exists():
-            raise StageError(f"{path} not found; run `dvc repro normalize`")
-    formats = config.export.formats
+    trained = trained_models({"tf": models_tf, "torch": models_torch}, seed)
+    tags = run_tags({"tf": metrics_tf, "torch": metrics_torch}, config.tag_values())
+    test_images = scheme_test_images(data, config)
     import mlflow
 
     from stages.tracking.runs import stage_run
 
-    tags = {f"{fw}_run_id": trainer_metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
-    tags |= config.tag_values()  # mlflow.tag_params
-    # the halves and the model servers: this interpreter's packages and this checkout's stages
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env = half_env()
     with (
         stage_run("export", config.mlflow.experiment_name, tags) as run,
         staged_outputs(out_tf, out_torch, metrics) as (tmp_tf, tmp_torch, tmp_metrics),
@@ -229,60 +363,21 @@ def main(
     ):
         scratch = Path(scratch_dir)
         env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()  # where `models:/` resolves
+        # checked before any export work: a deleted version fails the stage at once
+        uris = registered_uris(tags) if config.export.serve else {}
+        log_settings(config, seed)
         outs = {"tf": tmp_tf, "torch": tmp_torch}
-        uris = {  # checked before any export work: a deleted version fails the stage at once
-            fw: registered_version(
-                MODEL_NAME.format(framework=fw), tags[f"{fw}_run_id"], f"train-{fw}"
-            )
-            for fw in FRAMEWORKS
-            if config.export.serve
-        }
-        mlflow.log_params(
-            {
-                "seed": seed,
-                "formats.tf": ",".join(formats.tf),
-                "formats.torch": ",".join(formats.torch),
-                "tolerance": PROBABILITY_TOLERANCE,
-                "serve": config.export.serve,
-                **{f"load_test.{k}": v for k, v in config.export.load_test.model_dump().items()},
-            }
-        )
-        halves, references = {}, {}
-        for fw in FRAMEWORKS:
-            halves[fw], references[fw] = run_half(
-                fw, trained[fw], test_images[fw], outs[fw], scratch, params, env
-            )
+        files = half_files(trained, test_images, outs, scratch)
+        halves, references = run_halves(files, params, env)
         images = {fw: np.load(test_images[fw]) for fw in FRAMEWORKS}
-        onnx = {
-            fw: outs[fw] / FILE_NAMES["onnx"] for fw in FRAMEWORKS if "onnx" in getattr(formats, fw)
-        }
-        for fw, row in onnx_side_by_side(onnx, images, references).items():
-            halves[fw]["formats"]["onnx"] |= row
-        result: dict[str, Any] = {
-            "seed": seed,
-            "test_images": int(len(references["tf"])),
-            "tolerance": PROBABILITY_TOLERANCE,
-        }
-        for fw in FRAMEWORKS:
-            result[fw] = {"model": str(trained[fw]), "formats": halves[fw]["formats"]}
+        add_onnx_rows(halves, files, config.export.formats, images, references)
+        result = export_result(seed, trained, halves, int(len(references["tf"])))
         if config.export.serve:
-            logs = {fw: scratch / f"serve-{fw}.log" for fw in FRAMEWORKS}
-            try:
-                served = serve_and_load_test(
-                    uris, images, references, config.export.load_test, env, logs
-                )
-            finally:
-                for log in logs.values():
-                    if log.exists():
-                        mlflow.log_artifact(str(log), "serving")
+            served = serve_logged(uris, images, references, config.export.load_test, env, scratch)
             for fw in FRAMEWORKS:
                 result[fw]["served"] = served[fw]
         result["mlflow_run_id"] = run.info.run_id
-        write_json(tmp_metrics, result)
-        mlflow.log_metrics(flat_metrics({fw: result[fw] for fw in FRAMEWORKS}))
-        for fw in FRAMEWORKS:
-            mlflow.log_artifacts(str(outs[fw]), f"exports/{fw}")
-        mlflow.log_text(tmp_metrics.read_text(), metrics.name)  # the final name, not tmp's
+        write_and_log(result, tmp_metrics, metrics.name, outs)  # the final name, not tmp's
     print_summary(result)
 
 

@@ -8,7 +8,9 @@ Writes `<out>/<scheme>/x_{train,val,test}.npy` (N, 28, 28) float32 for every sch
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -22,11 +24,17 @@ from stages.core.common import (
     staged_outputs,
     write_json,
 )
-from stages.core.config import Scheme, load_params
+from stages.core.config import NormalizeConfig, Scheme, load_params
 from stages.core.dataset import ARRAY_DIGESTS, DATASETS, NUM_CLASSES, SPLIT_FILES
 from stages.core.idx import read_idx
-
-SPLITS = ("train", "val", "test")
+from stages.core.layout import (
+    MANIFEST_FILE,
+    META_FILE,
+    SAMPLES_FILE,
+    SPLITS,
+    images_file,
+    labels_file,
+)
 
 
 def load_raw(raw_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -111,6 +119,131 @@ def sample_grid(
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class SplitArrays:
+    """Each split's uint8 images and their labels, keyed by the names in SPLITS."""
+
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the arrays come from: the training images' MLflow digest and the two stage runs."""
+
+    train_digest: str
+    download_run_id: str
+    mlflow_run_id: str
+
+
+def read_download(raw: Path, dataset: str) -> dict[str, Any]:
+    """Return `download`'s manifest, checked to be of `dataset`."""
+    download = read_json(raw / MANIFEST_FILE, "download")
+    if download.get("dataset") != dataset:
+        raise StageError(
+            f"{raw} holds {download.get('dataset')!r} but data.dataset is "
+            f"{dataset!r}; run `dvc repro download`"
+        )
+    return download
+
+
+def make_splits(raw: Path, normalize: NormalizeConfig) -> SplitArrays:
+    """Return the train, val and test splits: val split off the training images, stratified."""
+    raw_splits = load_raw(raw)
+    train_images, train_labels = raw_splits["train"]
+    train_idx, val_idx = split_validation(train_labels, normalize.val_size, normalize.seed)
+    return SplitArrays(
+        images={
+            "train": train_images[train_idx],
+            "val": train_images[val_idx],
+            "test": raw_splits["test"][0],
+        },
+        labels={
+            "train": train_labels[train_idx],
+            "val": train_labels[val_idx],
+            "test": raw_splits["test"][1],
+        },
+    )
+
+
+def write_arrays(
+    out: Path, splits: SplitArrays, schemes: list[Scheme]
+) -> dict[str, dict[str, float]]:
+    """Write each scheme's images and the labels into `out`; return each scheme's mean and std."""
+    constants = {}
+    for scheme in schemes:
+        mean, std = scheme_constants(scheme, splits.images["train"])
+        constants[scheme] = {"mean": mean, "std": std}
+        (out / scheme).mkdir(parents=True)
+        for split in SPLITS:
+            images = apply_scheme(splits.images[split], mean, std)
+            np.save(out / scheme / images_file(split), images)
+    for split in SPLITS:
+        np.save(out / labels_file(split), splits.labels[split].astype(np.int64))
+    return constants
+
+
+def training_dataset(folder: Path, labels: np.ndarray, name: str, source: Path) -> Any:
+    """Return the MLflow dataset of the training images in `folder` (its digest goes in meta)."""
+    import mlflow
+
+    with warnings.catch_warnings():  # MLflow registers its local source twice and says so
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        return mlflow.data.from_numpy(
+            np.load(folder / images_file("train"), mmap_mode="r"),
+            targets=labels,
+            name=name,
+            source=str(source.resolve()),
+        )
+
+
+def build_meta(
+    dataset: str,
+    splits: SplitArrays,
+    constants: dict[str, dict[str, float]],
+    out: Path,
+    provenance: Provenance,
+) -> dict[str, Any]:
+    """Return meta.json: the splits' sizes and classes, the constants, every array's SHA-256."""
+    return {
+        "dataset": dataset,
+        "class_names": list(DATASETS[dataset].class_names),
+        "split_sizes": {split: int(len(splits.labels[split])) for split in SPLITS},
+        "class_counts": {split: class_counts(splits.labels[split]) for split in SPLITS},
+        "constants": constants,
+        "train_digest": provenance.train_digest,
+        ARRAY_DIGESTS: {
+            path.relative_to(out).as_posix(): file_sha256(path)
+            for path in sorted(out.rglob("*.npy"))
+        },
+        "download_run_id": provenance.download_run_id,
+        "mlflow_run_id": provenance.mlflow_run_id,
+    }
+
+
+def log_run(
+    dataset: str, normalize: NormalizeConfig, meta: dict[str, Any], training: Any, samples: Path
+) -> None:  # pragma: no mutate block
+    """Log the stage's parameters, split sizes, training dataset, meta.json and sample grid."""
+    import mlflow
+
+    mlflow.log_params(
+        {
+            "dataset": dataset,
+            "scheme": normalize.scheme,
+            "val_size": normalize.val_size,
+            "seed": normalize.seed,
+        }
+    )
+    mlflow.log_params(
+        {f"{scheme}.{k}": v for scheme, c in meta["constants"].items() for k, v in c.items()}
+    )
+    mlflow.log_metrics({f"{split}_size": n for split, n in meta["split_sizes"].items()})
+    mlflow.log_input(training, context="training")
+    mlflow.log_dict(meta, META_FILE)
+    mlflow.log_artifact(str(samples))
+
+
 def main(
     raw: Path = typer.Option(Path("data/raw"), help="Folder written by `download`."),
     out: Path = typer.Option(Path("data/processed"), help="Folder for the arrays and meta.json."),
@@ -120,89 +253,27 @@ def main(
     config = load_params(params)
     from stages.tracking.runs import stage_run
 
-    download = read_json(raw / "manifest.json", "download")
-    if download.get("dataset") != config.data.dataset:
-        raise StageError(
-            f"{raw} holds {download.get('dataset')!r} but data.dataset is "
-            f"{config.data.dataset!r}; run `dvc repro download`"
-        )
-    class_names = list(DATASETS[config.data.dataset].class_names)
-    raw_splits = load_raw(raw)
-    train_images, train_labels = raw_splits["train"]
-    train_idx, val_idx = split_validation(
-        train_labels, config.normalize.val_size, config.normalize.seed
-    )
-    images = {
-        "train": train_images[train_idx],
-        "val": train_images[val_idx],
-        "test": raw_splits["test"][0],
-    }
-    labels = {
-        "train": train_labels[train_idx],
-        "val": train_labels[val_idx],
-        "test": raw_splits["test"][1],
-    }
-    tags = {"download_run_id": download.get("mlflow_run_id", "")}
+    dataset, shared = config.data.dataset, config.normalize.scheme
+    download_run_id = read_download(raw, dataset).get("mlflow_run_id", "")
+    splits = make_splits(raw, config.normalize)
+    tags = {"download_run_id": download_run_id}
 
     with (
         stage_run("normalize", config.mlflow.experiment_name, tags) as run,
         staged_outputs(out) as (tmp_out,),
     ):
-        import mlflow
-
-        constants = {}
-        for scheme in config.schemes():
-            mean, std = scheme_constants(scheme, images["train"])
-            constants[scheme] = {"mean": mean, "std": std}
-            (tmp_out / scheme).mkdir(parents=True)
-            for split in SPLITS:
-                np.save(tmp_out / scheme / f"x_{split}.npy", apply_scheme(images[split], mean, std))
-        for split in SPLITS:
-            np.save(tmp_out / f"y_{split}.npy", labels[split].astype(np.int64))
-        sample_grid(images["train"], labels["train"], class_names, tmp_out / "samples.png")
-
-        shared = config.normalize.scheme
-        with warnings.catch_warnings():  # MLflow registers its local source twice and says so
-            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
-            dataset = mlflow.data.from_numpy(
-                np.load(tmp_out / shared / "x_train.npy", mmap_mode="r"),
-                targets=labels["train"],
-                name=f"{config.data.dataset}-{shared}-train",
-                source=str(raw.resolve()),
-            )
-        meta = {
-            "dataset": config.data.dataset,
-            "class_names": class_names,
-            "split_sizes": {split: int(len(labels[split])) for split in SPLITS},
-            "class_counts": {split: class_counts(labels[split]) for split in SPLITS},
-            "constants": constants,
-            "train_digest": dataset.digest,
-            ARRAY_DIGESTS: {
-                path.relative_to(tmp_out).as_posix(): file_sha256(path)
-                for path in sorted(tmp_out.rglob("*.npy"))
-            },
-            "download_run_id": download.get("mlflow_run_id", ""),
-            "mlflow_run_id": run.info.run_id,
-        }
-        write_json(tmp_out / "meta.json", meta)
-
-        mlflow.log_params(
-            {
-                "dataset": config.data.dataset,
-                "scheme": shared,
-                "val_size": config.normalize.val_size,
-                "seed": config.normalize.seed,
-            }
-        )
-        mlflow.log_params(
-            {f"{scheme}.{k}": v for scheme, c in constants.items() for k, v in c.items()}
-        )
-        mlflow.log_metrics({f"{split}_size": n for split, n in meta["split_sizes"].items()})
-        mlflow.log_input(dataset, context="training")
-        mlflow.log_dict(meta, "meta.json")
-        mlflow.log_artifact(str(tmp_out / "samples.png"))
+        constants = write_arrays(tmp_out, splits, config.schemes())
+        class_names = list(DATASETS[dataset].class_names)
+        samples = tmp_out / SAMPLES_FILE
+        sample_grid(splits.images["train"], splits.labels["train"], class_names, samples)
+        name = f"{dataset}-{shared}-train"
+        training = training_dataset(tmp_out / shared, splits.labels["train"], name, raw)
+        provenance = Provenance(training.digest, download_run_id, run.info.run_id)
+        meta = build_meta(dataset, splits, constants, tmp_out, provenance)
+        write_json(tmp_out / META_FILE, meta)
+        log_run(dataset, config.normalize, meta, training, samples)
     sizes = ", ".join(f"{split} {n}" for split, n in meta["split_sizes"].items())
-    print(f"normalized {config.data.dataset} ({', '.join(constants)}): {sizes}")
+    print(f"normalized {dataset} ({', '.join(constants)}): {sizes}")
 
 
 if __name__ == "__main__":

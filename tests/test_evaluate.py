@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 from stages import evaluate
 from stages.__main__ import app
-from stages.core import common, comparison
+from stages.core import common, comparison, layout
 from stages.core.comparison import compare
 from stages.core.measure import count_code_lines
 from stages.core.stats import difference, mcnemar_exact, mean_interval
-from stages.report import plots, tables
+from stages.report import tables
 from stages.report.claims import blog_claims, claims_markdown
 from stages.report.tables import verdict
 from tests.conftest import run_stage
@@ -144,11 +144,11 @@ def test_stage_report_with_both_frameworks_and_terminal_table(workspace):
     assert len(result["torch"]["recall_per_class"]) == 10
     markdown = (reports / "comparison.md").read_text()
     assert "| Test accuracy (mean ± 95% CI) |" in markdown and "PyTorch" in markdown
-    for png in plots.PLOTS:
+    for png in layout.PLOTS:
         assert (reports / png).read_bytes()[:4] == b"\x89PNG"
         assert f"]({png})" in markdown
     page = (reports / "comparison.html").read_text()  # the same report, one offline page
-    assert page.count('<img src="data:image/png;base64,') == len(plots.PLOTS)
+    assert page.count('<img src="data:image/png;base64,') == len(layout.PLOTS)
     assert "<table>" in page and tables.verdict(result).split(":")[0] in page
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.info.run_name == "evaluate"

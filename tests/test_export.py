@@ -249,12 +249,14 @@ def test_a_model_its_runtime_cannot_load_is_one_message_naming_it(tmp_path):
     with pytest.raises(StageError) as raised:
         exports.export_half(
             UNREADABLE,
-            model,
-            images,
-            tmp_path / "out",
-            tmp_path / "result.json",
-            tmp_path / "reference.npy",
-            ROOT / "params.yaml",
+            exports.HalfFiles(
+                model,
+                images,
+                tmp_path / "out",
+                tmp_path / "result.json",
+                tmp_path / "reference.npy",
+            ),
+            load_params(ROOT / "params.yaml"),
         )
     message = str(raised.value)
     assert message.startswith(f"{model} could not be loaded (RuntimeError: PytorchStreamReader")
@@ -330,12 +332,12 @@ def test_registered_model_is_served_over_rest_and_stopped(in_trained, tmp_path):
 def _fake_halves(staged: dict, corrupt: str | None = None):
     """Return a run_half that copies the stage's exports instead of running the halves again."""
 
-    def run_half(framework, model, images, out, scratch, params, env):
-        shutil.copytree(staged[f"out_{framework}"], out, dirs_exist_ok=True)
+    def run_half(framework, files, params, env):
+        shutil.copytree(staged[f"out_{framework}"], files.out, dirs_exist_ok=True)
         if corrupt == framework:
-            _corrupt(out / "model.onnx")
+            _corrupt(files.out / "model.onnx")
         result = json.loads(staged["metrics"].read_text())[framework]
-        return {"formats": result["formats"]}, reference(model.parents[2], framework)
+        return {"formats": result["formats"]}, reference(files.model.parents[2], framework)
 
     return run_half
 
@@ -450,9 +452,9 @@ def test_stage_exports_serves_and_reports_both_frameworks(in_trained, staged, tm
 
 def test_halves_import_only_their_own_framework():
     for framework, other in (("tf", "torch"), ("torch", "tensorflow")):
-        source = (ROOT / f"stages/export_{framework}.py").read_text()
+        source = (ROOT / f"stages/frameworks/{framework}_export.py").read_text()
         assert f"import {other}" not in source
-    for module in ("export", "exporting", "serving"):
+    for module in ("export", "deploy/exports", "deploy/serving"):
         source = (ROOT / f"stages/{module}.py").read_text()
         assert "import torch" not in source and "import tensorflow" not in source
         assert "import keras" not in source

@@ -76,49 +76,66 @@ def compare(
     """
     predicted = {fw: p.argmax(axis=2) for fw, p in probabilities.items()}  # (seeds, N)
     scored = {fw: [loss_and_accuracy(p, labels) for p in probabilities[fw]] for fw in FRAMEWORKS}
-    losses = {fw: [loss for loss, _ in scored[fw]] for fw in FRAMEWORKS}
     accuracy = {fw: [acc for _, acc in scored[fw]] for fw in FRAMEWORKS}
-    per_framework: dict[str, Any] = {}
-    for fw in FRAMEWORKS:
-        interval = mean_interval(accuracy[fw])
-        scores = [
-            precision_recall_fscore_support(
-                labels, seed_predictions, labels=range(NUM_CLASSES), zero_division=0
-            )
-            for seed_predictions in predicted[fw]
-        ]
-        per_framework[fw] = {
-            "test_accuracy": interval.mean,
-            "test_accuracy_ci_low": interval.low,
-            "test_accuracy_ci_high": interval.high,
-            "test_accuracy_per_seed": accuracy[fw],
-            "test_loss": float(np.mean(losses[fw])),
-            "precision_per_class": np.mean([s[0] for s in scores], axis=0).tolist(),
-            "recall_per_class": np.mean([s[1] for s in scores], axis=0).tolist(),
-            "code_lines": trainer_metrics[fw].get("trainer_code_lines"),
-            **{key: trainer_metrics[fw].get(key) for key in SPEED_KEYS},
-            "device": trainer_metrics[fw].get("device"),
-            "workers": trainer_metrics[fw].get("workers", 1),  # before data-parallel training: 1
-            "backend": trainer_metrics[fw].get("backend", "none"),
-            "tensorboard_tags": trainer_metrics[fw].get("tensorboard_tags", []),
-        }
-    diff = difference(accuracy["tf"], accuracy["torch"])
-    same = equivalence(accuracy["tf"], accuracy["torch"], margin_points / 100)
-    pairs = min(len(predicted["tf"]), len(predicted["torch"]))
-    seeds = trainer_metrics["tf"].get("seeds") or list(range(pairs))
-    paired = [
-        mcnemar_exact(predicted["tf"][s] == labels, predicted["torch"][s] == labels)
-        for s in range(pairs)
-    ]
-    agreement = [float((predicted["tf"][s] == predicted["torch"][s]).mean()) for s in range(pairs)]
-    for fw in FRAMEWORKS:
-        per_framework[fw]["self_agreement"] = mean_agreement(combinations(predicted[fw], 2))
-        per_framework[fw]["test_accuracy_sd"] = (
-            float(np.std(accuracy[fw], ddof=1)) if len(accuracy[fw]) > 1 else math.nan
-        )
+    per_framework = {
+        fw: framework_numbers(labels, predicted[fw], scored[fw], trainer_metrics[fw])
+        for fw in FRAMEWORKS
+    }
     return {
         "tf": per_framework["tf"],
         "torch": per_framework["torch"],
+        **accuracy_numbers(accuracy, margin_points),
+        **paired_numbers(labels, predicted, trainer_metrics["tf"].get("seeds")),
+        "speedup_torch_over_tf": _ratio(
+            per_framework["tf"]["train_seconds"], per_framework["torch"]["train_seconds"]
+        ),
+    }
+
+
+def framework_numbers(
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    scored: list[tuple[float, float]],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """Return one framework's numbers: accuracy over its seeds, per-class precision and recall,
+    its trainer's speed, and how often two of its own seeds agree.
+
+    `predicted` is (seeds, N) classes, `scored` (loss, accuracy) per seed, `metrics` its trainer's.
+    """
+    losses = [loss for loss, _ in scored]
+    accuracy = [acc for _, acc in scored]
+    interval = mean_interval(accuracy)
+    scores = [
+        precision_recall_fscore_support(
+            labels, seed_predictions, labels=range(NUM_CLASSES), zero_division=0
+        )
+        for seed_predictions in predicted
+    ]
+    return {
+        "test_accuracy": interval.mean,
+        "test_accuracy_ci_low": interval.low,
+        "test_accuracy_ci_high": interval.high,
+        "test_accuracy_per_seed": accuracy,
+        "test_loss": float(np.mean(losses)),
+        "precision_per_class": np.mean([s[0] for s in scores], axis=0).tolist(),
+        "recall_per_class": np.mean([s[1] for s in scores], axis=0).tolist(),
+        "code_lines": metrics.get("trainer_code_lines"),
+        **{key: metrics.get(key) for key in SPEED_KEYS},
+        "device": metrics.get("device"),
+        "workers": metrics.get("workers", 1),  # before data-parallel training: 1
+        "backend": metrics.get("backend", "none"),
+        "tensorboard_tags": metrics.get("tensorboard_tags", []),
+        "self_agreement": mean_agreement(combinations(predicted, 2)),
+        "test_accuracy_sd": float(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else math.nan,
+    }
+
+
+def accuracy_numbers(accuracy: dict[str, list[float]], margin_points: float) -> dict[str, Any]:
+    """Return the accuracy difference (Welch), the equivalence test (TOST), and the verdict."""
+    diff = difference(accuracy["tf"], accuracy["torch"])
+    same = equivalence(accuracy["tf"], accuracy["torch"], margin_points / 100)
+    return {
         "accuracy_difference": diff.interval.mean,
         "accuracy_difference_ci_low": diff.interval.low,
         "accuracy_difference_ci_high": diff.interval.high,
@@ -131,6 +148,22 @@ def compare(
         "equivalent": same.equivalent,
         "verdict": verdict_code(diff.interval.mean, same.equivalent, diff.significant),
         "seeds_to_decide": seeds_to_decide(accuracy["tf"], accuracy["torch"], same.margin),
+    }
+
+
+def paired_numbers(
+    labels: np.ndarray, predicted: dict[str, np.ndarray], seeds: list[int] | None
+) -> dict[str, Any]:
+    """Return how the seed pairs agree, and McNemar's exact test on each pair (the first one's
+    counts); `seeds` are train.seeds, the pairs' names (their positions when not recorded)."""
+    pairs = min(len(predicted["tf"]), len(predicted["torch"]))
+    seeds = seeds or list(range(pairs))
+    paired = [
+        mcnemar_exact(predicted["tf"][s] == labels, predicted["torch"][s] == labels)
+        for s in range(pairs)
+    ]
+    agreement = [float((predicted["tf"][s] == predicted["torch"][s]).mean()) for s in range(pairs)]
+    return {
         "seeds": pairs,
         "paired_seeds": list(seeds[:pairs]),
         "agreement": float(np.mean(agreement)),
@@ -141,9 +174,6 @@ def compare(
         "mcnemar_only_tf_right": paired[0].only_a_right,
         "mcnemar_only_torch_right": paired[0].only_b_right,
         "mcnemar_p_value_per_seed": [m.p_value for m in paired],
-        "speedup_torch_over_tf": _ratio(
-            per_framework["tf"]["train_seconds"], per_framework["torch"]["train_seconds"]
-        ),
     }
 
 

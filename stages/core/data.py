@@ -20,7 +20,7 @@ from stages.core.common import (
 from stages.core.config import ModelConfig
 from stages.core.contract import Trainer, Weights
 from stages.core.dataset import ARRAY_DIGESTS, IMAGE_SHAPE, IMAGE_SIZE, NUM_CLASSES
-from stages.core.layout import SPLITS
+from stages.core.layout import META_FILE, SPLITS, images_file, labels_file
 
 
 @dataclass(frozen=True)
@@ -70,18 +70,18 @@ def load_splits(data_dir: Path, scheme: str, meta: Mapping[str, Any]) -> Splits:
         )
     sizes = meta.get("split_sizes", {})
     if set(sizes) != set(SPLITS):
-        raise StageError(f"{data_dir / 'meta.json'} lacks split_sizes; rerun `dvc repro normalize`")
+        raise StageError(f"{data_dir / META_FILE} lacks split_sizes; rerun `dvc repro normalize`")
     splits = Splits(
         **{
             split: Split(
-                _load_array(folder / f"x_{split}.npy", np.float32, (sizes[split], *IMAGE_SHAPE)),
-                _load_array(data_dir / f"y_{split}.npy", np.int64, (sizes[split],)),
+                _load_array(folder / images_file(split), np.float32, (sizes[split], *IMAGE_SHAPE)),
+                _load_array(data_dir / labels_file(split), np.int64, (sizes[split],)),
             )
             for split in SPLITS
         }
     )
     for split in SPLITS:
-        for path in (folder / f"x_{split}.npy", data_dir / f"y_{split}.npy"):
+        for path in (folder / images_file(split), data_dir / labels_file(split)):
             check_digest(path, data_dir, meta)
     return splits
 
@@ -91,7 +91,7 @@ def check_digest(path: Path, data_dir: Path, meta: Mapping[str, Any]) -> None:
     arrays of another dataset, or another run, with the same shapes would train unnoticed."""
     name = path.relative_to(data_dir).as_posix()
     expected = meta.get(ARRAY_DIGESTS, {}).get(name)
-    meta_path = data_dir / "meta.json"
+    meta_path = data_dir / META_FILE
     if expected is None:
         raise StageError(
             f"{meta_path} records no sha256 of {name} (written by an older `normalize`); "

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from stages.core.common import StageError, read_json, write_json
-from stages.core.config import Framework, ModelConfig, load_params
-from stages.core.layout import FILE_NAMES
+from stages.core.config import Framework, ModelConfig, Params
+from stages.core.layout import FILE_NAMES, model_file
 from stages.core.measure import measure_latency
 
 # Largest |p_export - p_trained| allowed for any image and class. float32 kernels that fuse or
@@ -56,7 +56,7 @@ class ExportHalf:
 
 def find_trained_model(folder: Path, seed: int, produced_by: str) -> Path:
     """Return the one file a trainer saved for `seed` (`seed-<seed>.<suffix>`) in `folder`."""
-    found = sorted(folder.glob(f"seed-{seed}.*"))
+    found = sorted(folder.glob(model_file(seed, ".*")))
     if len(found) != 1:
         raise StageError(
             f"expected one saved model for seed {seed} in {folder}, found "
@@ -213,58 +213,80 @@ def measure_interleaved(
     }
 
 
-def export_half(
-    half: ExportHalf,
-    model_path: Path,
-    images: Path,
-    out: Path,
-    result: Path,
-    reference_path: Path,
-    params_path: Path,
-) -> None:
-    """Write, verify and measure every format params.yaml asks of one framework.
+@dataclass(frozen=True)
+class HalfFiles:
+    """What one half reads and writes."""
 
-    Writes the exports into `out`, the trained model's test probabilities to `reference_path`
-    and one row per format (plus `native`, the trained model itself) to `result`.
-    """
-    params = load_params(params_path)
-    formats = getattr(params.export.formats, half.framework)
-    x = np.load(images)
-    load_trained_checked(half, model_path, params.model)  # warm-up: imports, first graph
+    model: Path  # the trained model file
+    images: Path  # (N, 28, 28) float32 test images, as the model saw them
+    out: Path  # folder for the exports
+    result: Path  # JSON: one row of checks and measurements per format
+    reference: Path  # .npy: the trained model's test probabilities
+
+
+def load_native(
+    half: ExportHalf, path: Path, model: ModelConfig
+) -> tuple[Any, Predict, dict[str, Any]]:
+    """Return the trained model, its predict function, and its row (its second, warm load)."""
+    load_trained_checked(half, path, model)  # warm-up: imports, first graph
     start = time.perf_counter()
-    model, predict_native = load_trained_checked(half, model_path, params.model)
-    native_load_seconds = time.perf_counter() - start
-    reference = np.asarray(predict_native(x), dtype=np.float32)
-    rows = {
-        "native": {
-            "file": model_path.name,
-            "file_bytes": file_bytes(model_path),
+    trained, predict = load_trained_checked(half, path, model)
+    load_seconds = time.perf_counter() - start
+    return (
+        trained,
+        predict,
+        {
+            "file": path.name,
+            "file_bytes": file_bytes(path),
             "disagreements": 0,
             "max_abs_difference": 0.0,
-            "load_seconds": native_load_seconds,
-        }
-    }
-    out.mkdir(parents=True, exist_ok=True)
+            "load_seconds": load_seconds,
+        },
+    )
+
+
+def export_format(
+    half: ExportHalf, name: str, model: Any, files: HalfFiles, x: np.ndarray, reference: np.ndarray
+) -> tuple[Predict, dict[str, Any]]:
+    """Write one format, load it back in its runtime and check it on every test image; return
+    its predict function and its row."""
+    path = files.out / FILE_NAMES[name]
+    label = f"{name} export of {half.framework} model {files.model.name}"
+    start = time.perf_counter()
+    half.formats[name].export(model, path, x[:EXAMPLE_BATCH])
+    export_seconds = time.perf_counter() - start
+    predict, row = load_and_check(label, half.formats[name].load, path, x, reference)
+    print(
+        f"[{half.framework}] {name}: {row['file_bytes']:,} bytes, agrees on every test "
+        f"image (max difference {row['max_abs_difference']:.2g})",
+        flush=True,
+    )
+    return predict, {"export_seconds": export_seconds, **row}
+
+
+def export_half(half: ExportHalf, files: HalfFiles, config: Params) -> None:
+    """Write, verify and measure every format params.yaml asks of one framework.
+
+    Writes the exports into `files.out`, the trained model's test probabilities to
+    `files.reference` and one row per format (plus `native`, the trained model itself) to
+    `files.result`.
+    """
+    x = np.load(files.images)
+    model, predict_native, native = load_native(half, files.model, config.model)
+    reference = np.asarray(predict_native(x), dtype=np.float32)
+    rows = {"native": native}
+    files.out.mkdir(parents=True, exist_ok=True)
     predictors = {"native": predict_native}
-    for name in formats:
-        path = out / FILE_NAMES[name]
-        label = f"{name} export of {half.framework} model {model_path.name}"
-        start = time.perf_counter()
-        half.formats[name].export(model, path, x[:EXAMPLE_BATCH])
-        export_seconds = time.perf_counter() - start
-        predict, row = load_and_check(label, half.formats[name].load, path, x, reference)
-        rows[name] = {"export_seconds": export_seconds, **row}
+    for name in getattr(config.export.formats, half.framework):
+        predict, rows[name] = export_format(half, name, model, files, x, reference)
         if name not in SHARED_RUNTIME_FORMATS:
             predictors[name] = predict
-        print(
-            f"[{half.framework}] {name}: {row['file_bytes']:,} bytes, agrees on every test "
-            f"image (max difference {row['max_abs_difference']:.2g})",
-            flush=True,
-        )
     for name, speed in measure_interleaved(predictors, x).items():
         rows[name] |= speed
-    np.save(reference_path, reference)
-    write_json(result, {"framework": half.framework, "model": str(model_path), "formats": rows})
+    np.save(files.reference, reference)
+    write_json(
+        files.result, {"framework": half.framework, "model": str(files.model), "formats": rows}
+    )
 
 
 def read_half_result(path: Path, framework: str) -> dict[str, Any]:

@@ -14,9 +14,9 @@ import numpy as np
 import typer
 
 from stages.core.common import StageError, run_cli
-from stages.core.config import ModelConfig
+from stages.core.config import ModelConfig, load_params
 from stages.core.dataset import IMAGE_SHAPE
-from stages.deploy.exports import ExportHalf, Format, Predict, export_half, load_onnx
+from stages.deploy.exports import ExportHalf, Format, HalfFiles, Predict, export_half, load_onnx
 from stages.frameworks.tf_trainer import KerasTrainer, keras, tf
 
 
@@ -98,7 +98,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Export the trained Keras model to every format in export.formats.tf, verified."""
-    export_half(HALF, model, images, out, result, reference, params)
+    export_half(HALF, HalfFiles(model, images, out, result, reference), load_params(params))
 
 
 if __name__ == "__main__":

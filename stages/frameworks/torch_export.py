@@ -15,8 +15,8 @@ import typer
 from torch import nn
 
 from stages.core.common import run_cli
-from stages.core.config import ModelConfig
-from stages.deploy.exports import ExportHalf, Format, Predict, export_half, load_onnx
+from stages.core.config import ModelConfig, load_params
+from stages.deploy.exports import ExportHalf, Format, HalfFiles, Predict, export_half, load_onnx
 from stages.frameworks.torch_trainer import TorchTrainer
 
 BATCH = torch.export.Dim("batch")  # any batch size, not the example's
@@ -83,7 +83,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Export the trained PyTorch network to every format in export.formats.torch, verified."""
-    export_half(HALF, model, images, out, result, reference, params)
+    export_half(HALF, HalfFiles(model, images, out, result, reference), load_params(params))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from stages.core.common import StageError, read_json, remove_outputs
 from stages.core.config import load_params
 from stages.core.contract import Trainer
 from stages.core.data import check_batch_size, load_splits, to_device_data
+from stages.core.layout import META_FILE
 from stages.launcher.plan import (
     Launch,
     available_cores,
@@ -43,7 +44,7 @@ def run_stage_worker(trainer: DistributedTrainer, job: StageJob) -> TrainerMetri
         )
     config = load_params(job.params).run_config(trainer.framework)
     device = trainer.describe_device(config.train.device, config.train.allow_tf32)
-    splits = load_splits(job.data, config.scheme, read_json(job.data / "meta.json", "normalize"))
+    splits = load_splits(job.data, config.scheme, read_json(job.data / META_FILE, "normalize"))
     tensors = to_device_data(trainer, splits, device.kind)
     for seed in config.train.seeds:  # the same collectives, in the same order, as rank 0's
         train_one_seed(trainer, config, splits, tensors, seed)
@@ -64,7 +65,7 @@ def run_stage(
         )
     if not isinstance(trainer, ParallelTrainer):
         raise StageError(f"the {trainer.framework} trainer cannot train on several workers")
-    sizes = read_json(data / "meta.json", "normalize").get("split_sizes", {})
+    sizes = read_json(data / META_FILE, "normalize").get("split_sizes", {})
     if "train" in sizes:  # before any worker starts (load_splits checks meta.json itself)
         key = all_params.batch_size_key(trainer.framework)
         check_batch_size(train.batch_size, key, sizes["train"], data)

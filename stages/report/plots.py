@@ -23,18 +23,6 @@ NATIVE = {  # the trained model as its trainer saved it: the reference each expo
 COLORS = {"tf": "#ff6f00", "torch": "#5c6bc0"}
 
 
-PLOTS = (
-    "learning_curves.png",
-    "confusion_matrices.png",
-    "per_class_accuracy.png",
-    "disagreements.png",
-    "speed_memory.png",
-)
-
-
-DEPLOYMENT_PLOT = "deployment.png"  # only with the `export` stage's metrics
-
-
 def _pyplot():
     import matplotlib
 

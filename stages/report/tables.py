@@ -10,12 +10,18 @@ from stages.core.comparison import (
     SAME_SPEED_WITHIN,
 )
 from stages.core.config import FRAMEWORKS
-from stages.core.layout import FORMAT_LABELS, RUNTIMES
-from stages.report.claims import blog_claims, claims_markdown
-from stages.report.plots import (
+from stages.core.layout import (
+    CONFUSIONS_PLOT,
     DEPLOYMENT_PLOT,
-    NATIVE,
+    DISAGREEMENTS_PLOT,
+    FORMAT_LABELS,
+    LEARNING_CURVES_PLOT,
+    PER_CLASS_PLOT,
+    RUNTIMES,
+    SPEED_MEMORY_PLOT,
 )
+from stages.report.claims import blog_claims, claims_markdown
+from stages.report.plots import NATIVE
 
 
 def self_agreement_sentence(result: dict[str, Any]) -> str:
@@ -337,8 +343,6 @@ def markdown_report(
         verdict(result),
         "",
         markdown_table(result),
-    ]
-    lines += [
         "",
         agreement_sentence(result),
         "",
@@ -348,28 +352,7 @@ def markdown_report(
         "",
         claims_markdown(blog_claims(result, deployment)),
         "",
-        "## Learning curves (mean over seeds)",
-        "",
-        "![](learning_curves.png)",
-        "",
-        f"## Confusion matrices (seed {result['mcnemar_seed']})",
-        "",
-        "![](confusion_matrices.png)",
-        "",
-        "## Accuracy per class (mean over seeds)",
-        "",
-        "![](per_class_accuracy.png)",
-        "",
-        f"## Test images the seed-{result['mcnemar_seed']} models disagree on",
-        "",
-        "![](disagreements.png)",
-        "",
-        "## Speed and memory",
-        "",
-        cpu_sentence(result),
-        "",
-        "![](speed_memory.png)",
-        "",
+        *figures_markdown(result),
     ]
     if deployment:
         lines += [
@@ -381,3 +364,31 @@ def markdown_report(
             "",
         ]
     return "\n".join(lines)
+
+
+def figures_markdown(result: dict[str, Any]) -> list[str]:  # pragma: no mutate block
+    """Return the report's figure sections: a heading each, and its picture."""
+    return [
+        "## Learning curves (mean over seeds)",
+        "",
+        f"![]({LEARNING_CURVES_PLOT})",
+        "",
+        f"## Confusion matrices (seed {result['mcnemar_seed']})",
+        "",
+        f"![]({CONFUSIONS_PLOT})",
+        "",
+        "## Accuracy per class (mean over seeds)",
+        "",
+        f"![]({PER_CLASS_PLOT})",
+        "",
+        f"## Test images the seed-{result['mcnemar_seed']} models disagree on",
+        "",
+        f"![]({DISAGREEMENTS_PLOT})",
+        "",
+        "## Speed and memory",
+        "",
+        cpu_sentence(result),
+        "",
+        f"![]({SPEED_MEMORY_PLOT})",
+        "",
+    ]

@@ -28,7 +28,7 @@ from stages.core.data import (
     load_splits,
     to_device_data,
 )
-from stages.core.layout import MODEL_NAME
+from stages.core.layout import META_FILE, MODEL_NAME, model_file
 from stages.core.measure import Phases, measure_latency
 from stages.training.loop import (
     PROGRESS_AFTER_SECONDS,
@@ -179,7 +179,7 @@ def train_seed_run(
             result = train_one_seed(
                 trainer, config, splits, tensors, seed, on_epoch, PROGRESS_AFTER_SECONDS
             )
-        path = model_dir / f"seed-{seed}{trainer.model_suffix}"
+        path = model_dir / model_file(seed, trainer.model_suffix)
         trainer.save_model(result.model, path)
         check_reload(trainer, path, result.model, config.model, tensors.x_test, device.kind)
         log_seed_result(result, path, events)
@@ -211,7 +211,7 @@ def run_trainer_stage(
         all_params = load_params(params)
         config = all_params.run_config(framework)
         device = trainer.describe_device(config.train.device, config.train.allow_tf32)
-        meta = read_json(data / "meta.json", "normalize")
+        meta = read_json(data / META_FILE, "normalize")
         splits = load_splits(data, config.scheme, meta)
         check_batch_size(
             config.train.batch_size,
@@ -272,7 +272,7 @@ def run_trainer_stage(
                 trainer.to_device(splits.test.x[:1], device.kind),
                 trainer.to_device(splits.test.x[:1000], device.kind),
             )
-        first_model = tmp.model_dir / f"seed-{results[0].seed}{trainer.model_suffix}"
+        first_model = tmp.model_dir / model_file(results[0].seed, trainer.model_suffix)
         metrics = summarize(
             trainer, results, latency, device, first_model, process_start, run.info.run_id
         )
