@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.core import ports
 from stages.core.common import StageError
-from stages.core.ports import free_port
 from stages.core.processes import Command, OwnedProcess, owned_processes
 from stages.launcher.failures import (
     Failure,
@@ -176,7 +176,7 @@ def _launch_once(
     trainer: ParallelTrainer, launch: Launch, task: Task, argument: Any, port_taken: str
 ) -> Any:
     def pick(host: str) -> list[str]:
-        return [f"{host}:{free_port('')}" for _ in range(launch.workers)]
+        return [f"{host}:{ports.free_port('')}" for _ in range(launch.workers)]
 
     addresses = pick("127.0.0.1") if launch.nodes == 1 else exchange_addresses(launch, pick)
     env = _worker_env()
