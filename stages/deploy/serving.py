@@ -1,7 +1,8 @@
 """Serve a registered MLflow model over HTTP and load-test it; framework-free.
 
-`model_server` owns one `mlflow models serve` process: it starts it on a free loopback port,
-waits a bounded time for `GET /ping`, and stops its whole process group on every exit path.
+`model_server` owns one `mlflow models serve` process (through `stages.core.processes`): it starts
+it on a free loopback port, waits a bounded time for `GET /ping`, and stops its whole process
+group on every exit path. `answers` is the one readiness probe of the HTTP servers (/ping, /health).
 `load_test` sends a fixed number of one-image requests at a fixed concurrency under a time limit
 and checks every answer against the trained model's probabilities.
 """

@@ -1,4 +1,5 @@
-"""Workers as plain processes (TensorFlow's): started, watched and stopped here."""
+"""Workers as plain processes (TensorFlow's): started (each owned through `stages.core.processes`,
+in its own process group, its output the stage's), watched, and stopped together here."""
 
 from __future__ import annotations
 
