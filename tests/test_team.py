@@ -495,7 +495,7 @@ def test_a_server_dying_mid_stage_fails_the_stage_and_leaves_no_outputs(
                     break
                 time.sleep(0.5)
             assert running, (tmp_path / "stage.log").read_text()[-3000:]
-            doomed.process.stop(signal.SIGKILL)
+            os.killpg(doomed.process.pid, signal.SIGKILL)  # the server and its workers
             started = time.monotonic()
             returncode = stage.wait(timeout=120)
         finally:

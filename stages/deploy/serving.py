@@ -1,7 +1,8 @@
 """Serve a registered MLflow model over HTTP and load-test it; framework-free.
 
-`model_server` owns one `mlflow models serve` process: it starts it on a free loopback port,
-waits a bounded time for `GET /ping`, and stops its whole process group on every exit path.
+`model_server` owns one `mlflow models serve` process (through `stages.core.processes`): it starts
+it on a free loopback port, waits a bounded time for `GET /ping`, and stops its whole process
+group on every exit path. `answers` is the one readiness probe of the HTTP servers (/ping, /health).
 `load_test` sends a fixed number of one-image requests at a fixed concurrency under a time limit
 and checks every answer against the trained model's probabilities.
 """
@@ -10,14 +11,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +23,12 @@ from typing import Any
 import numpy as np
 
 from stages.core.common import StageError
+from stages.core.processes import Command, OwnedProcess, Readiness, owned
 from stages.deploy.exports import agreement
 from stages.tracking.runs import model_version, run_exists
 
 HOST = "127.0.0.1"
 REQUEST_TIMEOUT_SECONDS = 30.0  # one request; the load test's time limit bounds the whole level
-STOP_GRACE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -79,15 +77,6 @@ def serve_command(mlflow_executable: Path, model_uri: str, port: int) -> list[st
     ]
 
 
-def log_tail(path: Path, lines: int = 12) -> str:
-    """Return the last lines of a server's output, indented for an error message."""
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
-    except FileNotFoundError:
-        return "    (no output)"
-    return "\n".join(f"    {line}" for line in text) or "    (no output)"
-
-
 def answers(port: int, path: str = "/ping") -> bool:
     """Return whether a server on 127.0.0.1:`port` answers GET `path` with 200 now."""
     connection = http.client.HTTPConnection(HOST, port, timeout=2)
@@ -100,65 +89,27 @@ def answers(port: int, path: str = "/ping") -> bool:
         connection.close()
 
 
-def wait_until_ready(process: subprocess.Popen, server: Server, start_seconds: float) -> float:
+def wait_until_ready(process: OwnedProcess, server: Server, start_seconds: float) -> float:
     """Return the seconds until the server answered /ping; raise StageError if it died or hung."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < start_seconds:
-        if process.poll() is not None:
-            raise StageError(
-                f"the model server exited with code {process.returncode} before answering "
-                f"GET /ping; its last output:\n{log_tail(server.log)}"
-            )
-        if answers(server.port):
-            return time.perf_counter() - start
-        time.sleep(0.25)
-    raise StageError(
-        f"the model server did not answer GET /ping on {HOST}:{server.port} within "
-        f"{start_seconds:g} s (export.load_test.server_start_seconds); it was stopped. "
-        f"Its last output:\n{log_tail(server.log)}"
+    return process.wait_until_ready(
+        Readiness(
+            lambda: answers(server.port),
+            start_seconds,
+            awaited="answering GET /ping",
+            missed=f"answer GET /ping on {HOST}:{server.port}",
+            setting="export.load_test.server_start_seconds",
+        )
     )
-
-
-def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)  # the group: uvicorn's workers too
-
-
-def stop(process: subprocess.Popen, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
-    """Stop the server's whole process group: SIGTERM, then SIGKILL for whatever is left."""
-    _signal_group(process, signal.SIGTERM)
-    with suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace_seconds)
-    _signal_group(process, signal.SIGKILL)
-    with suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=5)
-    deadline = time.perf_counter() + 5  # until the kernel has removed every member (the port too)
-    while time.perf_counter() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
 
 
 @contextmanager
 def started_server(
     command: list[str], env: Mapping[str, str], port: int, log: Path
-) -> Iterator[tuple[Server, subprocess.Popen]]:
-    """Start `command` (a server on `port`) and yield it at once, not yet ready; always stop it."""
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            command,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, stopped as one
-        )
-        try:
-            yield Server(port, log), process
-        finally:
-            stop(process)
+) -> Iterator[tuple[Server, OwnedProcess]]:
+    """Start `command` (a model server on `port`) and yield it at once, not yet ready; always stop
+    its whole process group (uvicorn's workers too)."""
+    with owned(Command("the model server", command, log, env)) as process:
+        yield Server(port, log), process
 
 
 @contextmanager
@@ -187,6 +138,89 @@ def _post(connection: http.client.HTTPConnection, body: bytes) -> list[float]:
     return json.loads(payload)["predictions"][0]
 
 
+@dataclass(frozen=True)
+class _Requests:
+    """The load test's requests: where they go, their bodies, and when sending stops."""
+
+    port: int
+    bodies: list[bytes]
+    deadline: float  # time.perf_counter() value
+
+
+class _Tally:
+    """What the load test's threads record, under one lock: the next request to send, answers,
+    latencies and errors."""
+
+    def __init__(self, requests: int, classes: int):
+        self.answers = np.full((requests, classes), np.nan, dtype=np.float64)
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._next = iter(range(requests))
+
+    def take(self) -> int | None:
+        """Return the next request's number, or None when every one is taken."""
+        with self._lock:
+            return next(self._next, None)
+
+    def answered(self, number: int, answer: list[float], seconds: float) -> None:
+        with self._lock:
+            self.latencies.append(seconds)
+            self.answers[number] = answer
+
+    def failed(self, exc: Exception) -> None:
+        with self._lock:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def _send(requests: _Requests, tally: _Tally) -> None:
+    """One client thread: send requests on one connection until none is left or time is up."""
+    connection = http.client.HTTPConnection(HOST, requests.port, timeout=REQUEST_TIMEOUT_SECONDS)
+    try:
+        while time.perf_counter() < requests.deadline:
+            number = tally.take()
+            if number is None:
+                return
+            start = time.perf_counter()
+            try:
+                answer = _post(connection, requests.bodies[number])
+            except Exception as exc:  # any failure is the server's error, counted
+                connection.close()  # a fresh connection for the next request
+                tally.failed(exc)
+                continue
+            tally.answered(number, answer, time.perf_counter() - start)
+    finally:
+        connection.close()
+
+
+def _summary(tally: _Tally, reference: np.ndarray, seconds: float) -> dict[str, Any]:
+    """Return the level's counts, latency percentiles, throughput and agreement with `reference`
+    (the expected probabilities, one row per request)."""
+    requests = len(tally.answers)
+    answered = ~np.isnan(tally.answers).any(axis=1)
+    unanswered = requests - int(answered.sum())
+    found = (
+        agreement(reference[answered], softmax(tally.answers[answered]).astype(np.float32))
+        if answered.any()
+        else {"disagreements": 0, "max_abs_difference": float("nan")}
+    )
+    latencies = tally.latencies
+    percentiles = np.percentile(latencies, [50, 95, 99]) * 1000 if latencies else [np.nan] * 3
+    errors = tally.errors
+    return {
+        "requests": requests,
+        "answered": int(answered.sum()),
+        "errors": unanswered,
+        "first_error": errors[0] if errors else ("time limit reached" if unanswered else ""),
+        "seconds": seconds,
+        "throughput_requests_per_second": int(answered.sum()) / seconds,
+        "latency_p50_ms": float(percentiles[0]),
+        "latency_p95_ms": float(percentiles[1]),
+        "latency_p99_ms": float(percentiles[2]),
+        **found,
+    }
+
+
 def load_test(
     port: int,
     images: np.ndarray,
@@ -203,59 +237,11 @@ def load_test(
     """
     indices = np.arange(requests) % len(images)
     bodies = [json.dumps({"inputs": images[i : i + 1].tolist()}).encode() for i in indices]
-    answers = np.full((requests, reference.shape[1]), np.nan, dtype=np.float64)
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    next_request = iter(range(requests))
-    deadline = time.perf_counter() + time_limit_seconds
-
-    def worker() -> None:
-        connection = http.client.HTTPConnection(HOST, port, timeout=REQUEST_TIMEOUT_SECONDS)
-        try:
-            while time.perf_counter() < deadline:
-                with lock:
-                    number = next(next_request, None)
-                if number is None:
-                    return
-                start = time.perf_counter()
-                try:
-                    answer = _post(connection, bodies[number])
-                except Exception as exc:  # any failure is the server's error, counted
-                    connection.close()  # a fresh connection for the next request
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                elapsed = time.perf_counter() - start
-                with lock:
-                    latencies.append(elapsed)
-                    answers[number] = answer
-        finally:
-            connection.close()
-
+    sending = _Requests(port, bodies, time.perf_counter() + time_limit_seconds)
+    tally = _Tally(requests, reference.shape[1])
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         for _ in range(concurrency):
-            pool.submit(worker)
+            pool.submit(_send, sending, tally)
     seconds = time.perf_counter() - started
-    answered = ~np.isnan(answers).any(axis=1)
-    unanswered = requests - int(answered.sum())
-    found = (
-        agreement(reference[indices[answered]], softmax(answers[answered]).astype(np.float32))
-        if answered.any()
-        else {"disagreements": 0, "max_abs_difference": float("nan")}
-    )
-    percentiles = np.percentile(latencies, [50, 95, 99]) * 1000 if latencies else [np.nan] * 3
-    return {
-        "concurrency": concurrency,
-        "requests": requests,
-        "answered": int(answered.sum()),
-        "errors": unanswered,
-        "first_error": errors[0] if errors else ("time limit reached" if unanswered else ""),
-        "seconds": seconds,
-        "throughput_requests_per_second": int(answered.sum()) / seconds,
-        "latency_p50_ms": float(percentiles[0]),
-        "latency_p95_ms": float(percentiles[1]),
-        "latency_p99_ms": float(percentiles[2]),
-        **found,
-    }
+    return {"concurrency": concurrency, **_summary(tally, reference[indices], seconds)}

@@ -1,4 +1,5 @@
-"""Workers as plain processes (TensorFlow's): started, watched and stopped here."""
+"""Workers as plain processes (TensorFlow's): started (each owned through `stages.core.processes`,
+in its own process group, its output the stage's), watched, and stopped together here."""
 
 from __future__ import annotations
 
@@ -8,18 +9,17 @@ import multiprocessing.spawn
 import os
 import pickle
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.core import ports
 from stages.core.common import StageError
-from stages.core.ports import free_port
+from stages.core.processes import Command, OwnedProcess, owned_processes
 from stages.launcher.failures import (
     Failure,
     PortTaken,
@@ -37,6 +37,8 @@ from stages.launcher.plan import (
 )
 from stages.launcher.rendezvous import exchange_addresses
 from stages.launcher.workers import ParallelTrainer, Task, run_worker
+
+WORKER_MAIN = "from stages.launcher.processes import worker_main; worker_main()"
 
 
 @dataclass(frozen=True)
@@ -82,24 +84,6 @@ def worker_main() -> None:
         job.result.write_bytes(pickle.dumps(result))
 
 
-@contextmanager
-def _owned(processes: list[subprocess.Popen]) -> Iterator[None]:
-    """Stop every process still running when the block ends, however it ends."""
-    try:
-        yield
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
-        for process in processes:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 def launch_processes(
     trainer: ParallelTrainer,
     launch: Launch,
@@ -133,64 +117,84 @@ def _main_module() -> dict[str, str]:
     return {k: v for k, v in found.items() if k in ("init_main_from_name", "init_main_from_path")}
 
 
+def _worker_env() -> dict[str, str]:
+    """Return this process's environment, with the project's root on PYTHONPATH."""
+    root = Path(__file__).resolve().parents[2]
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    )
+
+
+@dataclass(frozen=True)
+class _Launching:
+    """What every worker of one launch shares: the run, its addresses, and its job folder."""
+
+    trainer: ParallelTrainer
+    launch: Launch
+    task: Task
+    argument: Any
+    port_taken: str
+    addresses: tuple[str, ...]
+    folder: Path
+
+
+def _job(launching: _Launching, local_rank: int) -> WorkerJob:
+    """Return the job of this machine's worker `local_rank`."""
+    launch = launching.launch
+    plan = WorkerPlan(
+        rank=launch.first_rank + local_rank,
+        world_size=launch.world_size,
+        local_rank=local_rank,
+        local_world_size=launch.workers,
+        addresses=launching.addresses,
+    )
+    return WorkerJob(
+        launching.trainer,
+        plan,
+        launching.task,
+        launching.argument,
+        launch.device,
+        os.getpid(),
+        Path(launching.folder, f"result-{plan.rank}.pickle"),
+        Path(launching.folder, f"error-{plan.rank}.json"),
+        launching.port_taken,
+    )
+
+
+def _worker_command(job: WorkerJob, folder: Path, env: dict[str, str]) -> Command:
+    """Write `job` to a file in `folder`; return the worker process that runs it."""
+    path = Path(folder, f"job-{job.plan.rank}.pickle")
+    with open(path, "wb") as file:
+        pickle.dump(_main_module(), file)
+        pickle.dump(job, file)
+    argv = [sys.executable, "-c", WORKER_MAIN, str(path)]
+    # No log: its output is the stage's, as if it ran in the stage's process.
+    return Command(f"worker {job.plan.rank}", argv, env=env, grace_seconds=SHUTDOWN_GRACE_SECONDS)
+
+
 def _launch_once(
     trainer: ParallelTrainer, launch: Launch, task: Task, argument: Any, port_taken: str
 ) -> Any:
     def pick(host: str) -> list[str]:
-        return [f"{host}:{free_port('')}" for _ in range(launch.workers)]
+        return [f"{host}:{ports.free_port('')}" for _ in range(launch.workers)]
 
     addresses = pick("127.0.0.1") if launch.nodes == 1 else exchange_addresses(launch, pick)
-    root = Path(__file__).resolve().parents[2]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-    )
+    env = _worker_env()
     with tempfile.TemporaryDirectory(prefix="workers-") as folder:
-        processes: list[subprocess.Popen] = []
-        jobs: list[WorkerJob] = []
-        with _owned(processes):
-            for local_rank in range(launch.workers):
-                plan = WorkerPlan(
-                    rank=launch.first_rank + local_rank,
-                    world_size=launch.world_size,
-                    local_rank=local_rank,
-                    local_world_size=launch.workers,
-                    addresses=tuple(addresses),
-                )
-                job = WorkerJob(
-                    trainer,
-                    plan,
-                    task,
-                    argument,
-                    launch.device,
-                    os.getpid(),
-                    Path(folder, f"result-{plan.rank}.pickle"),
-                    Path(folder, f"error-{plan.rank}.json"),
-                    port_taken,
-                )
-                path = Path(folder, f"job-{plan.rank}.pickle")
-                with open(path, "wb") as file:
-                    pickle.dump(_main_module(), file)
-                    pickle.dump(job, file)
-                jobs.append(job)
-                processes.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-c",
-                            "from stages.launcher.processes import worker_main; worker_main()",
-                            str(path),
-                        ],
-                        env=env,
-                    )
-                )
+        launching = _Launching(
+            trainer, launch, task, argument, port_taken, tuple(addresses), Path(folder)
+        )
+        jobs = [_job(launching, local_rank) for local_rank in range(launch.workers)]
+        with owned_processes() as start:
+            processes = [start(_worker_command(job, launching.folder, env)) for job in jobs]
             _watch(processes, jobs, port_taken)
         if launch.first_rank == 0:
             return pickle.loads(jobs[0].result.read_bytes())
         return None
 
 
-def _watch(processes: list[subprocess.Popen], jobs: list[WorkerJob], port_taken: str) -> None:
+def _watch(processes: list[OwnedProcess], jobs: list[WorkerJob], port_taken: str) -> None:
     """Wait for every worker; at the first failure, raise (the caller stops the others)."""
     running = set(range(len(processes)))
     while running:

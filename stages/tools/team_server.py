@@ -18,21 +18,22 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from stages.core.common import StageError
 from stages.core.ports import check_port_free, free_port
+from stages.core.processes import Command, OwnedProcess, Readiness, as_user, owned
+from stages.deploy.serving import answers
 
 DATABASE_USER = "mlflow"  # the cluster's only role, owner of both databases
 TRACKING_DATABASE = "mlflow"  # runs, experiments, registered models
 AUTH_DATABASE = "mlflow_auth"  # basic-auth's users and permissions
 ADMIN_USERNAME = "admin"
+STOP_GRACE_SECONDS = 20.0  # from the stop signal to SIGKILL, for PostgreSQL and mlflow server
+LOG_TAIL_LINES = 15  # of a process that stopped by itself, in the error
 POSTGRES_OWNERS = ("postgres", "nobody")  # who runs PostgreSQL when we are root, first found
 # A throwaway cluster: loopback TCP only, no Unix socket, no durability.
 POSTGRES_SETTINGS = {
@@ -80,8 +81,8 @@ class TeamServer:
             return StageError("the team server is still running")
         return StageError(
             "; ".join(
-                f"{p.name} stopped by itself (exit code {p.process.returncode}); "
-                f"its log ends:\n{p.log_tail()}"
+                f"{p.role} stopped by itself (exit code {p.returncode}); "
+                f"its log ends:\n{p.log_tail(LOG_TAIL_LINES)}"
                 for p in stopped
             )
         )
@@ -128,20 +129,6 @@ def postgres_bin_dir(
     return versions[-1]
 
 
-def wait_until(
-    ready: Callable[[], bool], seconds: float, what: str, alive: Callable[[], bool]
-) -> None:
-    """Poll `ready` until it is true; raise StageError if `alive` turns false or time runs out."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        if not alive():
-            raise StageError(f"{what} exited while starting")
-        time.sleep(0.25)
-    raise StageError(f"{what} did not become ready within {seconds:.0f} s")
-
-
 def _flags(options: Mapping[str, str]) -> list[str]:
     return [part for option in options.items() for part in option]
 
@@ -157,11 +144,6 @@ def initdb_options(data: Path, password_file: Path) -> dict[str, str]:
     }
 
 
-def _as_user(user: pwd.struct_passwd | None) -> dict:
-    # subprocess's own privilege drop: no runuser/su needed
-    return {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-
-
 def _unprivileged_user(names: tuple[str, ...] = POSTGRES_OWNERS) -> pwd.struct_passwd | None:
     # PostgreSQL refuses to run as root; as root we run it as a system user instead.
     if os.geteuid() != 0:
@@ -174,66 +156,6 @@ def _unprivileged_user(names: tuple[str, ...] = POSTGRES_OWNERS) -> pwd.struct_p
     raise StageError(
         f"running as root, and none of the users {', '.join(names)} exists to run PostgreSQL"
     )
-
-
-class OwnedProcess:
-    """A child process in its own process group, its output in a log file, stopped on every path."""
-
-    def __init__(
-        self,
-        name: str,
-        command: list[str],
-        log: Path,
-        env: Mapping[str, str],
-        cwd: Path,
-        user: pwd.struct_passwd | None = None,
-    ):
-        self.name = name
-        self.log = log
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=dict(env),
-                cwd=cwd,
-                start_new_session=True,
-                **_as_user(user),
-            )
-
-    def alive(self) -> bool:
-        """Return whether the process is still running."""
-        return self.process.poll() is None
-
-    def log_tail(self, lines: int = 15) -> str:
-        """Return the last lines of the process's log."""
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, signum: int = signal.SIGTERM, seconds: float = 20.0) -> None:
-        """Send `signum` to the process group, wait up to `seconds`, then kill what is left."""
-        group = self.process.pid
-        if self.alive():
-            self._signal(group, signum)
-            try:
-                self.process.wait(timeout=seconds)
-            except subprocess.TimeoutExpired:
-                self._signal(group, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self._signal(group, signal.SIGKILL)  # workers the leader left behind
-
-    @staticmethod
-    def _signal(group: int, signum: int) -> None:
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signum)
-
-    def failure(self, error: StageError) -> StageError:
-        """Return `error` extended with its log's last lines (the log's folder may be removed on
-        exit: team_server keeps a copy and names it)."""
-        return StageError(f"{error}; its log ends:\n{self.log_tail()}")
 
 
 def _connect(port: int, password: str, database: str = "postgres"):
@@ -271,13 +193,18 @@ class PostgresCluster:
         return f"postgresql://{DATABASE_USER}@127.0.0.1:{self.port}/{database}"
 
 
-@contextmanager
-def postgres_cluster(folder: Path, seconds: float = 60.0) -> Iterator[PostgresCluster]:
-    """Create a PostgreSQL cluster in `folder`, serve it on a loopback port, stop it on exit.
+@dataclass(frozen=True)
+class _PostgresSetUp:
+    """Where a new cluster's programs and data are, who runs them, and in which environment."""
 
-    Throwaway by design: durability is off (fsync, synchronous commit) and only TCP on
-    127.0.0.1 is served, with a generated password for the one role.
-    """
+    bin_dir: Path
+    data: Path
+    user: pwd.struct_passwd | None  # None: this process's user
+    env: dict[str, str]
+
+
+def _set_up_postgres(folder: Path) -> _PostgresSetUp:
+    """Find PostgreSQL and its user; make its data folder in `folder`, reachable by that user."""
     bin_dir = postgres_bin_dir()
     user = _unprivileged_user()
     data = folder / "postgres"
@@ -286,52 +213,75 @@ def postgres_cluster(folder: Path, seconds: float = 60.0) -> Iterator[PostgresCl
         folder.chmod(0o711)  # the PostgreSQL user must reach its data folder, not list ours
         os.chown(data, user.pw_uid, user.pw_gid)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+    return _PostgresSetUp(bin_dir, data, user, env)
+
+
+def _initdb(setup: _PostgresSetUp, folder: Path) -> str:
+    """Create the cluster with a new password for its one role (in a file only initdb reads, in
+    `folder`, removed at once); return the password."""
     password = new_password()
     password_file = folder / "initdb-password"
     password_file.touch(mode=0o600)
     try:
-        if user is not None:
-            os.chown(password_file, user.pw_uid, user.pw_gid)
+        if setup.user is not None:
+            os.chown(password_file, setup.user.pw_uid, setup.user.pw_gid)
         password_file.write_text(password)
         initdb = subprocess.run(
-            [str(bin_dir / "initdb"), *_flags(initdb_options(data, password_file))],
+            [str(setup.bin_dir / "initdb"), *_flags(initdb_options(setup.data, password_file))],
             capture_output=True,
             text=True,
-            env=env,
-            cwd=data,
+            env=setup.env,
+            cwd=setup.data,
             timeout=120,
-            **_as_user(user),
+            **as_user(setup.user),
         )
     finally:
         password_file.unlink()
     if initdb.returncode != 0:
-        raise StageError(f"initdb failed in {data}: {initdb.stderr.strip()[-1500:]}")
-    port = free_port()
-    command = [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port)]
+        raise StageError(f"initdb failed in {setup.data}: {initdb.stderr.strip()[-1500:]}")
+    return password
+
+
+def _postgres_command(setup: _PostgresSetUp, port: int, log: Path) -> Command:
+    """Return the owned `postgres` process serving the cluster on `port`."""
+    argv = [str(setup.bin_dir / "postgres"), "-D", str(setup.data), "-p", str(port)]
     for name, value in POSTGRES_SETTINGS.items():
-        command += ["-c", f"{name}={value}"]
-    server = OwnedProcess("PostgreSQL", command, folder / "postgres.log", env, data, user)
-    try:
-        try:
-            wait_until(
-                lambda: _accepts_connections(port, password), seconds, "PostgreSQL", server.alive
+        argv += ["-c", f"{name}={value}"]
+    return Command(
+        "PostgreSQL",
+        argv,
+        log,
+        setup.env,
+        setup.data,
+        setup.user,
+        stop_signal=signal.SIGINT,  # PostgreSQL's fast shutdown
+        grace_seconds=STOP_GRACE_SECONDS,
+    )
+
+
+@contextmanager
+def postgres_cluster(folder: Path, seconds: float = 60.0) -> Iterator[PostgresCluster]:
+    """Create a PostgreSQL cluster in `folder`, serve it on a loopback port, stop it on exit.
+
+    Throwaway by design: durability is off (fsync, synchronous commit) and only TCP on
+    127.0.0.1 is served, with a generated password for the one role.
+    """
+    setup = _set_up_postgres(folder)
+    password = _initdb(setup, folder)
+    port = free_port()
+    with owned(_postgres_command(setup, port, folder / "postgres.log")) as server:
+        server.wait_until_ready(
+            Readiness(
+                lambda: _accepts_connections(port, password),
+                seconds,
+                awaited="accepting connections",
+                missed=f"accept connections on 127.0.0.1:{port}",
             )
-        except StageError as exc:
-            raise server.failure(exc) from None
+        )
         with _connect(port, password) as connection:
             for database in (TRACKING_DATABASE, AUTH_DATABASE):
                 connection.execute(f"CREATE DATABASE {database}")
         yield PostgresCluster(port, password, server)
-    finally:
-        server.stop(signal.SIGINT)  # SIGINT is PostgreSQL's fast shutdown
-
-
-def _answers_health(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=3) as response:
-            return response.status == 200
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 @dataclass(frozen=True)
@@ -340,24 +290,19 @@ class MlflowServer:
     process: OwnedProcess
 
 
-@contextmanager
-def mlflow_server(
-    cluster: PostgresCluster,
-    folder: Path,
-    admin: Credentials,
-    artifacts_destination: str,
-    port: int | None = None,
-    workers: int = 2,
-    seconds: float = 120.0,
-) -> Iterator[MlflowServer]:
-    """Run `mlflow server` on the cluster's databases with basic auth until the block ends."""
-    folder.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    auth_config = folder / "basic_auth.ini"
-    auth_config.write_text(
-        AUTH_CONFIG.format(database_uri=cluster.uri(AUTH_DATABASE), admin_username=admin.username)
-    )
-    env = {
+@dataclass(frozen=True)
+class ServerSettings:
+    """How `mlflow server` listens and starts: its port (None: a free one), its worker
+    processes, and how long it may take to answer GET /health."""
+
+    port: int | None = None
+    workers: int = 2
+    start_seconds: float = 120.0
+
+
+def _server_env(cluster: PostgresCluster, admin: Credentials, auth_config: Path) -> dict[str, str]:
+    """Return `mlflow server`'s environment: this one's without MLflow's settings, plus its own."""
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
         "PGPASSWORD": cluster.password,  # libpq reads it: no password in argv or files
         "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
@@ -368,6 +313,11 @@ def mlflow_server(
         # No GenAI job runner: it starts seven more processes that training runs never use.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
+
+
+def _server_argv(
+    cluster: PostgresCluster, artifacts_destination: str, port: int, workers: int
+) -> list[str]:
     options = {
         "--backend-store-uri": cluster.uri(TRACKING_DATABASE),
         "--artifacts-destination": artifacts_destination,
@@ -376,19 +326,43 @@ def mlflow_server(
         "--port": str(port),
         "--workers": str(workers),
     }
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", *_flags(options)]
+    return [str(Path(sys.executable).parent / "mlflow"), "server", *_flags(options)]
+
+
+@contextmanager
+def mlflow_server(
+    cluster: PostgresCluster,
+    folder: Path,
+    admin: Credentials,
+    artifacts_destination: str,
+    settings: ServerSettings = ServerSettings(),
+) -> Iterator[MlflowServer]:
+    """Run `mlflow server` on the cluster's databases with basic auth until the block ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = settings.port or free_port()
+    auth_config = folder / "basic_auth.ini"
+    auth_config.write_text(
+        AUTH_CONFIG.format(database_uri=cluster.uri(AUTH_DATABASE), admin_username=admin.username)
+    )
+    command = Command(
+        "mlflow server",
+        _server_argv(cluster, artifacts_destination, port, settings.workers),
+        folder / "mlflow-server.log",
+        _server_env(cluster, admin, auth_config),
+        folder,
+        grace_seconds=STOP_GRACE_SECONDS,
+    )
     url = f"http://127.0.0.1:{port}"
-    server = OwnedProcess("mlflow server", command, folder / "mlflow-server.log", env, folder)
-    try:
-        try:
-            wait_until(
-                lambda: _answers_health(url), seconds, f"mlflow server on {url}", server.alive
+    with owned(command) as server:
+        server.wait_until_ready(
+            Readiness(
+                lambda: answers(port, "/health"),
+                settings.start_seconds,
+                awaited="answering GET /health",
+                missed=f"answer GET /health on {url}",
             )
-        except StageError as exc:
-            raise server.failure(exc) from None
+        )
         yield MlflowServer(url, server)
-    finally:
-        server.stop(signal.SIGTERM)
 
 
 @contextmanager
@@ -419,7 +393,9 @@ def team_server(
             admin = Credentials(ADMIN_USERNAME, new_password())
             destination = artifacts_destination or str(folder / "artifacts")
             server = stack.enter_context(
-                mlflow_server(cluster, folder / "server", admin, destination, port, workers)
+                mlflow_server(
+                    cluster, folder / "server", admin, destination, ServerSettings(port, workers)
+                )
             )
             yield TeamServer(server.url, admin, destination, folder, cluster, server)
     except StageError as exc:

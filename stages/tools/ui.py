@@ -6,16 +6,15 @@ pages). The server is owned: a bounded wait for /health, its process group stopp
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from stages.core.common import StageError
 from stages.core.ports import check_port_free, free_port
-from stages.deploy.serving import HOST, answers, log_tail, started_server
+from stages.core.processes import Command, OwnedProcess, Readiness, owned
+from stages.deploy.serving import HOST, answers
 from stages.tracking.links import StageRuns
 
 START_SECONDS = 180.0  # gunicorn/uvicorn workers on a busy 2-core machine take a minute
@@ -74,31 +73,25 @@ def port_to_use(port: int) -> int:
     return port
 
 
-def wait_until_healthy(process: subprocess.Popen, port: int, log: Path, seconds: float) -> None:
-    """Return once the UI answers /health; raise StageError if it exits or does not answer."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise StageError(
-                f"mlflow ui exited with code {process.returncode} before answering; its last "
-                f"output:\n{log_tail(log)}"
-            )
-        if answers(port, "/health"):
-            return
-        time.sleep(0.5)
-    raise StageError(
-        f"mlflow ui did not answer on {HOST}:{port} within {seconds:g} s; it was stopped. Its "
-        f"last output:\n{log_tail(log)}"
+def readiness(port: int, seconds: float = START_SECONDS) -> Readiness:
+    """Return the wait for the UI on `port`: until it answers GET /health."""
+    return Readiness(
+        lambda: answers(port, "/health"),
+        seconds,
+        awaited="answering",
+        missed=f"answer on {HOST}:{port}",
+        poll_seconds=0.5,
     )
 
 
 @contextmanager
 def ui_server(
     tracking_uri: str, port: int, log: Path, env: Mapping[str, str] | None = None
-) -> Iterator[tuple[str, subprocess.Popen]]:
+) -> Iterator[tuple[str, OwnedProcess]]:
     """Start MLflow's UI on the store, yield its base URL and process once it answers; always
-    stop it."""
+    stop its whole process group."""
     environ = {**(os.environ if env is None else env), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    with started_server(ui_command(tracking_uri, port), environ, port, log) as (_, process):
-        wait_until_healthy(process, port, log, START_SECONDS)
+    command = Command("mlflow ui", ui_command(tracking_uri, port), log, environ)
+    with owned(command) as process:
+        process.wait_until_ready(readiness(port))
         yield f"http://{HOST}:{port}", process

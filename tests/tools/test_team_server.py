@@ -1,19 +1,17 @@
-"""The try-out team server's parts that need no PostgreSQL: finding it, owning processes, waiting."""
+"""The try-out team server's parts that need no PostgreSQL: finding it, ports, the command.
+(Owning its processes and waiting for them: tests/core/test_processes.py.)"""
 
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from stages.core.common import StageError
 from stages.core.ports import PortInUse, check_port_free, free_port
-from stages.tools.team_server import OwnedProcess, postgres_bin_dir, wait_until
+from stages.tools.team_server import postgres_bin_dir
 from tests.conftest import ROOT, stage_env
 
 
@@ -31,46 +29,6 @@ def test_postgres_is_found_on_path_first_then_debians_newest(tmp_path):
 def test_missing_postgres_says_how_to_install_it(tmp_path):
     with pytest.raises(StageError, match="apt-get install -y postgresql"):
         postgres_bin_dir(path="", installed=tmp_path)
-
-
-def _live_members(group: int) -> list[int]:
-    # From /proc: zombies (killed, not yet reaped by init) do not count.
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == group:
-            members.append(int(stat.parent.name))
-    return members
-
-
-def test_an_owned_process_and_its_children_stop_even_when_it_ignores_sigterm(tmp_path):
-    # The leader ignores SIGTERM and leaves a grandchild running: both must still go.
-    script = "import signal, subprocess, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-    script += "subprocess.Popen(['sleep', '300']); print('ready', flush=True); time.sleep(300)"
-    owned = OwnedProcess(
-        "stubborn", [sys.executable, "-c", script], tmp_path / "log", os.environ, tmp_path
-    )
-    wait_until(lambda: "ready" in owned.log_tail(), 30, "stubborn", owned.alive)
-    started = time.monotonic()
-    owned.stop(signal.SIGTERM, seconds=1)
-    assert time.monotonic() - started < 15
-    assert not owned.alive()
-    deadline = time.monotonic() + 10
-    while _live_members(owned.process.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _live_members(owned.process.pid)
-
-
-def test_waiting_stops_when_the_process_dies_or_time_runs_out(tmp_path):
-    with pytest.raises(StageError, match="exited while starting"):
-        wait_until(lambda: False, 10, "server", alive=lambda: False)
-    started = time.monotonic()
-    with pytest.raises(StageError, match="did not become ready within 1 s"):
-        wait_until(lambda: False, 1, "server", alive=lambda: True)
-    assert time.monotonic() - started < 5
 
 
 def test_free_port_is_a_loopback_port_nothing_listens_on():
