@@ -308,7 +308,9 @@ def busy_port(monkeypatch):
         return port
 
     monkeypatch.setattr(ports, "free_port", first_busy)
-    monkeypatch.setattr("stages.core.ports.free_port", first_busy)
+    # and where the launchers took the name: TensorFlow's (processes), PyTorch's (torch_parallel)
+    monkeypatch.setattr("stages.launcher.processes.free_port", first_busy)
+    monkeypatch.setattr("stages.frameworks.torch_parallel.free_port", first_busy)
     yield offered, held.getsockname()[1]
     held.close()
 
