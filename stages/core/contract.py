@@ -70,14 +70,16 @@ class EventWriter(Protocol):  # pragma: no mutate block  (stubs: nothing runs)
 
 
 @runtime_checkable
-class Trainer(Protocol[ModelT, OptimizerT, TensorT]):  # pragma: no mutate block  (stubs: nothing runs)
+class Trainer(Protocol[ModelT, OptimizerT, TensorT]):  # pragma: no mutate block  (stubs)
     """What a framework must provide to be compared; both implementations mirror each other, over
     their framework's network (`ModelT`), optimizer (`OptimizerT`) and tensor (`TensorT`) types."""
 
     framework: Framework
     model_suffix: str  # the file suffix of `save_model`'s native format
 
-    def describe_device(self, requested: str, allow_tf32: bool, threads: int | None = None) -> Device:
+    def describe_device(
+        self, requested: str, allow_tf32: bool, threads: int | None = None
+    ) -> Device:
         """Configure and return the device to train on, with `threads` intra-op threads (None:
         every core); 'cuda' without a GPU is a StageError."""
         ...
