@@ -74,8 +74,15 @@ class Trainer(Protocol[ModelT, OptimizerT, TensorT]):  # pragma: no mutate block
     """What a framework must provide to be compared; both implementations mirror each other, over
     their framework's network (`ModelT`), optimizer (`OptimizerT`) and tensor (`TensorT`) types."""
 
-    framework: Framework
-    model_suffix: str  # the file suffix of `save_model`'s native format
+    @property
+    def framework(self) -> Framework:
+        """Return the framework's short name, "tf" or "torch" (a class attribute will do)."""
+        ...
+
+    @property
+    def model_suffix(self) -> str:
+        """Return the file suffix of `save_model`'s native format (a class attribute will do)."""
+        ...
 
     def describe_device(
         self, requested: str, allow_tf32: bool, threads: int | None = None

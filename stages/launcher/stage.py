@@ -9,6 +9,7 @@ import uuid
 from dataclasses import asdict, replace
 
 from stages.core.common import read_json, remove_outputs
+from stages.core.config import Framework
 from stages.core.data import check_batch_size, load_splits, to_device_data
 from stages.launcher.plan import (
     Launch,
@@ -34,7 +35,7 @@ def run_stage_worker(trainer: DistributedTrainer, job: TrainerJob) -> TrainerMet
     return None
 
 
-def check_before_launch(job: TrainerJob, framework: str, launch: Launch) -> None:
+def check_before_launch(job: TrainerJob, framework: Framework, launch: Launch) -> None:
     """Refuse a batch larger than the training split before any worker starts, and warn on
     stderr when this machine's workers outnumber its cores."""
     sizes = read_json(job.data / "meta.json", "normalize").get("split_sizes", {})
@@ -48,7 +49,7 @@ def check_before_launch(job: TrainerJob, framework: str, launch: Launch) -> None
 
 
 def clean_up_after_failure(
-    job: TrainerJob, framework: str, launch: Launch, error: BaseException
+    job: TrainerJob, framework: Framework, launch: Launch, error: BaseException
 ) -> None:
     """The workers are gone: remove what rank 0 left, and end its MLflow runs (the launch's,
     by `launch_id`) as FAILED, or KILLED on Ctrl-C; with no run yet, record one that says so."""

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from stages.core.config import ModelConfig, TrainConfig
+from stages.core.config import Framework, ModelConfig, TrainConfig
 from stages.core.contract import (
     Device,
     EpochResult,
@@ -97,7 +97,7 @@ class DistributedTrainer:
         self._replicas: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     @property
-    def framework(self) -> str:
+    def framework(self) -> Framework:
         return self.inner.framework
 
     @property
