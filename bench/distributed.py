@@ -50,13 +50,14 @@ class Job:
     arrays: Path = ARRAYS  # the normalized training arrays, x.npy and y.npy
 
 
-def train(trainer, epochs: int, arrays: Path = ARRAYS) -> list[float]:
-    """Return each epoch's seconds: the default network and optimizer, batch_order's batches."""
+def train(trainer, epochs: int, arrays: Path = ARRAYS, threads: int | None = None) -> list[float]:
+    """Return each epoch's seconds: the default network and optimizer, batch_order's batches, on
+    `threads` intra-op threads (None: every core; a worker: its share, whatever `threads`)."""
     from stages.core.config import load_params
     from stages.core.data import batch_order
 
     config = load_params(ROOT / "params.yaml").run_config(trainer.framework)
-    trainer.describe_device("cpu", config.train.allow_tf32)
+    trainer.describe_device("cpu", config.train.allow_tf32, threads)
     x, y = np.load(arrays / "x.npy"), np.load(arrays / "y.npy")
     trainer.seed_everything(0, True)
     model = trainer.build_model(config.model)
@@ -87,7 +88,7 @@ def all_reduce_ms(trainer, repeats: int = 300) -> float:
         return (time.perf_counter() - start) / repeats * 1000
     import tensorflow as tf
 
-    strategy = trainer.inner._strategy
+    strategy = trainer.parallel._strategy
     shapes = [(784, 128), (128,), (128, 10), (10,)]  # the network's variables, as Keras sends them
 
     @tf.function
@@ -122,24 +123,26 @@ def child(name: str, epochs: int, arrays: Path = ARRAYS) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     framework, workers, _ = CONFIGS[name]
     if framework == "tf":
+        from stages.frameworks.tf_parallel import KerasParallel as Parallel
         from stages.frameworks.tf_trainer import KerasTrainer as Trainer
     else:
+        from stages.frameworks.torch_parallel import TorchParallel as Parallel
         from stages.frameworks.torch_trainer import TorchTrainer as Trainer
-    trainer = Trainer()
+    trainer, threads = Trainer(), None
     if name.endswith("-core"):  # one thread, as each of 2 workers has on this 2-core machine
-        trainer.threads = 1
+        threads = 1
         if framework == "tf":
             import tensorflow as tf
 
             tf.config.threading.set_inter_op_parallelism_threads(1)
     if workers == 1:
-        result = {"epoch_seconds": train(trainer, epochs, arrays), "all_reduce_ms": None}
+        result = {"epoch_seconds": train(trainer, epochs, arrays, threads), "all_reduce_ms": None}
         result["launch_seconds"] = None
     else:
         from stages.launcher.plan import Launch
 
         launch = Launch(workers=workers, device="cpu")
-        result = trainer.launch(launch, worker_task, Job(epochs, time.time(), arrays))
+        result = Parallel(trainer).launch(launch, worker_task, Job(epochs, time.time(), arrays))
     print(json.dumps(result))
 
 

@@ -1,9 +1,7 @@
-"""Stage `train-torch`: the network in PyTorch. `TorchTrainer` mirrors `train_tf.KerasTrainer`
-method for method; both implement `training.Trainer`.
-
-The whole training set sits on the device as one tensor and batches are taken by index, in the
-order `training.batch_order` gives both frameworks: no DataLoader, no per-image transforms.
-
+"""Stage `train-torch`: the network in PyTorch, once per seed. One process trains it
+(`training.stage.run_trainer_stage` with `frameworks.torch_trainer.TorchTrainer`); train.workers x
+train.nodes > 1 workers train it data-parallel (`launcher.stage.run_stage` with
+`frameworks.torch_parallel.TorchParallel`). Mirrors `train_tf` line for line.
 """
 
 from __future__ import annotations
@@ -14,11 +12,11 @@ import psutil
 import typer
 
 from stages.core.common import run_cli
-from stages.frameworks.torch_trainer import (
-    TorchTrainer,
-)
+from stages.core.config import load_params
+from stages.frameworks.torch_parallel import TorchParallel
+from stages.frameworks.torch_trainer import TorchTrainer
 from stages.launcher.stage import run_stage
-from stages.training.stage import TrainerOutputs
+from stages.training.stage import TrainerJob, TrainerOutputs, run_trainer_stage
 
 
 def main(
@@ -38,7 +36,11 @@ def main(
 ) -> None:
     """Train the network in PyTorch once per seed."""
     outputs = TrainerOutputs(model, predictions, metrics, history, tensorboard)
-    run_stage(TorchTrainer(), data, outputs, params, psutil.Process().create_time())
+    job = TrainerJob(data, outputs, load_params(params), psutil.Process().create_time())
+    if job.workers == 1:
+        run_trainer_stage(TorchTrainer(), job)
+    else:
+        run_stage(TorchParallel(TorchTrainer()), job)
 
 
 if __name__ == "__main__":

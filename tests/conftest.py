@@ -174,9 +174,10 @@ def run_trainer(
     """Run a trainer stage in-process on the tiny processed data; return its output folder."""
     import psutil
 
+    from stages.core.config import load_params
     from stages.frameworks.tf_trainer import KerasTrainer
     from stages.frameworks.torch_trainer import TorchTrainer
-    from stages.training.stage import TrainerOutputs, run_trainer_stage
+    from stages.training.stage import TrainerJob, TrainerOutputs, run_trainer_stage
 
     processed = workspace / "processed"
     if not processed.exists():
@@ -190,14 +191,12 @@ def run_trainer(
         out / "history.csv",
         out / "tensorboard",
     )
-    run_trainer_stage(
-        trainer,
-        processed,
-        outputs,
-        workspace / "params.yaml",
-        psutil.Process().create_time(),
-        system_metrics_seconds=system_metrics_seconds,
+    params = load_params(workspace / "params.yaml")
+    start = psutil.Process().create_time()
+    job = TrainerJob(
+        processed, outputs, params, start, system_metrics_seconds=system_metrics_seconds
     )
+    run_trainer_stage(trainer, job)
     return out
 
 

@@ -7,13 +7,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from stages.core.config import Framework, ModelConfig, TrainConfig
 
 Weights = list[tuple[np.ndarray, np.ndarray]]  # per dense layer: kernel (fan_in, fan_out), bias
+
+
+# What a framework calls a network, an optimizer and a tensor: keras.Model, keras.optimizers.
+# Optimizer and tf.Tensor in TensorFlow; nn.Module, torch.optim.Optimizer and torch.Tensor in PyTorch.
+ModelT = TypeVar("ModelT")
+OptimizerT = TypeVar("OptimizerT")
+TensorT = TypeVar("TensorT")
 
 
 class NonFiniteLoss(Exception):
@@ -42,7 +49,7 @@ class Device:
     framework_version: str
     cuda_version: str
     threads: int  # intra-op threads the framework runs one operation on
-    workers: int = 1  # data-parallel workers training together (stages/distributed.py)
+    workers: int = 1  # data-parallel workers training together (launcher.workers)
     backend: str = "none"  # their collective backend: gloo, nccl, ring (TensorFlow's gRPC ring)
 
     def as_params(self) -> dict[str, object]:
@@ -63,55 +70,72 @@ class EventWriter(Protocol):  # pragma: no mutate block  (stubs: nothing runs)
 
 
 @runtime_checkable
-class Trainer(Protocol):  # pragma: no mutate block  (stubs: nothing runs)
-    """What a framework must provide to be compared; both implementations mirror each other."""
+class Trainer(Protocol[ModelT, OptimizerT, TensorT]):  # pragma: no mutate block  (stubs)
+    """What a framework must provide to be compared; both implementations mirror each other, over
+    their framework's network (`ModelT`), optimizer (`OptimizerT`) and tensor (`TensorT`) types."""
 
-    framework: Framework
-    model_suffix: str  # the file suffix of `save_model`'s native format
+    @property
+    def framework(self) -> Framework:
+        """Return the framework's short name, "tf" or "torch" (a class attribute will do)."""
+        ...
 
-    def describe_device(self, requested: str, allow_tf32: bool) -> Device:
-        """Configure and return the device to train on; 'cuda' without a GPU is a StageError."""
+    @property
+    def model_suffix(self) -> str:
+        """Return the file suffix of `save_model`'s native format (a class attribute will do)."""
+        ...
+
+    def describe_device(
+        self, requested: str, allow_tf32: bool, threads: int | None = None
+    ) -> Device:
+        """Configure and return the device to train on, with `threads` intra-op threads (None:
+        every core); 'cuda' without a GPU is a StageError."""
         ...
 
     def seed_everything(self, seed: int, deterministic: bool) -> None:
         """Seed every generator training touches; optionally force deterministic kernels."""
         ...
 
-    def build_model(self, model: ModelConfig, initial_weights: Weights | None = None) -> Any:
+    def build_model(self, model: ModelConfig, initial_weights: Weights | None = None) -> ModelT:
         """Return Flatten -> [Dense -> activation -> Dropout] per hidden layer -> Dense (logits)."""
         ...
 
-    def make_optimizer(self, train: TrainConfig, network: Any) -> Any:
+    def make_optimizer(self, train: TrainConfig, network: ModelT) -> OptimizerT:
         """Return the optimizer named by train.optimizer with every setting given explicitly."""
         ...
 
-    def to_device(self, array: np.ndarray, device: str) -> Any:
+    def to_device(self, array: np.ndarray, device: str) -> TensorT:
         """Return the array as a framework tensor on `device`."""
         ...
 
     def train_epoch(
-        self, network: Any, optimizer: Any, x: Any, y: Any, order: np.ndarray, batch_size: int
+        self,
+        network: ModelT,
+        optimizer: OptimizerT,
+        x: TensorT,
+        y: TensorT,
+        order: np.ndarray,
+        batch_size: int,
     ) -> EpochResult:
         """Train one pass over `order` in batches; raise NonFiniteLoss at the first bad step."""
         ...
 
-    def predict_proba(self, network: Any, x: Any, training: bool = False) -> np.ndarray:
+    def predict_proba(self, network: ModelT, x: TensorT, training: bool = False) -> np.ndarray:
         """Return (N, 10) softmax probabilities; evaluation mode unless training=True."""
         ...
 
-    def save_model(self, network: Any, path: Path) -> None:
+    def save_model(self, network: ModelT, path: Path) -> None:
         """Save the network in the framework's native format."""
         ...
 
-    def load_model(self, path: Path, model: ModelConfig, device: str) -> Any:
+    def load_model(self, path: Path, model: ModelConfig, device: str) -> ModelT:
         """Return the network saved at `path`, ready to predict on `device`."""
         ...
 
-    def count_parameters(self, network: Any) -> int:
+    def count_parameters(self, network: ModelT) -> int:
         """Return the number of trainable parameters."""
         ...
 
-    def log_model(self, network: Any, input_example: np.ndarray, registered_name: str) -> None:
+    def log_model(self, network: ModelT, input_example: np.ndarray, registered_name: str) -> None:
         """Log the network with its MLflow flavor, signature and pins, and register it."""
         ...
 

@@ -1,8 +1,9 @@
-"""Stage `train-tf`: the network in TensorFlow/Keras. `KerasTrainer` mirrors
-`train_torch.TorchTrainer` method for method; both implement `training.Trainer`.
+"""The network trained in one process in TensorFlow/Keras. `KerasTrainer` mirrors
+`torch_trainer.TorchTrainer` method for method; both implement `core.contract.Trainer`
+(`tf_parallel.KerasParallel` trains it data-parallel).
 
 The whole training set sits on the device as one tensor and batches are taken by index, in the
-order `training.batch_order` gives both frameworks, through one compiled graph per epoch.
+order `core.data.batch_order` gives both frameworks, through one compiled graph per epoch.
 
 """
 
@@ -15,27 +16,16 @@ import random
 import time
 import weakref
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext, suppress
+from contextlib import suppress
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from stages.core.common import StageError, native_stderr_filtered
 from stages.core.config import ModelConfig, TrainConfig
-from stages.core.contract import Device, EpochResult, NonFiniteLoss, Weights
+from stages.core.contract import Device, EpochResult, NonFiniteLoss, Trainer, Weights
 from stages.core.data import layer_sizes
 from stages.core.dataset import IMAGE_SHAPE
-from stages.launcher.plan import (
-    COLLECTIVE_TIMEOUT_SECONDS,
-    Launch,
-    StepTotals,
-    WorkerBatches,
-    WorkerPlan,
-    worker_device,
-)
-from stages.launcher.processes import launch_processes
-from stages.launcher.workers import Task
 
 # TensorFlow's C++ start-up lines and a tf.data attribute notice during model logging are
 # informational, and printed before any setting can silence them.
@@ -69,13 +59,6 @@ class _OneTracePerModel(logging.Filter):
 
 
 tf.get_logger().addFilter(_OneTracePerModel())
-
-
-# A worker whose port was taken between choosing and binding it fails with this (then retried).
-PORT_TAKEN = "Could not start gRPC server"
-
-
-_collectives: dict[str, tf.types.experimental.PolymorphicFunction] = {}  # one strategy a process
 
 
 JIT_COMPILE = False  # XLA made the training step slower on this CPU: see bench/results.md
@@ -120,44 +103,6 @@ def _train_steps(network: keras.Model, optimizer: keras.optimizers.Optimizer):
     return compiled["train"]
 
 
-def _replica_steps(
-    network: keras.Model,
-    optimizer: keras.optimizers.Optimizer,
-    strategy: tf.distribute.Strategy,
-):
-    # As _train_steps, each step this worker's slice under strategy.run: apply_gradients sums the
-    # gradients over workers (Keras 3 under a tf.distribute strategy), and the loss is the slice's
-    # share of the global batch's mean loss, so the sum is the whole batch's gradient.
-    compiled = _compiled.setdefault(network, {})
-    if "replica-train" not in compiled:
-
-        def step(x, y, index, weight):
-            x_batch, y_batch = tf.gather(x, index), tf.gather(y, index)
-            with tf.GradientTape() as tape:
-                logits = network(x_batch, training=True)
-                loss = tf.reduce_sum(
-                    weight * tf.nn.sparse_softmax_cross_entropy_with_logits(y_batch, logits)
-                )
-            gradients = tape.gradient(loss, network.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
-            right = (tf.argmax(logits, axis=1) == y_batch) & (weight > 0)  # padding excluded
-            return loss, tf.reduce_sum(tf.cast(right, tf.int64))
-
-        @tf.function(jit_compile=JIT_COMPILE, reduce_retracing=True)
-        def steps(x, y, index, weight):  # index, weight: (steps, slice) this worker's slices
-            losses = tf.TensorArray(tf.float32, size=tf.shape(index)[0])
-            correct = tf.constant(0, tf.int64)
-            for i in tf.range(tf.shape(index)[0]):
-                outputs = strategy.run(step, args=(x, y, index[i], weight[i]))
-                loss, step_correct = strategy.experimental_local_results(outputs)[0]  # 1 replica
-                losses = losses.write(i, loss)
-                correct += step_correct
-            return losses.stack(), correct
-
-        compiled["replica-train"] = steps
-    return compiled["replica-train"]
-
-
 def _predict(network: keras.Model, training: bool):
     # One trace per network and mode: a fixed input signature, so no shape ever retraces.
     compiled = _compiled.setdefault(network, {})
@@ -173,7 +118,7 @@ def _predict(network: keras.Model, training: bool):
 
 class EventWriter:
     """Scalars into TensorBoard event files with TensorFlow's own `tf.summary`; mirrors
-    `train_torch.EventWriter` (`training.EventWriter`)."""
+    `torch_trainer.EventWriter` (`core.contract.EventWriter`)."""
 
     def __init__(self, folder: Path):
         self._writer = tf.summary.create_file_writer(str(folder))
@@ -190,16 +135,17 @@ class EventWriter:
         self._writer.close()
 
 
-class KerasTrainer:
-    """The `training.Trainer` contract in TensorFlow/Keras, and `distributed.ParallelTrainer`'s."""
+class KerasTrainer(Trainer[keras.Model, keras.optimizers.Optimizer, tf.Tensor]):
+    """The `core.contract.Trainer` contract in TensorFlow/Keras."""
 
     framework = "tf"
     model_suffix = ".keras"
-    threads: int | None = None  # intra-op threads; None: every core (one worker per machine)
-    _strategy: tf.distribute.Strategy | None = None  # set by `join` in a worker
 
-    def describe_device(self, requested: str, allow_tf32: bool) -> Device:
-        """Configure and return the device to train on; 'cuda' without a GPU is a StageError."""
+    def describe_device(
+        self, requested: str, allow_tf32: bool, threads: int | None = None
+    ) -> Device:
+        """Configure and return the device to train on, with `threads` intra-op threads (None:
+        every core); 'cuda' without a GPU is a StageError."""
         gpus = tf.config.list_physical_devices("GPU")
         if requested == "cuda" and not gpus:
             raise StageError(
@@ -212,13 +158,13 @@ class KerasTrainer:
             with suppress(RuntimeError):  # a worker: `join` set this before TensorFlow started
                 tf.config.set_visible_devices([], "GPU")
             gpus = []
-        if self._strategy is not None:  # a worker's single GPU, configured by `join`
+        else:  # every GPU, or a worker's single one (`KerasParallel.join` hid the others)
             gpus = tf.config.get_visible_devices("GPU")
         for gpu in gpus:  # take GPU memory as needed, not all of it at start
             with suppress(RuntimeError):
                 tf.config.experimental.set_memory_growth(gpu, True)
         tf.config.experimental.enable_tensor_float_32_execution(allow_tf32)
-        threads = self.threads or len(os.sched_getaffinity(0))  # the same rule in both trainers
+        threads = threads or len(os.sched_getaffinity(0))  # the same rule in both trainers
         with suppress(RuntimeError):  # TensorFlow already ran an op here (tests): keep its pool
             tf.config.threading.set_intra_op_parallelism_threads(threads)
         build = tf.sysconfig.get_build_info()
@@ -373,104 +319,3 @@ class KerasTrainer:
     def summary_writer(self, folder: Path) -> EventWriter:
         """Return a writer of scalar summaries into TensorBoard event files in `folder`."""
         return EventWriter(folder)
-
-    # -- data-parallel: distributed.ParallelTrainer --------------------------------------------
-
-    def launch(self, launch: Launch, task: Task, argument: Any) -> Any:
-        """Start this machine's workers as processes, run `task` on each, wait; return rank 0's
-        result. A failing worker stops the others and raises WorkerFailed."""
-        return launch_processes(self, launch, task, argument, port_taken=PORT_TAKEN)
-
-    def join(self, plan: WorkerPlan, requested: str) -> str:
-        """Share out the threads, take this worker's GPU if each has one, and create the
-        MultiWorkerMirroredStrategy: all before TensorFlow's first operation, which fixes them."""
-        gpus = tf.config.list_physical_devices("GPU")
-        device = worker_device(requested, len(gpus), plan.local_world_size, "TensorFlow")
-        self.threads = plan.threads
-        tf.config.threading.set_intra_op_parallelism_threads(plan.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(plan.threads)
-        if device == "cuda":
-            tf.config.set_visible_devices(gpus[plan.local_rank], "GPU")
-            tf.config.experimental.set_memory_growth(gpus[plan.local_rank], True)
-        else:
-            tf.config.set_visible_devices([], "GPU")
-        cluster = tf.distribute.cluster_resolver.SimpleClusterResolver(
-            tf.train.ClusterSpec({"worker": list(plan.addresses)}),
-            task_type="worker",
-            task_id=plan.rank,
-            rpc_layer="grpc",
-        )
-        implementation = tf.distribute.experimental.CommunicationImplementation
-        # No timeout on the strategy's own collectives (each step's gradients): TensorFlow
-        # starts a thread per timed collective that sleeps out the whole timeout (issue 62466),
-        # thousands a minute at this step rate. A worker that dies or stops is caught anyway by
-        # the coordination service's heartbeats; `all_reduce_sum` carries the timeout.
-        options = tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation.NCCL if device == "cuda" else implementation.RING
-        )
-        self._strategy = tf.distribute.MultiWorkerMirroredStrategy(
-            cluster_resolver=cluster, communication_options=options
-        )
-        return device
-
-    def backend(self, device: str) -> str:
-        """Return NCCL on GPUs, TensorFlow's gRPC ring all-reduce on the CPU."""
-        return "nccl" if device == "cuda" else "ring"
-
-    def replica_scope(self) -> AbstractContextManager[Any]:
-        """Return the strategy's scope: variables created in it are mirrored on every worker."""
-        return self._strategy.scope() if self._strategy else nullcontext()
-
-    def replicate(self, network: keras.Model) -> keras.Model:
-        """The network built in `replica_scope` is already the replica."""
-        return network
-
-    def train_steps(
-        self,
-        replica: keras.Model,
-        optimizer: keras.optimizers.Optimizer,
-        x: tf.Tensor,
-        y: tf.Tensor,
-        batches: WorkerBatches,
-    ) -> StepTotals:
-        """Train this worker's slice of every global batch; losses summed over workers later."""
-        run_steps = _replica_steps(replica, optimizer, self._strategy)
-        index, weight = tf.constant(batches.index), tf.constant(batches.weight)
-        # the first step alone, as train_epoch does, to time it
-        first_losses, first_correct = run_steps(x, y, index[:1], weight[:1])
-        first_losses = first_losses.numpy()
-        first_step_done = time.perf_counter()
-        losses, correct = run_steps(x, y, index[1:], weight[1:])
-        return StepTotals(
-            np.concatenate([first_losses, losses.numpy()]).astype(np.float64),
-            int(first_correct) + int(correct),
-            first_step_done,
-        )
-
-    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
-        """Return the vector summed over all workers."""
-        if "all-reduce" not in _collectives:
-            strategy = self._strategy
-
-            timed = tf.distribute.experimental.CommunicationOptions(
-                timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS
-            )
-
-            def replica_sum(vector):
-                context = tf.distribute.get_replica_context()
-                # (a copy made in the replica: an input as such has no device to reduce to)
-                local = tf.identity(vector)
-                return context.all_reduce(tf.distribute.ReduceOp.SUM, local, options=timed)
-
-            @tf.function(input_signature=[tf.TensorSpec([None], tf.float64)])
-            def reduce(vector):
-                summed = strategy.run(replica_sum, args=(vector,))
-                return strategy.experimental_local_results(summed)[0]
-
-            _collectives["all-reduce"] = reduce
-        return _collectives["all-reduce"](tf.constant(values, tf.float64)).numpy()
-
-    def leave(self) -> None:
-        """Wait until every worker is done: TensorFlow's workers watch each other's heartbeats,
-        and one that exits while another still works is reported as a crash."""
-        self.all_reduce_sum(np.zeros(1))

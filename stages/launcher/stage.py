@@ -1,19 +1,16 @@
-"""A trainer stage on train.workers workers: rank 0 runs the one-process stage, the others train
-alongside it; a failure cleans up what rank 0 left.
+"""A trainer stage on train.workers x train.nodes workers, through its framework's engine: rank 0
+runs the one-process stage, the others train alongside it; a failure cleans up what rank 0 left.
 """
 
 from __future__ import annotations
 
 import sys
 import uuid
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, replace
 
-from stages.core.common import StageError, read_json, remove_outputs
-from stages.core.config import load_params
-from stages.core.contract import Trainer
+from stages.core.common import read_json, remove_outputs
+from stages.core.config import Framework
 from stages.core.data import check_batch_size, load_splits, to_device_data
-from stages.core.layout import META_FILE
 from stages.launcher.plan import (
     Launch,
     available_cores,
@@ -21,28 +18,15 @@ from stages.launcher.plan import (
 )
 from stages.launcher.workers import DistributedTrainer, ParallelTrainer
 from stages.training.loop import train_one_seed
-from stages.training.stage import TrainerOutputs, run_trainer_stage
+from stages.training.stage import TrainerJob, run_trainer_stage
 from stages.training.summary import TrainerMetrics
 
 
-@dataclass(frozen=True)
-class StageJob:
-    """What every worker of a trainer stage needs: the stage's paths and when the stage started."""
-
-    data: Path
-    outputs: TrainerOutputs
-    params: Path
-    process_start: float
-    tags: dict[str, str] = field(default_factory=dict)  # on rank 0's MLflow runs
-
-
-def run_stage_worker(trainer: DistributedTrainer, job: StageJob) -> TrainerMetrics | None:
+def run_stage_worker(trainer: DistributedTrainer, job: TrainerJob) -> TrainerMetrics | None:
     """Rank 0 runs the whole stage (outputs, MLflow); every other worker trains alongside it."""
     if trainer.plan.rank == 0:
-        return run_trainer_stage(
-            trainer, job.data, job.outputs, job.params, job.process_start, job.tags
-        )
-    config = load_params(job.params).run_config(trainer.framework)
+        return run_trainer_stage(trainer, job)
+    config = job.params.run_config(trainer.framework)
     device = trainer.describe_device(config.train.device, config.train.allow_tf32)
     splits = load_splits(job.data, config.scheme, read_json(job.data / META_FILE, "normalize"))
     tensors = to_device_data(trainer, splits, device.kind)
@@ -51,53 +35,57 @@ def run_stage_worker(trainer: DistributedTrainer, job: StageJob) -> TrainerMetri
     return None
 
 
-def run_stage(
-    trainer: Trainer, data: Path, outputs: TrainerOutputs, params: Path, process_start: float
-) -> TrainerMetrics | None:
-    """Run a trainer stage on train.workers workers: one trains in this process, exactly as
-    before; more are started through the framework's engine and rank 0 writes the outputs."""
-    all_params = load_params(params)
-    train = all_params.run_config(trainer.framework).train
-    launch = Launch.from_train(train)
-    if launch.world_size == 1:
-        return run_trainer_stage(
-            trainer, data, outputs, params, process_start, all_params.tag_values()
-        )
-    if not isinstance(trainer, ParallelTrainer):
-        raise StageError(f"the {trainer.framework} trainer cannot train on several workers")
-    sizes = read_json(data / META_FILE, "normalize").get("split_sizes", {})
-    if "train" in sizes:  # before any worker starts (load_splits checks meta.json itself)
-        key = all_params.batch_size_key(trainer.framework)
-        check_batch_size(train.batch_size, key, sizes["train"], data)
+def check_before_launch(job: TrainerJob, framework: Framework, launch: Launch) -> None:
+    """Refuse a batch larger than the training split before any worker starts, and warn on
+    stderr when this machine's workers outnumber its cores."""
+    sizes = read_json(job.data / META_FILE, "normalize").get("split_sizes", {})
+    if "train" in sizes:  # (load_splits checks meta.json itself)
+        train = job.params.run_config(framework).train
+        key = job.params.batch_size_key(framework)
+        check_batch_size(train.batch_size, key, sizes["train"], job.data)
     warning = oversubscription_warning(launch.workers, available_cores())
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    launch_id = uuid.uuid4().hex
-    tags = {**all_params.tag_values(), "launch_id": launch_id}
-    job = StageJob(data, outputs, params, process_start, tags)
-    try:
-        metrics = trainer.launch(launch, run_stage_worker, job)
-    except BaseException as exc:
-        if launch.node_rank == 0:  # the workers are gone: clean up what rank 0 left
-            from stages.tracking.runs import end_runs_tagged, record_failed_stage
 
-            remove_outputs(*asdict(outputs).values())
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            experiment = all_params.mlflow.experiment_name
-            if not end_runs_tagged(experiment, "launch_id", launch_id, status):
-                # rank 0's runs open after its first epoch: a failure before that gets one here
-                tags = {
-                    **job.tags,
-                    "framework": trainer.framework,
-                    "workers": str(launch.world_size),
-                }
-                record_failed_stage(
-                    f"train-{trainer.framework}", experiment, tags, status, str(exc)
-                )
+
+def clean_up_after_failure(
+    job: TrainerJob, framework: Framework, launch: Launch, error: BaseException
+) -> None:
+    """The workers are gone: remove what rank 0 left, and end its MLflow runs (the launch's,
+    by `launch_id`) as FAILED, or KILLED on Ctrl-C; with no run yet, record one that says so."""
+    from stages.tracking.runs import end_runs_tagged, record_failed_stage
+
+    remove_outputs(*asdict(job.outputs).values())
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    experiment = job.params.mlflow.experiment_name
+    if not end_runs_tagged(experiment, "launch_id", job.tags["launch_id"], status):
+        # rank 0's runs open after its first epoch: a failure before that gets one here
+        tags = {
+            **job.params.tag_values(),
+            **job.tags,
+            "framework": framework,
+            "workers": str(launch.world_size),
+        }
+        record_failed_stage(f"train-{framework}", experiment, tags, status, str(error))
+
+
+def run_stage(parallel: ParallelTrainer, job: TrainerJob) -> TrainerMetrics | None:
+    """Run a trainer stage on train.workers workers on this machine (of train.nodes), started
+    through the framework's engine; rank 0 writes the outputs and returns the metrics (None on
+    the other machines)."""
+    framework = parallel.trainer.framework
+    launch = Launch.from_train(job.params.run_config(framework).train)
+    check_before_launch(job, framework, launch)
+    job = replace(job, tags={**job.tags, "launch_id": uuid.uuid4().hex})
+    try:
+        metrics = parallel.launch(launch, run_stage_worker, job)
+    except BaseException as exc:
+        if launch.node_rank == 0:
+            clean_up_after_failure(job, framework, launch, exc)
         raise
     if launch.node_rank:
         print(
-            f"[{trainer.framework}] node {launch.node_rank}: {launch.workers} workers trained "
+            f"[{framework}] node {launch.node_rank}: {launch.workers} workers trained "
             f"alongside node 0, which wrote the outputs",
             flush=True,
         )

@@ -1,5 +1,6 @@
-"""What a framework adds to train data-parallel (`ParallelTrainer`), and the `Trainer` seen as one
-of several workers (`DistributedTrainer`).
+"""What a framework adds to train its `Trainer` data-parallel (`ParallelTrainer`, an adapter
+beside the trainer), and the pair seen as one `Trainer` among several workers
+(`DistributedTrainer`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,17 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from stages.core.config import ModelConfig, TrainConfig
-from stages.core.contract import Device, EpochResult, NonFiniteLoss, Trainer, Weights
+from stages.core.config import Framework, ModelConfig, TrainConfig
+from stages.core.contract import (
+    Device,
+    EpochResult,
+    ModelT,
+    NonFiniteLoss,
+    OptimizerT,
+    TensorT,
+    Trainer,
+    Weights,
+)
 from stages.launcher.plan import (
     Launch,
     StepTotals,
@@ -25,8 +35,12 @@ from stages.launcher.plan import (
 
 
 @runtime_checkable
-class ParallelTrainer(Trainer, Protocol):
-    """A `Trainer` that its framework's own engine can also train data-parallel."""
+class ParallelTrainer(Protocol[ModelT, OptimizerT, TensorT]):  # pragma: no mutate block  (stubs)
+    """What a framework adds to train its `Trainer` data-parallel with its own engine: an adapter
+    beside the trainer (`frameworks.tf_parallel.KerasParallel`, `torch_parallel.TorchParallel`)
+    that holds it. Not a `Trainer`: `DistributedTrainer` makes the pair one."""
+
+    trainer: Trainer[ModelT, OptimizerT, TensorT]  # the one-process trainer it trains
 
     def launch(self, launch: Launch, task: Task, argument: Any) -> Any:
         """Start this machine's workers, run `task(DistributedTrainer, argument)` on each, wait
@@ -47,12 +61,12 @@ class ParallelTrainer(Trainer, Protocol):
         """Return the context in which networks and optimizers are created as replicas."""
         ...
 
-    def replicate(self, network: Any) -> Any:
+    def replicate(self, network: ModelT) -> ModelT:
         """Return the network as the engine trains it across workers (gradients summed)."""
         ...
 
     def train_steps(
-        self, replica: Any, optimizer: Any, x: Any, y: Any, batches: WorkerBatches
+        self, replica: ModelT, optimizer: OptimizerT, x: TensorT, y: TensorT, batches: WorkerBatches
     ) -> StepTotals:
         """Train this worker's slice of every global batch: loss sum(weight * cross-entropy)."""
         ...
@@ -70,29 +84,34 @@ Task = Callable[["DistributedTrainer", Any], Any]
 
 
 class DistributedTrainer:
-    """The `training.Trainer` contract as one of several data-parallel workers: each epoch takes
-    this worker's slice of every global batch and sums the results over all workers, so it
-    returns what a single process training on the whole batches would."""
+    """The `core.contract.Trainer` contract as one of several data-parallel workers: a trainer
+    (`inner`) and its framework's `ParallelTrainer` adapter (`parallel`). Each epoch takes this
+    worker's slice of every global batch and sums the results over all workers, so it returns
+    what a single process training on the whole batches would."""
 
-    def __init__(self, inner: ParallelTrainer, plan: WorkerPlan, device: str):
-        self.inner = inner
+    def __init__(self, parallel: ParallelTrainer, plan: WorkerPlan, device: str):
+        self.inner = parallel.trainer  # what trains in one process: its module is the user's code
+        self.parallel = parallel
         self.plan = plan
-        self.device = device  # what `inner.join` chose
+        self.device = device  # what `parallel.join` chose
         self._replicas: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     @property
-    def framework(self) -> str:
+    def framework(self) -> Framework:
         return self.inner.framework
 
     @property
     def model_suffix(self) -> str:
         return self.inner.model_suffix
 
-    def describe_device(self, requested: str, allow_tf32: bool) -> Device:
-        """Return the worker's device (the one `join` chose), its worker count and backend."""
-        device = self.inner.describe_device(self.device, allow_tf32)
+    def describe_device(
+        self, requested: str, allow_tf32: bool, threads: int | None = None
+    ) -> Device:
+        """Return the worker's device (the one `join` chose, whatever `requested`), its share of
+        the machine's threads (`WorkerPlan.threads`, whatever `threads`), worker count and backend."""
+        device = self.inner.describe_device(self.device, allow_tf32, self.plan.threads)
         return replace(
-            device, workers=self.plan.world_size, backend=self.inner.backend(self.device)
+            device, workers=self.plan.world_size, backend=self.parallel.backend(self.device)
         )
 
     def seed_everything(self, seed: int, deterministic: bool) -> None:
@@ -101,12 +120,12 @@ class DistributedTrainer:
 
     def build_model(self, model: ModelConfig, initial_weights: Weights | None = None) -> Any:
         """Return the network, created as a replica."""
-        with self.inner.replica_scope():
+        with self.parallel.replica_scope():
             return self.inner.build_model(model, initial_weights)
 
     def make_optimizer(self, train: TrainConfig, network: Any) -> Any:
         """Return the optimizer, created as a replica."""
-        with self.inner.replica_scope():
+        with self.parallel.replica_scope():
             return self.inner.make_optimizer(train, network)
 
     def to_device(self, array: np.ndarray, device: str) -> Any:
@@ -118,10 +137,10 @@ class DistributedTrainer:
         """Train this worker's slices of one epoch; return the epoch's loss and accuracy over all
         workers. A non-finite loss is found after the epoch, at the same step on every worker."""
         if network not in self._replicas:
-            self._replicas[network] = self.inner.replicate(network)
+            self._replicas[network] = self.parallel.replicate(network)
         batches = worker_batches(order, batch_size, self.plan.rank, self.plan.world_size)
-        local = self.inner.train_steps(self._replicas[network], optimizer, x, y, batches)
-        totals = self.inner.all_reduce_sum(np.append(local.losses, local.correct))
+        local = self.parallel.train_steps(self._replicas[network], optimizer, x, y, batches)
+        totals = self.parallel.all_reduce_sum(np.append(local.losses, local.correct))
         losses, correct = totals[:-1], float(totals[-1])
         bad = np.flatnonzero(~np.isfinite(losses))
         if len(bad):
@@ -150,10 +169,10 @@ class DistributedTrainer:
 
 
 def run_worker(
-    trainer: ParallelTrainer, plan: WorkerPlan, task: Task, argument: Any, requested: str
+    parallel: ParallelTrainer, plan: WorkerPlan, task: Task, argument: Any, requested: str
 ) -> Any:
     """In a worker: join the job, run the task as this worker, leave; return the task's result."""
-    device = trainer.join(plan, requested)
-    result = task(DistributedTrainer(trainer, plan, device), argument)
-    trainer.leave()
+    device = parallel.join(plan, requested)
+    result = task(DistributedTrainer(parallel, plan, device), argument)
+    parallel.leave()
     return result

@@ -96,34 +96,56 @@ def epoch_slices(order: np.ndarray, batch_size: int, steps: int) -> list[np.ndar
     return [order[start : start + span] for start in range(0, len(order), span)]
 
 
-def train_epoch_in_slices(
-    trainer: Trainer,
-    network: Any,
-    optimizer: Any,
-    tensors: DeviceData,
-    order: np.ndarray,
-    batch_size: int,
-    label: str,
-    progress_after_seconds: float | None,
-) -> EpochResult:
+@dataclass(frozen=True)
+class Training:
+    """What one seed's epochs train: the trainer, its network and optimizer, the data on the
+    device, and the batch size."""
+
+    trainer: Trainer
+    network: Any
+    optimizer: Any
+    tensors: DeviceData
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ProgressBar:
+    """A progress bar on stderr within a long epoch: its label, and how long the epoch runs before
+    it shows (None: never)."""
+
+    label: str
+    after_seconds: float | None
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """What a seed reports as it trains: each epoch's history row to `on_epoch`, and a progress
+    bar within a long epoch after `progress_after_seconds` (None: none)."""
+
+    on_epoch: Callable[[dict[str, float]], None] | None = None
+    progress_after_seconds: float | None = None
+
+
+def train_epoch_in_slices(training: Training, order: np.ndarray, bar: ProgressBar) -> EpochResult:
     """Train one epoch as one train_epoch call, or, when longer than EPOCH_SLICE_STEPS steps, as
-    one call per slice, with a progress bar on stderr once the epoch has run for
-    `progress_after_seconds` (None: never). The slices take the very steps one call would."""
+    one call per slice, with `bar` on stderr. The slices take the very steps one call would."""
+    trainer, network, optimizer = training.trainer, training.network, training.optimizer
+    batch_size = training.batch_size
     slices = epoch_slices(order, batch_size, EPOCH_SLICE_STEPS)
-    x, y = tensors.x_train, tensors.y_train
+    x, y = training.tensors.x_train, training.tensors.y_train
     if len(slices) == 1:
         return trainer.train_epoch(network, optimizer, x, y, order, batch_size)
     results, done = [], 0
-    bar = tqdm(
+    progress_bar = tqdm(
         total=-(-len(order) // batch_size),
-        desc=label,
+        desc=bar.label,
         unit="step",
         file=sys.stderr,
         leave=False,
-        delay=progress_after_seconds or 0.0,
-        disable=progress_after_seconds is None,
+        delay=bar.after_seconds or 0.0,
+        disable=bar.after_seconds is None,
     )
-    with bar:
+    with progress_bar:
         for part in slices:
             try:
                 results.append(trainer.train_epoch(network, optimizer, x, y, part, batch_size))
@@ -131,7 +153,7 @@ def train_epoch_in_slices(
                 raise NonFiniteLoss(done + exc.step, exc.loss, exc.previous) from None
             steps = -(-len(part) // batch_size)
             done += steps
-            bar.update(steps)
+            progress_bar.update(steps)
     sizes = [len(part) for part in slices]
     correct = sum(round(r.accuracy * n) for r, n in zip(results, sizes, strict=True))
     return EpochResult(
@@ -141,70 +163,85 @@ def train_epoch_in_slices(
     )
 
 
+def start_training(trainer: Trainer, config: RunConfig, tensors: DeviceData, seed: int) -> Training:
+    """Seed everything, then build the network (from the shared weights if model.init says so)
+    and its optimizer."""
+    model_config, train = config.model, config.train
+    trainer.seed_everything(seed, train.deterministic)
+    initial = shared_weights(model_config, seed) if model_config.init == "shared" else None
+    model = trainer.build_model(model_config, initial)
+    optimizer = trainer.make_optimizer(train, model)
+    return Training(trainer, model, optimizer, tensors, train.batch_size)
+
+
+def train_and_validate(
+    training: Training,
+    config: RunConfig,
+    splits: Splits,
+    seed: int,
+    epoch: int,
+    reporting: Reporting,
+) -> tuple[dict[str, float], EpochResult, float]:
+    """Train epoch `epoch` and validate after it; return its history row, its result and the CPU
+    seconds it took. A non-finite loss is a StageError naming where and what to change."""
+    trainer, train = training.trainer, config.train
+    order = batch_order(len(splits.train.y), seed, epoch)
+    start, cpu_start = time.perf_counter(), process_cpu_seconds()
+    label = f"[{trainer.framework}] seed {seed} epoch {epoch}/{train.epochs}"
+    try:
+        result = train_epoch_in_slices(
+            training, order, ProgressBar(label, reporting.progress_after_seconds)
+        )
+    except NonFiniteLoss as exc:
+        steps_per_epoch = -(-len(splits.train.y) // train.batch_size)
+        raise StageError(divergence_message(exc, config, seed, epoch, steps_per_epoch)) from None
+    seconds = time.perf_counter() - start
+    cpu_seconds = process_cpu_seconds() - cpu_start
+    row = {
+        "epoch": epoch,
+        "train_loss": result.loss,
+        "train_accuracy": result.accuracy,
+        "seconds": seconds,
+    }
+    if len(splits.val.y):
+        val_probabilities = trainer.predict_proba(training.network, training.tensors.x_val)
+        row["val_loss"], row["val_accuracy"] = loss_and_accuracy(val_probabilities, splits.val.y)
+    return row, result, cpu_seconds
+
+
 def train_one_seed(
     trainer: Trainer,
     config: RunConfig,
     splits: Splits,
     tensors: DeviceData,
     seed: int,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    progress_after_seconds: float | None = None,
+    reporting: Reporting | None = None,
 ) -> SeedResult:
     """Train one model from `seed`: every epoch, validation after each, the test at the end;
-    progress within a long epoch after `progress_after_seconds` (None: none)."""
-    model_config, train = config.model, config.train
-    trainer.seed_everything(seed, train.deterministic)
-    initial = shared_weights(model_config, seed) if model_config.init == "shared" else None
-    model = trainer.build_model(model_config, initial)
-    optimizer = trainer.make_optimizer(train, model)
-    steps_per_epoch = -(-len(splits.train.y) // train.batch_size)
+    each epoch's row and progress within a long epoch as `reporting` says (default: neither)."""
+    reporting = reporting or Reporting()
+    train = config.train
+    training = start_training(trainer, config, tensors, seed)
     history: list[dict[str, float]] = []
     first_step_done = 0.0
     train_seconds = cpu_seconds = 0.0
     for epoch in range(1, train.epochs + 1):
-        order = batch_order(len(splits.train.y), seed, epoch)
-        start, cpu_start = time.perf_counter(), process_cpu_seconds()
-        label = f"[{trainer.framework}] seed {seed} epoch {epoch}/{train.epochs}"
-        try:
-            result = train_epoch_in_slices(
-                trainer,
-                model,
-                optimizer,
-                tensors,
-                order,
-                train.batch_size,
-                label,
-                progress_after_seconds,
-            )
-        except NonFiniteLoss as exc:
-            raise StageError(
-                divergence_message(exc, config, seed, epoch, steps_per_epoch)
-            ) from None
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
-        cpu_seconds += process_cpu_seconds() - cpu_start
+        row, result, epoch_cpu_seconds = train_and_validate(
+            training, config, splits, seed, epoch, reporting
+        )
+        train_seconds += row["seconds"]
+        cpu_seconds += epoch_cpu_seconds
         first_step_done = first_step_done or result.first_step_done
-        row = {
-            "epoch": epoch,
-            "train_loss": result.loss,
-            "train_accuracy": result.accuracy,
-            "seconds": seconds,
-        }
-        if len(splits.val.y):
-            val_probabilities = trainer.predict_proba(model, tensors.x_val)
-            row["val_loss"], row["val_accuracy"] = loss_and_accuracy(
-                val_probabilities, splits.val.y
-            )
         history.append(row)
-        if on_epoch:
-            on_epoch(row)
+        if reporting.on_epoch:
+            reporting.on_epoch(row)
     test_probabilities = trainer.predict_proba(
-        model, tensors.x_test, training=train.dropout_at_test
+        training.network, tensors.x_test, training=train.dropout_at_test
     )
     test_loss, test_accuracy = loss_and_accuracy(test_probabilities, splits.test.y)
     return SeedResult(
         seed=seed,
-        model=model,
+        model=training.network,
         history=history,
         probabilities=test_probabilities,
         test_loss=test_loss,

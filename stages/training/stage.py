@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from stages.core.common import (
     staged_outputs,
     write_json,
 )
-from stages.core.config import RunConfig, load_params
+from stages.core.config import Params, RunConfig
 from stages.core.contract import Device, Trainer
 from stages.core.data import (
     DeviceData,
@@ -28,10 +28,11 @@ from stages.core.data import (
     load_splits,
     to_device_data,
 )
-from stages.core.layout import META_FILE, MODEL_NAME, model_file
+from stages.core.layout import META_FILE, model_file, registered_model_name
 from stages.core.measure import Phases, measure_latency
 from stages.training.loop import (
     PROGRESS_AFTER_SECONDS,
+    Reporting,
     SeedResult,
     chance_level_warning,
     check_reload,
@@ -40,6 +41,7 @@ from stages.training.loop import (
     train_one_seed,
 )
 from stages.training.summary import (
+    StageFacts,
     TrainerMetrics,
     mean_history,
     summarize,
@@ -145,26 +147,53 @@ def seed_run(
         yield run
 
 
+@dataclass(frozen=True)
+class TrainerJob:
+    """A trainer stage's run: where its data is, what it writes, its parameters (loaded once, by
+    the stage's entry point), when its process started, tags for its MLflow runs beyond the
+    usual ones (a data-parallel launch's id), and how often MLflow samples the machine."""
+
+    data: Path
+    outputs: TrainerOutputs
+    params: Params
+    process_start: float
+    tags: Mapping[str, str] = field(default_factory=dict)
+    system_metrics_seconds: float = SYSTEM_METRICS_SECONDS
+
+    @property
+    def workers(self) -> int:
+        """Return the data-parallel workers across every machine: train.workers x train.nodes."""
+        return self.params.train.workers * self.params.train.nodes
+
+
+@dataclass(frozen=True)
+class SeedContext:
+    """What every seed of a trainer stage shares: the trainer, its settings, the data (as arrays
+    and on the device), the device, the stage's MLflow run (opened when first needed), the runs'
+    tags and the stage's phase clock."""
+
+    trainer: Trainer
+    config: RunConfig
+    splits: Splits
+    tensors: DeviceData
+    device: Device
+    stage: Deferred
+    tags: Mapping[str, str]
+    phases: Phases
+
+
 def train_seed_run(
-    trainer: Trainer,
-    config: RunConfig,
-    splits: Splits,
-    tensors: DeviceData,
-    seed: int,
-    model_dir: Path,
-    tensorboard_dir: Path,
-    device: Device,
-    stage: Deferred,
-    tags: Mapping[str, str],
-    phases: Phases,
+    context: SeedContext, seed: int, folders: TrainerOutputs
 ) -> SeedResult:  # pragma: no mutate block
     """Train, save and check one seed inside its own nested MLflow run, which opens when the
-    first epoch has something to log; each epoch's losses and accuracies also go to TensorBoard
-    event files in `tensorboard_dir/seed-<seed>`."""
+    first epoch has something to log; the model goes to `folders.model_dir`, and each epoch's
+    losses and accuracies to TensorBoard event files in `folders.tensorboard/seed-<seed>`."""
+    trainer, config, phases = context.trainer, context.config, context.phases
     framework, epochs = trainer.framework, config.train.epochs
     name, params = f"train-{framework}-seed-{seed}", {**config.flat(), "seed": seed}
-    events = tensorboard_dir / f"seed-{seed}"
-    with Deferred(lambda: seed_run(stage, name, {**tags, "seed": str(seed)}, params)) as run:
+    events = folders.tensorboard / f"seed-{seed}"
+    tags = {**context.tags, "seed": str(seed)}
+    with Deferred(lambda: seed_run(context.stage, name, tags, params)) as run:
         # the event files open with the first epoch's row too (PyTorch's writer imports
         # TensorBoard), and are complete before they are logged
         with Deferred(lambda: closing(trainer.summary_writer(events))) as writer:
@@ -176,12 +205,14 @@ def train_seed_run(
                 writer.get().write(int(row["epoch"]), tensorboard_scalars(row))
                 print(progress(framework, seed, epochs, row), flush=True)
 
+            reporting = Reporting(on_epoch, PROGRESS_AFTER_SECONDS)
             result = train_one_seed(
-                trainer, config, splits, tensors, seed, on_epoch, PROGRESS_AFTER_SECONDS
+                trainer, config, context.splits, context.tensors, seed, reporting
             )
-        path = model_dir / model_file(seed, trainer.model_suffix)
+        path = folders.model_dir / model_file(seed, trainer.model_suffix)
         trainer.save_model(result.model, path)
-        check_reload(trainer, path, result.model, config.model, tensors.x_test, device.kind)
+        x_test, device = context.tensors.x_test, context.device.kind
+        check_reload(trainer, path, result.model, config.model, x_test, device)
         log_seed_result(result, path, events)
     print(
         f"[{framework}] seed {seed}: test accuracy {result.test_accuracy:.4f}, "
@@ -194,104 +225,101 @@ def train_seed_run(
     return result
 
 
+def set_up(trainer: Trainer, job: TrainerJob) -> tuple[RunConfig, Device, dict, Splits]:
+    """Return the trainer's settings, its device, normalize's meta.json and the splits, the
+    batch size checked against the training split."""
+    framework = trainer.framework
+    config = job.params.run_config(framework)
+    device = trainer.describe_device(config.train.device, config.train.allow_tf32)
+    meta = read_json(job.data / META_FILE, "normalize")
+    splits = load_splits(job.data, config.scheme, meta)
+    check_batch_size(
+        config.train.batch_size,
+        job.params.batch_size_key(framework),
+        len(splits.train.y),
+        job.data,
+    )
+    return config, device, meta, splits
+
+
+def write_outputs(
+    context: SeedContext, results: list[SeedResult], job: TrainerJob, folders: TrainerOutputs
+) -> TrainerMetrics:  # pragma: no mutate block
+    """Measure the first model's latency, then write the predictions, history and metrics into
+    `folders` (the staging paths of `job.outputs`), log and register the first model, and log
+    the summary on the stage's run; return the metrics."""
+    trainer, device, phases, splits = (
+        context.trainer,
+        context.device,
+        context.phases,
+        context.splits,
+    )
+    framework = trainer.framework
+    run = context.stage.get()
+    with phases.phase("latency"):
+        latency = measure_latency(
+            lambda batch: trainer.predict_proba(results[0].model, batch),
+            trainer.to_device(splits.test.x[:1], device.kind),
+            trainer.to_device(splits.test.x[:1000], device.kind),
+        )
+    first_model = folders.model_dir / model_file(results[0].seed, trainer.model_suffix)
+    facts = StageFacts(device, first_model, job.process_start, run.info.run_id)
+    metrics = summarize(trainer, results, latency, facts)
+    np.save(folders.predictions, np.stack([r.probabilities for r in results]))
+    rows = mean_history([r.history for r in results])
+    write_history(folders.history, rows)
+    with phases.phase("model_logging"), native_stderr_filtered(*REGISTRY_NOISE):
+        trainer.log_model(results[0].model, splits.test.x[:5], registered_model_name(framework))
+    metrics = replace(
+        metrics,
+        stage_seconds=phases.since_start(),
+        phase_seconds=dict(phases.seconds),
+    )
+    log_summary(metrics, rows, folders.history, job.outputs.history.name)
+    write_json(folders.metrics, asdict(metrics))
+    return metrics
+
+
 def run_trainer_stage(
-    trainer: Trainer,
-    data: Path,
-    outputs: TrainerOutputs,
-    params: Path,
-    process_start: float,
-    extra_tags: Mapping[str, str] | None = None,
-    system_metrics_seconds: float = SYSTEM_METRICS_SECONDS,
+    trainer: Trainer, job: TrainerJob
 ) -> TrainerMetrics:  # pragma: no mutate block
     """Run a trainer stage: load, train every seed, write the outputs, log and register;
-    MLflow samples the machine (system metrics) every `system_metrics_seconds` on the stage run."""
-    phases = Phases(process_start)
+    MLflow samples the machine (system metrics) every `job.system_metrics_seconds` on the stage
+    run."""
+    phases = Phases(job.process_start)
     framework = trainer.framework
     with phases.phase("setup"):
-        all_params = load_params(params)
-        config = all_params.run_config(framework)
-        device = trainer.describe_device(config.train.device, config.train.allow_tf32)
-        meta = read_json(data / META_FILE, "normalize")
-        splits = load_splits(data, config.scheme, meta)
-        check_batch_size(
-            config.train.batch_size,
-            all_params.batch_size_key(framework),
-            len(splits.train.y),
-            data,
-        )
+        config, device, meta, splits = set_up(trainer, job)
     tags = {
         "framework": framework,
         "normalize_run_id": meta.get("mlflow_run_id", ""),
         "device": device.kind,
         "workers": str(device.workers),
         "backend": device.backend,
-        **(extra_tags or {}),
+        **job.params.tag_values(),
+        **job.tags,
     }
-    experiment, params_logged = (
-        all_params.mlflow.experiment_name,
-        {
-            **config.flat(),
-            **device.as_params(),
-        },
-    )
+    experiment = job.params.mlflow.experiment_name
+    params_logged = {**config.flat(), **device.as_params()}
+    seconds = job.system_metrics_seconds
     # MLflow's import and store set-up take seconds: the runs open when the first epoch has
     # something to log, so training starts first (and MLflow's system metrics with the run,
     # after that epoch; `cpu_utilisation_percent` counts every epoch).
     with (
-        Deferred(
-            lambda: trainer_run(framework, experiment, tags, params_logged, system_metrics_seconds)
-        ) as stage,
-        staged_outputs(*asdict(outputs).values()) as temps,
+        Deferred(lambda: trainer_run(framework, experiment, tags, params_logged, seconds)) as stage,
+        staged_outputs(*asdict(job.outputs).values()) as temps,
     ):
         tmp = TrainerOutputs(*temps)
         tmp.model_dir.mkdir()
         tmp.tensorboard.mkdir()
         with phases.phase("setup"):
             tensors = to_device_data(trainer, splits, device.kind)
+        context = SeedContext(trainer, config, splits, tensors, device, stage, tags, phases)
         with phases.phase("training"):
-            results = [
-                train_seed_run(
-                    trainer,
-                    config,
-                    splits,
-                    tensors,
-                    seed,
-                    tmp.model_dir,
-                    tmp.tensorboard,
-                    device,
-                    stage,
-                    tags,
-                    phases,
-                )
-                for seed in config.train.seeds
-            ]
-        run = stage.get()
-        with phases.phase("latency"):
-            latency = measure_latency(
-                lambda batch: trainer.predict_proba(results[0].model, batch),
-                trainer.to_device(splits.test.x[:1], device.kind),
-                trainer.to_device(splits.test.x[:1000], device.kind),
-            )
-        first_model = tmp.model_dir / model_file(results[0].seed, trainer.model_suffix)
-        metrics = summarize(
-            trainer, results, latency, device, first_model, process_start, run.info.run_id
-        )
-        np.save(tmp.predictions, np.stack([r.probabilities for r in results]))
-        rows = mean_history([r.history for r in results])
-        write_history(tmp.history, rows)
-        with phases.phase("model_logging"), native_stderr_filtered(*REGISTRY_NOISE):
-            trainer.log_model(
-                results[0].model, splits.test.x[:5], MODEL_NAME.format(framework=framework)
-            )
-        metrics = replace(
-            metrics,
-            stage_seconds=phases.since_start(),
-            phase_seconds=dict(phases.seconds),
-        )
-        log_summary(metrics, rows, tmp.history, outputs.history.name)
-        write_json(tmp.metrics, asdict(metrics))
+            results = [train_seed_run(context, seed, tmp) for seed in config.train.seeds]
+        metrics = write_outputs(context, results, job, tmp)
     from stages.tracking.runs import model_version
 
-    version = model_version(MODEL_NAME.format(framework=framework), run.info.run_id) or "?"
+    version = model_version(registered_model_name(framework), metrics.mlflow_run_id) or "?"
     print(summary_line(metrics, version), flush=True)
     return metrics

@@ -15,7 +15,7 @@ from stages.core.common import (
     peak_rss_mb,
 )
 from stages.core.contract import Device, Trainer
-from stages.core.layout import MODEL_NAME
+from stages.core.layout import registered_model_name
 from stages.core.measure import Latency, count_code_lines
 from stages.training.loop import (
     SeedResult,
@@ -75,17 +75,22 @@ class TrainerMetrics:
         } | {f"phase_seconds.{k}": v for k, v in self.phase_seconds.items()}
 
 
+@dataclass(frozen=True)
+class StageFacts:
+    """What the metrics record of a trainer stage beyond its seeds and latency: the device, the
+    first seed's model file, when the stage's process started, and its MLflow run."""
+
+    device: Device
+    model_file: Path
+    process_start: float
+    run_id: str
+
+
 def summarize(
-    trainer: Trainer,
-    results: list[SeedResult],
-    latency: Latency,
-    device: Device,
-    model_file: Path,
-    process_start: float,
-    run_id: str,
+    trainer: Trainer, results: list[SeedResult], latency: Latency, facts: StageFacts
 ) -> TrainerMetrics:
     """Return the stage's metrics: accuracy as the mean over seeds, speed as the median."""
-    first = results[0]
+    first, device = results[0], facts.device
     tags = {tag for r in results for row in r.history for tag in tensorboard_scalars(row)}
     # first_step_done is a perf_counter reading; turn it into wall-clock time
     first_step_wall = time.time() - (time.perf_counter() - first.first_step_done)
@@ -97,16 +102,16 @@ def summarize(
         seeds=[r.seed for r in results],
         train_seconds=float(np.median([r.train_seconds for r in results])),
         samples_per_second=float(np.median([r.samples_per_second for r in results])),
-        seconds_to_first_step=first_step_wall - process_start,
+        seconds_to_first_step=first_step_wall - facts.process_start,
         peak_rss_mb=peak_rss_mb(),
         parameters=trainer.count_parameters(first.model),
-        model_file_bytes=model_file.stat().st_size,
+        model_file_bytes=facts.model_file.stat().st_size,
         **asdict(latency),
         device=device.kind,
         device_name=device.name,
         framework_version=device.framework_version,
         cuda_version=device.cuda_version,
-        mlflow_run_id=run_id,
+        mlflow_run_id=facts.run_id,
         workers=device.workers,
         backend=device.backend,
         tensorboard_tags=sorted(tags),
@@ -117,7 +122,8 @@ def summarize(
 
 def trainer_code_lines(trainer: Trainer) -> int:
     """Return the non-blank, non-comment lines of the module that implements `trainer`'s class
-    (a data-parallel wrapper's inner trainer's): what a user writes to train in that framework."""
+    (a data-parallel worker's `inner` trainer's, not its adapter's): what a user writes to train
+    in that framework."""
     implementation = type(getattr(trainer, "inner", trainer))
     return count_code_lines(inspect.getsource(inspect.getmodule(implementation)))
 
@@ -135,7 +141,7 @@ def summary_line(metrics: TrainerMetrics, version: str) -> str:
     return (
         f"[{metrics.framework}] mean test accuracy {metrics.test_accuracy:.4f} over "
         f"{len(metrics.seeds)} seeds; median {metrics.train_seconds:.1f} s per training run; "
-        f"registered {MODEL_NAME.format(framework=metrics.framework)} version {version}"
+        f"registered {registered_model_name(metrics.framework)} version {version}"
     )
 
 

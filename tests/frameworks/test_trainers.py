@@ -4,6 +4,7 @@ import inspect
 import json
 import os
 import signal
+import typing
 from pathlib import Path
 
 import mlflow
@@ -48,6 +49,28 @@ def test_both_trainers_implement_the_contract_with_its_signatures():
             actual = inspect.signature(getattr(type(trainer), name))
             assert list(actual.parameters) == list(expected.parameters), name
     assert {t.framework for t in TRAINERS.values()} == {"tf", "torch"}
+    public = [
+        sorted(name for name in vars(type(trainer)) if not name.startswith("_"))
+        for trainer in TRAINERS.values()
+    ]
+    assert public[0] == public[1] == sorted([*members, "framework", "model_suffix"])  # no more
+
+
+def test_the_contract_is_generic_over_each_frameworks_model_optimizer_and_tensor():
+    import keras
+    import tensorflow as tf
+
+    assert len(Trainer.__parameters__) == 3  # ModelT, OptimizerT, TensorT
+    declared = {
+        framework: typing.get_args(type(trainer).__orig_bases__[0])
+        for framework, trainer in TRAINERS.items()
+    }
+    assert declared == {
+        "tf": (keras.Model, keras.optimizers.Optimizer, tf.Tensor),
+        "torch": (torch.nn.Module, torch.optim.Optimizer, torch.Tensor),
+    }
+    hints = typing.get_type_hints(Trainer.train_epoch)
+    assert [hints[name] for name in ("network", "optimizer", "x")] == list(Trainer.__parameters__)
 
 
 @pytest.mark.parametrize("framework", ["tf", "torch"])

@@ -65,12 +65,13 @@ def equivalence(trainer: DistributedTrainer, experiments: dict[str, Experiment])
 
 def world(trainer: DistributedTrainer, _: object) -> tuple[int, int, int]:
     """Return (rank, world size, the sum of every rank plus one): who joined."""
-    total = trainer.inner.all_reduce_sum(np.array([trainer.plan.rank + 1.0]))
+    total = trainer.parallel.all_reduce_sum(np.array([trainer.plan.rank + 1.0]))
     return trainer.plan.rank, trainer.plan.world_size, int(total[0])
 
 
-class FailingTrainer:
-    """A framework's trainer whose worker `rank` raises in its `epoch`-th epoch (from 1)."""
+class FailingParallel:
+    """A framework's data-parallel adapter whose worker `rank` raises in its `epoch`-th epoch
+    (from 1)."""
 
     def __init__(self, inner: Any, rank: int, epoch: int):
         self.inner, self.failing_rank, self.failing_epoch = inner, rank, epoch
@@ -98,8 +99,8 @@ class FailingTrainer:
 WRITE_EVENTS = ("open", "os.mkdir", "os.rename", "os.replace", "os.remove", "shutil.rmtree")
 
 
-class WriteRecordingTrainer:
-    """A framework's trainer whose every worker records, through a Python audit hook, each file
+class WriteRecordingParallel:
+    """A framework's data-parallel adapter whose every worker records, through a Python audit hook, each file
     it creates, writes, renames or removes under `watched`: one line per write, in
     `log_folder/rank-<rank>.log` (outside `watched`)."""
 

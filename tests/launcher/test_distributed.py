@@ -31,10 +31,12 @@ from hypothesis import strategies as st
 
 from stages.core import ports
 from stages.core.common import StageError
-from stages.core.config import ParamsError, parse_params
+from stages.core.config import ParamsError, load_params, parse_params
 from stages.core.contract import Trainer
 from stages.core.data import batch_order
+from stages.frameworks.tf_parallel import KerasParallel
 from stages.frameworks.tf_trainer import KerasTrainer
+from stages.frameworks.torch_parallel import TorchParallel
 from stages.frameworks.torch_trainer import TorchTrainer
 from stages.launcher import plan as launcher_plan
 from stages.launcher.failures import Failure, WorkerFailed, describe_exception, first_failure
@@ -42,13 +44,15 @@ from stages.launcher.plan import Launch, worker_batches, worker_device
 from stages.launcher.rendezvous import exchange_addresses
 from stages.launcher.stage import run_stage
 from stages.launcher.workers import DistributedTrainer, ParallelTrainer
-from stages.training.stage import TrainerOutputs
+from stages.training.stage import TrainerJob, TrainerOutputs
+from stages.training.summary import trainer_code_lines
 from tests.conftest import DEBIAN_FASHION, ROOT, copy_repo, write_processed
 from tests.frameworks.test_trainers import tiny_splits
 from tests.launcher import distributed_tasks
-from tests.launcher.distributed_tasks import Experiment, FailingTrainer, WriteRecordingTrainer
+from tests.launcher.distributed_tasks import Experiment, FailingParallel, WriteRecordingParallel
 
 TRAINERS = {"tf": KerasTrainer, "torch": TorchTrainer}
+PARALLELS = {"tf": KerasParallel, "torch": TorchParallel}
 BACKENDS = {"tf": "ring", "torch": "gloo"}
 TWO_ON_CPU = Launch(workers=2, device="cpu")
 
@@ -134,26 +138,56 @@ def test_the_reported_failure_is_the_cause_not_a_peer_losing_it():
     assert describe_exception(StageError("data/x.npy not found")) == "data/x.npy not found"
 
 
-def test_both_trainers_offer_the_data_parallel_contract():
-    extra = [
+def parallel(framework: str) -> ParallelTrainer:
+    """Return the framework's data-parallel adapter around a fresh trainer."""
+    return PARALLELS[framework](TRAINERS[framework]())
+
+
+def stage_job(workspace: Path, tag: str, start: float) -> TrainerJob:
+    """Return the trainer stage's job on the workspace's processed data and params.yaml."""
+    params = load_params(workspace / "params.yaml")
+    return TrainerJob(workspace / "processed", outputs(workspace, tag), params, start)
+
+
+def test_both_adapters_offer_the_data_parallel_contract_and_the_trainers_only_theirs():
+    members = [
         name
         for name in dir(ParallelTrainer)
-        if not name.startswith("_")
-        and callable(getattr(ParallelTrainer, name))
-        and not hasattr(Trainer, name)
+        if not name.startswith("_") and callable(getattr(ParallelTrainer, name))
     ]
-    assert sorted(extra) == sorted(
+    assert sorted(members) == sorted(
         ["launch", "join", "backend", "replica_scope", "replicate", "train_steps"]
         + ["all_reduce_sum", "leave"]
     )
-    for trainer in TRAINERS.values():
-        assert isinstance(trainer(), ParallelTrainer)
-        for name in extra:
+    for framework, adapter in PARALLELS.items():
+        trainer = TRAINERS[framework]()
+        assert isinstance(adapter(trainer), ParallelTrainer) and adapter(trainer).trainer is trainer
+        assert not isinstance(trainer, ParallelTrainer)
+        assert not any(hasattr(trainer, name) for name in members)  # a Trainer and nothing else
+        assert not hasattr(trainer, "threads")  # given to describe_device, not set by join
+        for name in members:
             expected = inspect.signature(getattr(ParallelTrainer, name))
-            actual = inspect.signature(getattr(trainer, name))
+            actual = inspect.signature(getattr(adapter, name))
             assert list(actual.parameters) == list(expected.parameters), name
-    wrapped = DistributedTrainer(TorchTrainer(), launcher_plan.WorkerPlan(0, 2, 0, 2), "cpu")
+    public = {
+        framework: sorted(name for name in vars(adapter) if not name.startswith("_"))
+        for framework, adapter in PARALLELS.items()
+    }
+    assert public["tf"] == public["torch"]  # mirrored method for method
+    wrapped = DistributedTrainer(parallel("torch"), launcher_plan.WorkerPlan(0, 2, 0, 2), "cpu")
     assert isinstance(wrapped, Trainer) and wrapped.framework == "torch"
+    assert wrapped.inner.describe_device("cpu", False, threads=1).threads == 1
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_the_code_lines_are_the_trainers_module_in_one_process_and_on_workers(framework):
+    trainer = TRAINERS[framework]()
+    module = Path(inspect.getfile(type(trainer)))
+    assert module.name == f"{framework}_trainer.py"
+    wrapped = DistributedTrainer(
+        PARALLELS[framework](trainer), launcher_plan.WorkerPlan(0, 2, 0, 2), "cpu"
+    )
+    assert trainer_code_lines(wrapped) == trainer_code_lines(trainer) > 100
 
 
 def test_nodes_exchange_their_workers_addresses_through_node_0():
@@ -206,7 +240,7 @@ def test_two_workers_take_the_same_steps_as_one(params_dict, framework, busy_por
     alone_sgd = distributed_tasks.step_losses(one, runs["sgd"])
     alone_adam = distributed_tasks.one_seed(one, runs["adam"])
 
-    two = TRAINERS[framework]().launch(TWO_ON_CPU, distributed_tasks.equivalence, runs)
+    two = parallel(framework).launch(TWO_ON_CPU, distributed_tasks.equivalence, runs)
 
     assert two["rank"] == 0
     offered, busy = busy_port
@@ -274,7 +308,9 @@ def busy_port(monkeypatch):
         return port
 
     monkeypatch.setattr(ports, "free_port", first_busy)
-    monkeypatch.setattr("stages.core.ports.free_port", first_busy)
+    # and where the launchers took the name: TensorFlow's (processes), PyTorch's (torch_parallel)
+    monkeypatch.setattr("stages.launcher.processes.free_port", first_busy)
+    monkeypatch.setattr("stages.frameworks.torch_parallel.free_port", first_busy)
     yield offered, held.getsockname()[1]
     held.close()
 
@@ -284,17 +320,12 @@ def test_stage_on_two_workers_writes_rank_0s_outputs_deterministically(
     workspace, params_dict, framework, capfd
 ):
     stage_workspace(workspace, params_dict)  # one seed: the slow test below runs two
-    params = workspace / "params.yaml"
     start = psutil.Process().create_time()
-    first = run_stage(
-        TRAINERS[framework](), workspace / "processed", outputs(workspace, "first"), params, start
-    )
+    first = run_stage(parallel(framework), stage_job(workspace, "first", start))
     console = capfd.readouterr().out
     assert console.count(f"[{framework}] seed 0 epoch 1/2") == 1  # rank 0 alone reports
     assert f"registered mnist-mlp-{framework} version 1" in console
-    second = run_stage(
-        TRAINERS[framework](), workspace / "processed", outputs(workspace, "second"), params, start
-    )
+    second = run_stage(parallel(framework), stage_job(workspace, "second", start))
 
     predictions = np.load(workspace / "first/predictions.npy")
     assert predictions.shape == (1, 100, 10)
@@ -318,9 +349,9 @@ def test_only_rank_0_writes_the_stage_outputs(workspace, params_dict, tmp_path_f
     stage_workspace(workspace, params_dict, epochs=1)
     logs = tmp_path_factory.mktemp("writes")  # outside the watched folder
     out = outputs(workspace, "out")
-    trainer = WriteRecordingTrainer(TorchTrainer(), workspace / "out", logs)
+    recording = WriteRecordingParallel(parallel("torch"), workspace / "out", logs)
     start = psutil.Process().create_time()
-    metrics = run_stage(trainer, workspace / "processed", out, workspace / "params.yaml", start)
+    metrics = run_stage(recording, stage_job(workspace, "out", start))
 
     assert metrics is not None and out.metrics.exists() and out.predictions.exists()
     writes = {path.stem: path.read_text().splitlines() for path in logs.glob("rank-*.log")}
@@ -335,16 +366,10 @@ def test_only_rank_0_writes_the_stage_outputs(workspace, params_dict, tmp_path_f
 @pytest.mark.parametrize("framework", ["tf", "torch"])
 def test_a_worker_that_raises_fails_the_stage_with_its_error(workspace, params_dict, framework):
     stage_workspace(workspace, params_dict, epochs=3)
-    trainer = FailingTrainer(TRAINERS[framework](), rank=1, epoch=2)
+    failing = FailingParallel(parallel(framework), rank=1, epoch=2)
     start = time.time()
     with pytest.raises(WorkerFailed) as failed:
-        run_stage(
-            trainer,
-            workspace / "processed",
-            outputs(workspace, "out"),
-            workspace / "params.yaml",
-            start,
-        )
+        run_stage(failing, stage_job(workspace, "out", start))
     assert str(failed.value) == "worker 1 of 2 failed: RuntimeError: deliberate failure in worker 1"
     assert not (workspace / "out").exists() or list((workspace / "out").iterdir()) == []
     runs = stage_runs(f"train-{framework}")
@@ -549,13 +574,11 @@ def test_a_batch_larger_than_the_split_is_refused_before_workers_start(
     def no_launch(*args):
         raise AssertionError("workers started")
 
-    monkeypatch.setattr(KerasTrainer, "launch", no_launch)
+    monkeypatch.setattr(KerasParallel, "launch", no_launch)
     start = psutil.Process().create_time()
     processed = workspace / "processed"
     with pytest.raises(StageError) as error:
-        run_stage(
-            KerasTrainer(), processed, outputs(workspace, "out"), workspace / "params.yaml", start
-        )
+        run_stage(parallel("tf"), stage_job(workspace, "out", start))
     assert str(error.value) == (
         f"train.batch_size=302 is larger than the training split (300 images in {processed}); "
         "use at most 300"
@@ -580,15 +603,9 @@ def test_the_warning_is_one_line_on_stderr_at_stage_start(
     stage_workspace(workspace, params_dict, workers=8)
     monkeypatch.setattr(launcher_plan, "available_cores", lambda: 2)  # no 8 workers started
     launched = []
-    monkeypatch.setattr(KerasTrainer, "launch", lambda *args: launched.append(args[1]))
+    monkeypatch.setattr(KerasParallel, "launch", lambda *args: launched.append(args[1]))
     start = psutil.Process().create_time()
-    run_stage(
-        KerasTrainer(),
-        workspace / "processed",
-        outputs(workspace, "out"),
-        workspace / "params.yaml",
-        start,
-    )
+    run_stage(parallel("tf"), stage_job(workspace, "out", start))
     assert launched[0].workers == 8
     err = capsys.readouterr().err
     assert err == launcher_plan.oversubscription_warning(8, 2) + "\n"

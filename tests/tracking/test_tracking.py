@@ -255,9 +255,9 @@ def test_a_trainer_stage_run_and_its_seed_runs_carry_the_tag_params(workspace, p
     import psutil
     import yaml
 
+    from stages.core.config import load_params
     from stages.frameworks.torch_trainer import TorchTrainer
-    from stages.launcher.stage import run_stage
-    from stages.training.stage import TrainerOutputs
+    from stages.training.stage import TrainerJob, TrainerOutputs, run_trainer_stage
     from tests.conftest import write_processed
 
     params_dict["mlflow"]["tag_params"] = ["train.learning_rate", "train.optimizer.name"]
@@ -273,7 +273,8 @@ def test_a_trainer_stage_run_and_its_seed_runs_carry_the_tag_params(workspace, p
         out / "tensorboard",
     )
     start = psutil.Process().create_time()
-    run_stage(TorchTrainer(), workspace / "processed", outputs, workspace / "params.yaml", start)
+    params = load_params(workspace / "params.yaml")
+    run_trainer_stage(TorchTrainer(), TrainerJob(workspace / "processed", outputs, params, start))
     experiment = mlflow.get_experiment_by_name("tf-vs-torch")
     runs = mlflow.MlflowClient().search_runs([experiment.experiment_id])
     assert {run.info.run_name for run in runs} == {"train-torch", "train-torch-seed-0"}

@@ -15,6 +15,7 @@ from stages.core.contract import Device, EpochResult, NonFiniteLoss
 from stages.core.data import Split, Splits, batch_order, load_splits, shared_weights, to_device_data
 from stages.core.measure import Latency, Phases
 from stages.training.loop import (
+    Reporting,
     SeedResult,
     chance_level_warning,
     check_reload,
@@ -22,7 +23,7 @@ from stages.training.loop import (
     tensorboard_scalars,
     train_one_seed,
 )
-from stages.training.summary import mean_history, summarize, write_history
+from stages.training.summary import StageFacts, mean_history, summarize, write_history
 from tests.conftest import write_processed
 
 
@@ -65,9 +66,8 @@ def test_summary_is_the_mean_accuracy_and_the_median_time_over_seeds(tmp_path):
     model_file = tmp_path / "m.pt"
     model_file.write_bytes(b"x" * 123)
     device = Device("cpu", "test cpu", "1.0", "12.4", 2, workers=4, backend="gloo")
-    summary = summarize(
-        FakeTrainer(), results, Latency(0.1, 0.2, 3.0), device, model_file, 0.0, "run-1"
-    )
+    facts = StageFacts(device, model_file, 0.0, "run-1")
+    summary = summarize(FakeTrainer(), results, Latency(0.1, 0.2, 3.0), facts)
     assert (summary.device_name, summary.framework_version, summary.cuda_version) == (
         "test cpu",
         "1.0",
@@ -93,7 +93,8 @@ def test_cpu_utilisation_is_the_epochs_cpu_time_over_their_cores_time(tmp_path, 
     model_file = tmp_path / "m.pt"
     model_file.write_bytes(b"x")
     device = Device("cpu", "test cpu", "1.0", "none", 2)
-    summary = summarize(FakeTrainer(), results, Latency(0.1, 0.2, 3.0), device, model_file, 0, "")
+    facts = StageFacts(device, model_file, 0, "")
+    summary = summarize(FakeTrainer(), results, Latency(0.1, 0.2, 3.0), facts)
     assert summary.cpu_utilisation_percent == 75.0  # 60 CPU seconds of 2 cores x 40 s
     assert summary.headline()["cpu_utilisation_percent"] == 75.0  # on the stage run too
 
@@ -286,9 +287,8 @@ def test_time_to_first_step_counts_from_the_process_start(tmp_path):
         **{**seed_result(0, 0.9, 1.0).__dict__, "first_step_done": time.perf_counter() - 2.0}
     )  # the first step ended 2 s ago, and the process started 5 s ago
     device = Device("cpu", "test cpu", "1.0", "none", 2)
-    summary = summarize(
-        FakeTrainer(), [first], Latency(0.1, 0.2, 3.0), device, model_file, time.time() - 5.0, ""
-    )
+    facts = StageFacts(device, model_file, time.time() - 5.0, "")
+    summary = summarize(FakeTrainer(), [first], Latency(0.1, 0.2, 3.0), facts)
     assert 2.9 < summary.seconds_to_first_step < 3.5
 
 
@@ -369,7 +369,7 @@ def test_the_seed_loop_asks_each_framework_the_same_things(init):
     trainer = ScriptedTrainer()
     tensors = to_device_data(trainer, splits, "cpu")
     rows = []
-    result = train_one_seed(trainer, config, splits, tensors, 3, on_epoch=rows.append)
+    result = train_one_seed(trainer, config, splits, tensors, 3, Reporting(on_epoch=rows.append))
     assert trainer.calls == [
         ("to_device", "cpu"),
         ("to_device", "cpu"),
@@ -435,9 +435,8 @@ def test_a_long_epoch_trains_in_slices_and_shows_its_progress(monkeypatch, capsy
     for after_seconds, shown in ((None, False), (1e9, False), (0.0, True)):
         trainer = SliceTrainer()
         tensors = to_device_data(trainer, splits, "cpu")
-        result = train_one_seed(
-            trainer, config, splits, tensors, 0, progress_after_seconds=after_seconds
-        )
+        reporting = Reporting(progress_after_seconds=after_seconds)
+        result = train_one_seed(trainer, config, splits, tensors, 0, reporting)
         assert [call for call in trainer.calls if call[0] == "epoch"] == [
             ("epoch", order[0:2], 1),
             ("epoch", order[2:4], 1),
@@ -455,7 +454,7 @@ def test_an_epoch_of_one_slice_is_one_call_and_shows_nothing(capsys):
     splits = _splits(train=6)
     trainer = ScriptedTrainer()
     tensors = to_device_data(trainer, splits, "cpu")
-    train_one_seed(trainer, config, splits, tensors, 0, progress_after_seconds=0.0)
+    train_one_seed(trainer, config, splits, tensors, 0, Reporting(progress_after_seconds=0.0))
     assert [call[0] for call in trainer.calls].count("epoch") == 1
     assert capsys.readouterr().err == ""
 
