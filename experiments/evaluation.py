@@ -7,7 +7,12 @@ from __future__ import annotations
 import math
 
 EVALUATION = "metrics/evaluate.json"  # the evaluate stage's metrics: the tables' numbers
-VERDICTS = ("equivalent", "tf_better", "torch_better", "inconclusive")  # stages/core/comparison.py's
+VERDICTS = (
+    "equivalent",
+    "tf_better",
+    "torch_better",
+    "inconclusive",
+)  # stages/core/comparison.py's
 
 
 def accuracy_cell(evaluation: dict, framework: str) -> str:

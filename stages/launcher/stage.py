@@ -11,6 +11,7 @@ from dataclasses import asdict, replace
 from stages.core.common import read_json, remove_outputs
 from stages.core.config import Framework
 from stages.core.data import check_batch_size, load_splits, to_device_data
+from stages.core.layout import META_FILE
 from stages.launcher.plan import (
     Launch,
     available_cores,
