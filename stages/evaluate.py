@@ -17,7 +17,7 @@ import typer
 
 from stages.core.common import StageError, read_json, run_cli, staged_outputs, write_json
 from stages.core.comparison import compare, load_predictions, read_history
-from stages.core.config import FRAMEWORKS, load_params
+from stages.core.config import FRAMEWORKS, Framework, load_params
 from stages.core.data import Split, load_splits
 from stages.core.layout import (
     CONFUSIONS_PLOT,
@@ -58,13 +58,13 @@ class Evidence:
 
     meta: dict[str, Any]  # `normalize`'s meta.json
     test: Split
-    trainer_metrics: dict[str, dict[str, Any]]
-    probabilities: dict[str, np.ndarray]
-    histories: dict[str, list[dict[str, float]]]
+    trainer_metrics: dict[Framework, dict[str, Any]]
+    probabilities: dict[Framework, np.ndarray]
+    histories: dict[Framework, list[dict[str, float]]]
     deployment: dict[str, Any] | None  # the `export` stage's metrics, when given
 
 
-def read_trainer_metrics(files: dict[str, TrainerFiles]) -> dict[str, dict[str, Any]]:
+def read_trainer_metrics(files: dict[Framework, TrainerFiles]) -> dict[Framework, dict[str, Any]]:
     """Return each trainer's metrics, checked to have trained the same seeds."""
     metrics = {fw: read_json(files[fw].metrics, f"train-{fw}") for fw in FRAMEWORKS}
     seeds = {fw: metrics[fw].get("seeds", []) for fw in FRAMEWORKS}
@@ -76,7 +76,9 @@ def read_trainer_metrics(files: dict[str, TrainerFiles]) -> dict[str, dict[str, 
     return metrics
 
 
-def read_evidence(data: Path, files: dict[str, TrainerFiles], export: Path | None) -> Evidence:
+def read_evidence(
+    data: Path, files: dict[Framework, TrainerFiles], export: Path | None
+) -> Evidence:
     """Return the test set, both trainers' outputs and the export stage's metrics, checked."""
     meta = read_json(data / META_FILE, "normalize")
     test = load_splits(data, next(iter(meta["constants"])), meta).test
@@ -163,7 +165,7 @@ def main(
     config = load_params(params)
     from stages.tracking.runs import stage_run
 
-    files = {
+    files: dict[Framework, TrainerFiles] = {
         "tf": TrainerFiles(predictions_tf, metrics_tf, history_tf),
         "torch": TrainerFiles(predictions_torch, metrics_torch, history_torch),
     }

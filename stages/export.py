@@ -83,8 +83,11 @@ def run_half(
 
 
 def half_files(
-    trained: dict[str, Path], images: dict[str, Path], outs: dict[str, Path], scratch: Path
-) -> dict[str, HalfFiles]:
+    trained: dict[Framework, Path],
+    images: dict[Framework, Path],
+    outs: dict[Framework, Path],
+    scratch: Path,
+) -> dict[Framework, HalfFiles]:
     """Return what each half reads and writes; its result and reference go in `scratch`."""
     return {
         fw: HalfFiles(
@@ -99,8 +102,8 @@ def half_files(
 
 
 def run_halves(
-    files: dict[str, HalfFiles], params: Path, env: Mapping[str, str]
-) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    files: dict[Framework, HalfFiles], params: Path, env: Mapping[str, str]
+) -> tuple[dict[Framework, dict[str, Any]], dict[Framework, np.ndarray]]:
     """Run both halves, one after the other; return their results and reference probabilities."""
     halves, references = {}, {}
     for fw in FRAMEWORKS:
@@ -109,8 +112,10 @@ def run_halves(
 
 
 def onnx_side_by_side(
-    paths: dict[str, Path], images: dict[str, np.ndarray], references: dict[str, np.ndarray]
-) -> dict[str, dict[str, Any]]:
+    paths: dict[Framework, Path],
+    images: dict[Framework, np.ndarray],
+    references: dict[Framework, np.ndarray],
+) -> dict[Framework, dict[str, Any]]:
     """Check both ONNX files in this process's ONNX Runtime, then measure them taking turns."""
     predictors, rows = {}, {}
     for fw, path in paths.items():
@@ -124,13 +129,13 @@ def onnx_side_by_side(
 
 
 def serve_and_load_test(
-    uris: dict[str, str],
-    images: dict[str, np.ndarray],
-    references: dict[str, np.ndarray],
+    uris: dict[Framework, str],
+    images: dict[Framework, np.ndarray],
+    references: dict[Framework, np.ndarray],
     load: LoadTestConfig,
     env: Mapping[str, str],
-    logs: dict[str, Path],
-) -> dict[str, dict[str, Any]]:
+    logs: dict[Framework, Path],
+) -> dict[Framework, dict[str, Any]]:
     """Serve each model (the servers start together, so their start-ups overlap), then load-test
     them one at a time while the other idles; stop them; raise on wrong answers."""
     mlflow_executable = Path(sys.executable).parent / "mlflow"
@@ -209,7 +214,7 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in flat.items() if np.isfinite(v)}
 
 
-def trained_models(folders: dict[str, Path], seed: int) -> dict[str, Path]:
+def trained_models(folders: dict[Framework, Path], seed: int) -> dict[Framework, Path]:
     """Return each trainer's saved model for `seed`, checked to be an intact file."""
     trained = {fw: find_trained_model(folders[fw], seed, f"train-{fw}") for fw in FRAMEWORKS}
     for fw, path in trained.items():
@@ -217,7 +222,7 @@ def trained_models(folders: dict[str, Path], seed: int) -> dict[str, Path]:
     return trained
 
 
-def run_tags(metrics: dict[str, Path], tag_values: dict[str, str]) -> dict[str, str]:
+def run_tags(metrics: dict[Framework, Path], tag_values: dict[str, str]) -> dict[str, str]:
     """Return the export run's tags: the trainer runs it exports from (read from their metrics
     files), and mlflow.tag_params' values."""
     trainer_metrics = {fw: read_json(metrics[fw], f"train-{fw}") for fw in FRAMEWORKS}
@@ -225,7 +230,7 @@ def run_tags(metrics: dict[str, Path], tag_values: dict[str, str]) -> dict[str, 
     return tags | tag_values
 
 
-def scheme_test_images(data: Path, config: Params) -> dict[str, Path]:
+def scheme_test_images(data: Path, config: Params) -> dict[Framework, Path]:
     """Return each framework's test images, in the scheme its trainer reads."""
     paths = {fw: data / config.run_config(fw).scheme / images_file("test") for fw in FRAMEWORKS}
     for path in paths.values():
@@ -243,7 +248,7 @@ def half_env() -> dict[str, str]:
     return env
 
 
-def registered_uris(tags: dict[str, str]) -> dict[str, str]:
+def registered_uris(tags: dict[str, str]) -> dict[Framework, str]:
     """Return the `models:/` URI of the model version each trainer run registered."""
     return {
         fw: registered_version(registered_model_name(fw), tags[f"{fw}_run_id"], f"train-{fw}")
@@ -269,11 +274,11 @@ def log_settings(config: Params, seed: int) -> None:  # pragma: no mutate block
 
 
 def add_onnx_rows(
-    halves: dict[str, dict[str, Any]],
-    files: dict[str, HalfFiles],
+    halves: dict[Framework, dict[str, Any]],
+    files: dict[Framework, HalfFiles],
     formats: ExportFormats,
-    images: dict[str, np.ndarray],
-    references: dict[str, np.ndarray],
+    images: dict[Framework, np.ndarray],
+    references: dict[Framework, np.ndarray],
 ) -> None:
     """Add to each half's ONNX row what one ONNX Runtime, running both files, measured."""
     onnx = {
@@ -286,7 +291,10 @@ def add_onnx_rows(
 
 
 def export_result(
-    seed: int, trained: dict[str, Path], halves: dict[str, dict[str, Any]], test_images: int
+    seed: int,
+    trained: dict[Framework, Path],
+    halves: dict[Framework, dict[str, Any]],
+    test_images: int,
 ) -> dict[str, Any]:
     """Return metrics/export.json's content so far: every format's row, by framework."""
     result: dict[str, Any] = {
@@ -300,13 +308,13 @@ def export_result(
 
 
 def serve_logged(
-    uris: dict[str, str],
-    images: dict[str, np.ndarray],
-    references: dict[str, np.ndarray],
+    uris: dict[Framework, str],
+    images: dict[Framework, np.ndarray],
+    references: dict[Framework, np.ndarray],
     load: LoadTestConfig,
     env: Mapping[str, str],
     scratch: Path,
-) -> dict[str, dict[str, Any]]:
+) -> dict[Framework, dict[str, Any]]:
     """Serve and load-test both models (serve_and_load_test), logging the servers' output."""
     import mlflow
 
@@ -320,7 +328,7 @@ def serve_logged(
 
 
 def write_and_log(
-    result: dict[str, Any], path: Path, name: str, outs: dict[str, Path]
+    result: dict[str, Any], path: Path, name: str, outs: dict[Framework, Path]
 ) -> None:  # pragma: no mutate block
     """Write the metrics file at `path`, log it (as `name`), its numbers and the exports."""
     import mlflow
@@ -366,7 +374,7 @@ def main(
         # checked before any export work: a deleted version fails the stage at once
         uris = registered_uris(tags) if config.export.serve else {}
         log_settings(config, seed)
-        outs = {"tf": tmp_tf, "torch": tmp_torch}
+        outs: dict[Framework, Path] = {"tf": tmp_tf, "torch": tmp_torch}
         files = half_files(trained, test_images, outs, scratch)
         halves, references = run_halves(files, params, env)
         images = {fw: np.load(test_images[fw]) for fw in FRAMEWORKS}

@@ -170,7 +170,7 @@ def write_arrays(
     out: Path, splits: SplitArrays, schemes: list[Scheme]
 ) -> dict[str, dict[str, float]]:
     """Write each scheme's images and the labels into `out`; return each scheme's mean and std."""
-    constants = {}
+    constants: dict[str, dict[str, float]] = {}
     for scheme in schemes:
         mean, std = scheme_constants(scheme, splits.images["train"])
         constants[scheme] = {"mean": mean, "std": std}
@@ -189,7 +189,7 @@ def training_dataset(folder: Path, labels: np.ndarray, name: str, source: Path) 
 
     with warnings.catch_warnings():  # MLflow registers its local source twice and says so
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
-        return mlflow.data.from_numpy(
+        return mlflow.data.from_numpy(  # type: ignore[attr-defined]
             np.load(folder / images_file("train"), mmap_mode="r"),
             targets=labels,
             name=name,

@@ -153,7 +153,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(final: Path) -> list[Path]:
     """Remove `.tmp-<pid>-*` siblings of `final` left by a process that no longer runs (a stage
     killed with SIGKILL, e.g. out of memory, cannot clean up after itself); return them."""
-    removed = []
+    removed: list[Path] = []
     if not final.parent.is_dir():
         return removed
     for leftover in final.parent.glob(f".tmp-*-{final.name}"):
@@ -228,7 +228,7 @@ class Deferred(Generic[T]):
     ) -> bool:
         if kind is not None and not self.entered:
             self.get()  # so that the failure is recorded
-        return self._stack.__exit__(kind, error, tb)
+        return bool(self._stack.__exit__(kind, error, tb))
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_fscore_support
 
 from stages.core.common import StageError, load_npy
-from stages.core.config import FRAMEWORKS
+from stages.core.config import FRAMEWORKS, Framework
 from stages.core.data import loss_and_accuracy
 from stages.core.dataset import NUM_CLASSES
 from stages.core.stats import difference, equivalence, mcnemar_exact, mean_interval, seeds_to_decide
@@ -65,8 +65,8 @@ def load_predictions(path: Path, num_test: int, seeds: int, stage: str) -> np.nd
 
 def compare(
     labels: np.ndarray,
-    probabilities: dict[str, np.ndarray],
-    trainer_metrics: dict[str, dict[str, Any]],
+    probabilities: dict[Framework, np.ndarray],
+    trainer_metrics: dict[Framework, dict[str, Any]],
     margin_points: float = 0.2,
 ) -> dict[str, Any]:
     """Return every number of the comparison: accuracy statistics, the verdict, agreement,
@@ -131,7 +131,9 @@ def framework_numbers(
     }
 
 
-def accuracy_numbers(accuracy: dict[str, list[float]], margin_points: float) -> dict[str, Any]:
+def accuracy_numbers(
+    accuracy: dict[Framework, list[float]], margin_points: float
+) -> dict[str, Any]:
     """Return the accuracy difference (Welch), the equivalence test (TOST), and the verdict."""
     diff = difference(accuracy["tf"], accuracy["torch"])
     same = equivalence(accuracy["tf"], accuracy["torch"], margin_points / 100)
@@ -152,7 +154,7 @@ def accuracy_numbers(accuracy: dict[str, list[float]], margin_points: float) -> 
 
 
 def paired_numbers(
-    labels: np.ndarray, predicted: dict[str, np.ndarray], seeds: list[int] | None
+    labels: np.ndarray, predicted: dict[Framework, np.ndarray], seeds: list[int] | None
 ) -> dict[str, Any]:
     """Return how the seed pairs agree, and McNemar's exact test on each pair (the first one's
     counts); `seeds` are train.seeds, the pairs' names (their positions when not recorded)."""

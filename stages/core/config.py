@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -344,7 +344,7 @@ def _flatten(section: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _describe(error: dict) -> str:
+def _describe(error: Any) -> str:  # pydantic's ErrorDetails
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'; remove it or fix its spelling (see params.yaml's comments)"

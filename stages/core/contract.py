@@ -142,3 +142,10 @@ class Trainer(Protocol[ModelT, OptimizerT, TensorT]):  # pragma: no mutate block
     def summary_writer(self, folder: Path) -> EventWriter:
         """Return a writer of scalar summaries into TensorBoard event files in `folder`."""
         ...
+
+
+def shared(initial_weights: Weights | None) -> Weights:
+    """Return the weights a `model.init: shared` network starts from (build_model's argument)."""
+    if initial_weights is None:
+        raise ValueError("model.init is 'shared' but build_model was given no initial_weights")
+    return initial_weights

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ EXAMPLE_BATCH = 8  # >1: exporters specialise a batch dimension traced at size 1
 # Both trainers save zip archives (a Keras 3 .keras file, torch.save's .pt), whose CRC-32s tell a
 # truncated or overwritten file in a second, before any runtime is loaded.
 ZIP_SUFFIXES = (".keras", ".pt")
+K = TypeVar("K")  # what a measurement's predictors are keyed by: a format or a framework
 Predict = Callable[[np.ndarray], np.ndarray]  # (N, 28, 28) float32 -> (N, 10) probabilities
 
 
@@ -197,13 +198,13 @@ def load_and_check(
 
 
 def measure_interleaved(
-    predictors: dict[str, Predict], x: np.ndarray, rounds: int = MEASURE_ROUNDS
-) -> dict[str, dict[str, float]]:
+    predictors: dict[K, Predict], x: np.ndarray, rounds: int = MEASURE_ROUNDS
+) -> dict[K, dict[str, float]]:
     """Return each predictor's speed, the median of `rounds` rounds that take turns.
 
     Taking turns spreads a slow moment of a busy machine over every predictor alike.
     """
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in predictors}
+    runs: dict[K, list[dict[str, float]]] = {name: [] for name in predictors}
     for _ in range(rounds):
         for name, predict in predictors.items():
             runs[name].append(measure(predict, x))

@@ -163,6 +163,8 @@ class KerasParallel(ParallelTrainer[keras.Model, keras.optimizers.Optimizer, tf.
         """Return the vector summed over all workers."""
         if "all-reduce" not in _collectives:
             strategy = self._strategy
+            if strategy is None:
+                raise RuntimeError("all_reduce_sum before join: no strategy to reduce with")
 
             timed = tf.distribute.experimental.CommunicationOptions(
                 timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS

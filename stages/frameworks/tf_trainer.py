@@ -23,7 +23,7 @@ import numpy as np
 
 from stages.core.common import StageError, native_stderr_filtered
 from stages.core.config import ModelConfig, TrainConfig
-from stages.core.contract import Device, EpochResult, NonFiniteLoss, Trainer, Weights
+from stages.core.contract import Device, EpochResult, NonFiniteLoss, Trainer, Weights, shared
 from stages.core.data import layer_sizes
 from stages.core.dataset import IMAGE_SHAPE
 
@@ -207,7 +207,9 @@ class KerasTrainer(Trainer[keras.Model, keras.optimizers.Optimizer, tf.Tensor]):
         dense = [layer for layer in network.layers if isinstance(layer, keras.layers.Dense)]
         if model.init == "shared":
             for index, layer in enumerate(dense):
-                layer.set_weights(list(initial_weights[index]))  # kernel (in, out), bias (out,)
+                layer.set_weights(
+                    list(shared(initial_weights)[index])
+                )  # kernel (in, out), bias (out,)
         return network
 
     def make_optimizer(

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from stages.core.common import StageError
 from stages.core.config import ModelConfig, TrainConfig
-from stages.core.contract import Device, EpochResult, NonFiniteLoss, Trainer, Weights
+from stages.core.contract import Device, EpochResult, NonFiniteLoss, Trainer, Weights, shared
 from stages.core.data import layer_sizes
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
@@ -144,7 +144,7 @@ class TorchTrainer(Trainer[nn.Module, torch.optim.Optimizer, torch.Tensor]):
                     nn.init.xavier_uniform_(layer.weight)
                     nn.init.zeros_(layer.bias)
                 elif model.init == "shared":
-                    kernel, bias = initial_weights[index]
+                    kernel, bias = shared(initial_weights)[index]
                     layer.weight.copy_(torch.from_numpy(kernel.T))  # (in, out) -> (out, in)
                     layer.bias.copy_(torch.from_numpy(bias))
         return network

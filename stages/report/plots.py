@@ -12,7 +12,7 @@ from sklearn.metrics import confusion_matrix
 from stages.core.comparison import (
     LABELS,
 )
-from stages.core.config import FRAMEWORKS
+from stages.core.config import FRAMEWORKS, Framework
 from stages.core.dataset import NUM_CLASSES
 from stages.core.layout import FORMAT_LABELS
 
@@ -33,7 +33,7 @@ def _pyplot():
 
 
 def plot_learning_curves(
-    histories: dict[str, list[dict[str, float]]], path: Path
+    histories: dict[Framework, list[dict[str, float]]], path: Path
 ) -> None:  # pragma: no mutate block
     """Save both frameworks' loss and accuracy curves overlaid."""
     plt = _pyplot()
@@ -65,7 +65,7 @@ def plot_learning_curves(
 
 
 def plot_confusions(
-    labels: np.ndarray, predicted: dict[str, np.ndarray], class_names: list[str], path: Path
+    labels: np.ndarray, predicted: dict[Framework, np.ndarray], class_names: list[str], path: Path
 ) -> None:  # pragma: no mutate block
     """Save the two confusion matrices side by side."""
     plt = _pyplot()
@@ -121,7 +121,7 @@ def plot_per_class(
 def plot_disagreements(
     images: np.ndarray,
     labels: np.ndarray,
-    predicted: dict[str, np.ndarray],
+    predicted: dict[Framework, np.ndarray],
     class_names: list[str],
     path: Path,
     limit: int = 24,

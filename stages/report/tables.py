@@ -116,7 +116,7 @@ def agreement_sentence(result: dict[str, Any]) -> str:
     )
 
 
-def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:  # pragma: no mutate block
+def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:  # pragma: no mutate block
     """Return (measure, TensorFlow, PyTorch) rows for the terminal and the report."""
 
     def accuracy(fw: str) -> str:
@@ -200,7 +200,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def deployment_rows(deployment: dict[str, Any]) -> list[tuple[str, ...]]:
     """Return one row per exported format: framework, format, runtime, size, load, speed, check."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for fw in FRAMEWORKS:
         for name, row in deployment[fw]["formats"].items():
             rows.append(
@@ -219,7 +219,7 @@ def deployment_rows(deployment: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def serving_rows(deployment: dict[str, Any]) -> list[tuple[str, ...]]:
     """Return one row per served model and concurrency level of the HTTP load test."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for fw in FRAMEWORKS:
         served = deployment[fw].get("served", {})
         for key, level in served.items():

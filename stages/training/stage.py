@@ -128,7 +128,7 @@ def trainer_run(
         stage_run(f"train-{framework}", experiment, tags) as run,
         system_metrics(run.info.run_id, system_metrics_seconds),
     ):
-        mlflow.log_params(params)
+        mlflow.log_params(dict(params))
         yield run
 
 
@@ -143,7 +143,7 @@ def seed_run(
 
     stage.get()
     with child_run(name, tags) as run:
-        mlflow.log_params(params)
+        mlflow.log_params(dict(params))
         yield run
 
 

@@ -125,7 +125,7 @@ def trainer_code_lines(trainer: Trainer) -> int:
     (a data-parallel worker's `inner` trainer's, not its adapter's): what a user writes to train
     in that framework."""
     implementation = type(getattr(trainer, "inner", trainer))
-    return count_code_lines(inspect.getsource(inspect.getmodule(implementation)))
+    return count_code_lines(Path(inspect.getfile(implementation)).read_text())
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:
