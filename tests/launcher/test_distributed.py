@@ -601,7 +601,9 @@ def test_the_warning_is_one_line_on_stderr_at_stage_start(
     workspace, params_dict, monkeypatch, capsys
 ):
     stage_workspace(workspace, params_dict, workers=8)
-    monkeypatch.setattr(launcher_plan, "available_cores", lambda: 2)  # no 8 workers started
+    # 2 cores on any machine (the stage took the name from the plan module), no 8 workers started
+    monkeypatch.setattr("stages.launcher.stage.available_cores", lambda: 2)
+    monkeypatch.setattr(launcher_plan, "available_cores", lambda: 2)
     launched = []
     monkeypatch.setattr(KerasParallel, "launch", lambda *args: launched.append(args[1]))
     start = psutil.Process().create_time()
