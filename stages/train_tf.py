@@ -32,10 +32,14 @@ def main(
     tensorboard: Path = typer.Option(
         Path("logs/tensorboard/tf"), help="Folder for TensorBoard event files, one per seed."
     ),
+    curve: Path = typer.Option(
+        Path("metrics/accuracy_curve_tf.csv"),
+        help="Every validation on the training clock, per seed (time to accuracy; DVC plot).",
+    ),
     params: Path = typer.Option(Path("params.yaml"), help="Parameters file."),
 ) -> None:
     """Train the network in TensorFlow/Keras once per seed."""
-    outputs = TrainerOutputs(model, predictions, metrics, history, tensorboard)
+    outputs = TrainerOutputs(model, predictions, metrics, history, tensorboard, curve)
     job = TrainerJob(data, outputs, load_params(params), psutil.Process().create_time())
     if job.workers == 1:
         run_trainer_stage(KerasTrainer(), job)

@@ -190,6 +190,7 @@ def run_trainer(
         out / "metrics.json",
         out / "history.csv",
         out / "tensorboard",
+        out / "accuracy_curve.csv",
     )
     params = load_params(workspace / "params.yaml")
     start = psutil.Process().create_time()

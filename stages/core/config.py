@@ -19,6 +19,7 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 
 from stages.core.common import StageError
+from stages.core.dataset import DATASETS
 
 Framework = Literal["tf", "torch"]
 
@@ -46,6 +47,10 @@ Float = Annotated[float, Strict()]
 
 
 Bool = Annotated[bool, Strict()]
+
+
+SeedPart = Literal["init", "order", "dropout"]
+SEED_PARTS: tuple[SeedPart, ...] = ("init", "order", "dropout")
 
 
 _USES = {  # the optimizer settings each optimizer reads
@@ -162,6 +167,13 @@ class TrainConfig(_Frozen):
     nodes: Annotated[Int, Field(ge=1, le=1024)] = 1  # machines taking part
     node_rank: Annotated[Int, Field(ge=0)] = 0  # this machine's place; node 0 writes the outputs
     rendezvous: Annotated[str, AfterValidator(_rendezvous_address)] = "127.0.0.1:29500"
+    # Time to accuracy: validation every this many steps (0: at each epoch's end only), timed
+    # on the training clock, which stops while validating (AlgoPerf's rule), in both frameworks.
+    eval_every_steps: Annotated[Int, Field(ge=0, le=1_000_000)] = 200
+    target_accuracy: Annotated[Float, Field(gt=0.0, le=1.0)] | None = None  # None: the dataset's
+    # What varies from seed to seed: the initial weights, the batch order, the dropout masks.
+    # A part left out stays at train.seeds[0] for every seed, so one source can vary alone.
+    seed_parts: Annotated[list[SeedPart], Field(min_length=1)] = list(SEED_PARTS)
 
     @model_validator(mode="after")
     def _one_slice_per_worker(self) -> TrainConfig:
@@ -178,6 +190,15 @@ class TrainConfig(_Frozen):
         if len(set(seeds)) != len(seeds):
             raise ValueError("seeds must be distinct, e.g. [0, 1, 2]")
         return seeds
+
+    @field_validator("seed_parts")
+    @classmethod
+    def _parts_once(cls, parts: list[str]) -> list[str]:
+        if len(set(parts)) != len(parts):
+            raise ValueError(
+                f"seed_parts names a part twice: {parts}; each of init, order, dropout once"
+            )
+        return parts
 
 
 class FrameworkOverrides(_Frozen):
@@ -286,6 +307,12 @@ class Params(_Frozen):
         wanted = [self.normalize.scheme] + [self.run_config(f).scheme for f in FRAMEWORKS]
         return list(dict.fromkeys(wanted))
 
+    def target_accuracy(self) -> float:
+        """Return train.target_accuracy, or the dataset's default target when it is null."""
+        if self.train.target_accuracy is not None:
+            return self.train.target_accuracy
+        return DATASETS[self.data.dataset].target_accuracy
+
     def run_config(self, framework: Framework) -> RunConfig:
         """Return the resolved settings one trainer uses: shared values with its overrides applied."""
         extra = getattr(self.overrides, framework)
@@ -304,6 +331,7 @@ class Params(_Frozen):
                     if extra.dropout_at_test is None
                     else extra.dropout_at_test
                 ),
+                "target_accuracy": self.target_accuracy(),
             }
         )
         return RunConfig(

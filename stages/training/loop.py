@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from stages.core.common import (
     StageError,
 )
-from stages.core.config import ModelConfig, RunConfig
+from stages.core.config import ModelConfig, RunConfig, TrainConfig
 from stages.core.contract import EpochResult, NonFiniteLoss, Trainer
 from stages.core.data import (
     DeviceData,
@@ -57,6 +58,94 @@ class SeedResult:
     samples_per_second: float
     first_step_done: float  # time.perf_counter() when the first step's result was ready
     cpu_seconds: float = 0.0  # this process's CPU time (all its threads) in train_seconds
+    # every validation on the training clock: step, train_seconds, val_accuracy
+    curve: list[dict[str, float]] = field(default_factory=list)
+    target: Reached | None = None  # when validation first reached train.target_accuracy
+
+
+@dataclass(frozen=True)
+class Reached:
+    """The first validation at or above the target accuracy: its step and training seconds."""
+
+    step: int
+    train_seconds: float
+
+
+class Stopwatch:
+    """Training seconds: the clock runs while training and stops while validating (AlgoPerf's
+    rule), the same in both frameworks."""
+
+    def __init__(self) -> None:
+        self._total = 0.0
+        self._since: float | None = None
+
+    def start(self) -> None:
+        """Run the clock."""
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        """Stop the clock, keeping the time it ran."""
+        if self._since is not None:
+            self._total += time.perf_counter() - self._since
+            self._since = None
+
+    def seconds(self) -> float:
+        """Return the seconds the clock has run so far."""
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self._total + running
+
+
+class TimeToAccuracy:
+    """A seed's validations on the training clock, and the first to reach the target."""
+
+    def __init__(self, target: float, every_steps: int, steps_per_epoch: int):
+        self.target = target
+        self.every_steps = every_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.clock = Stopwatch()
+        self.curve: list[dict[str, float]] = []
+
+    def pauses(self, epoch: int) -> tuple[int, ...]:
+        """Return the step counts within epoch `epoch` after which to validate: where the global
+        step is a multiple of every_steps (the epoch's end is validated anyway)."""
+        if not self.every_steps:
+            return ()
+        first = (epoch - 1) * self.steps_per_epoch
+        return tuple(
+            step - first
+            for step in range(first + 1, first + self.steps_per_epoch)
+            if step % self.every_steps == 0
+        )
+
+    def record(self, step: int, val_accuracy: float) -> None:
+        """Add a validation at global `step`, timed by the clock as it stands."""
+        point = {"step": step, "train_seconds": self.clock.seconds(), "val_accuracy": val_accuracy}
+        self.curve.append(point)
+
+    def reached(self) -> Reached | None:
+        """Return the first validation at or above the target; None: never reached."""
+        for point in self.curve:
+            if point["val_accuracy"] >= self.target:
+                return Reached(int(point["step"]), point["train_seconds"])
+        return None
+
+
+@dataclass(frozen=True)
+class PartSeeds:
+    """The seeds of a run's three sources of randomness."""
+
+    init: int  # the initial weights
+    order: int  # the batch order
+    dropout: int  # the dropout masks
+
+
+def part_seeds(train: TrainConfig, seed: int) -> PartSeeds:
+    """Return the seed of each source for run `seed`: a part in train.seed_parts follows the
+    run's seed, a part left out stays at train.seeds[0]."""
+    fixed = train.seeds[0]
+    return PartSeeds(
+        *(seed if part in train.seed_parts else fixed for part in ("init", "order", "dropout"))
+    )
 
 
 def process_cpu_seconds() -> float:
@@ -90,22 +179,36 @@ def divergence_message(
     )
 
 
-def epoch_slices(order: np.ndarray, batch_size: int, steps: int) -> list[np.ndarray]:
-    """Return `order` cut into slices of `steps` whole batches (the last slice may be shorter)."""
-    span = steps * batch_size
-    return [order[start : start + span] for start in range(0, len(order), span)]
+def epoch_slices(
+    order: np.ndarray, batch_size: int, steps: int, pauses: tuple[int, ...] = ()
+) -> list[np.ndarray]:
+    """Return `order` cut into slices of `steps` whole batches (the last slice may be shorter),
+    cut also after each step count in `pauses`."""
+    total = -(-len(order) // batch_size)
+    cuts = sorted({*range(steps, total, steps), *(p for p in pauses if 0 < p < total)})
+    return [order[a * batch_size : b * batch_size] for a, b in pairwise([0, *cuts, total])]
 
 
 @dataclass(frozen=True)
 class Training:
     """What one seed's epochs train: the trainer, its network and optimizer, the data on the
-    device, and the batch size."""
+    device, the batch size and the seed of the batch order."""
 
     trainer: Trainer
     network: Any
     optimizer: Any
     tensors: DeviceData
     batch_size: int
+    seed: int  # the run's seed
+    order_seed: int  # the batch order's (train.seed_parts)
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Where an epoch stops between slices (step counts within it), and what runs there."""
+
+    at_steps: tuple[int, ...]
+    run: Callable[[int], None]  # given the steps done in the epoch
 
 
 @dataclass(frozen=True)
@@ -126,24 +229,29 @@ class Reporting:
     progress_after_seconds: float | None = None
 
 
-def train_epoch_in_slices(training: Training, order: np.ndarray, bar: ProgressBar) -> EpochResult:
-    """Train one epoch as one train_epoch call, or, when longer than EPOCH_SLICE_STEPS steps, as
-    one call per slice, with `bar` on stderr. The slices take the very steps one call would."""
+def train_epoch_in_slices(
+    training: Training, order: np.ndarray, bar: ProgressBar, pause: Pause | None = None
+) -> EpochResult:
+    """Train one epoch as one train_epoch call, or as one call per slice: when longer than
+    EPOCH_SLICE_STEPS steps (with `bar` on stderr), and where `pause` stops it. The slices take
+    the very steps one call would."""
     trainer, network, optimizer = training.trainer, training.network, training.optimizer
     batch_size = training.batch_size
-    slices = epoch_slices(order, batch_size, EPOCH_SLICE_STEPS)
+    pauses = pause.at_steps if pause else ()
+    slices = epoch_slices(order, batch_size, EPOCH_SLICE_STEPS, pauses)
     x, y = training.tensors.x_train, training.tensors.y_train
     if len(slices) == 1:
         return trainer.train_epoch(network, optimizer, x, y, order, batch_size)
     results, done = [], 0
+    total = -(-len(order) // batch_size)
     progress_bar = tqdm(
-        total=-(-len(order) // batch_size),
+        total=total,
         desc=bar.label,
         unit="step",
         file=sys.stderr,
         leave=False,
         delay=bar.after_seconds or 0.0,
-        disable=bar.after_seconds is None,
+        disable=bar.after_seconds is None or total <= EPOCH_SLICE_STEPS,
     )
     with progress_bar:
         for part in slices:
@@ -154,6 +262,8 @@ def train_epoch_in_slices(training: Training, order: np.ndarray, bar: ProgressBa
             steps = -(-len(part) // batch_size)
             done += steps
             progress_bar.update(steps)
+            if pause and done in pauses:
+                pause.run(done)
     sizes = [len(part) for part in slices]
     correct = sum(round(r.accuracy * n) for r, n in zip(results, sizes, strict=True))
     return EpochResult(
@@ -167,45 +277,72 @@ def start_training(trainer: Trainer, config: RunConfig, tensors: DeviceData, see
     """Seed everything, then build the network (from the shared weights if model.init says so)
     and its optimizer."""
     model_config, train = config.model, config.train
-    trainer.seed_everything(seed, train.deterministic)
-    initial = shared_weights(model_config, seed) if model_config.init == "shared" else None
+    seeds = part_seeds(train, seed)
+    trainer.seed_everything(seeds.init, train.deterministic)
+    initial = shared_weights(model_config, seeds.init) if model_config.init == "shared" else None
     model = trainer.build_model(model_config, initial)
     optimizer = trainer.make_optimizer(train, model)
-    return Training(trainer, model, optimizer, tensors, train.batch_size)
+    if seeds.dropout != seeds.init:  # the masks from a seed of their own (else as they were)
+        trainer.seed_everything(seeds.dropout, train.deterministic)
+    return Training(trainer, model, optimizer, tensors, train.batch_size, seed, seeds.order)
+
+
+def validation_pause(
+    training: Training, splits: Splits, tta: TimeToAccuracy, epoch: int
+) -> Pause | None:
+    """Return where epoch `epoch` stops to validate for time to accuracy (None: only at its
+    end), with the clock stopped while it does."""
+    pauses = tta.pauses(epoch) if len(splits.val.y) else ()
+    if not pauses:
+        return None
+    first_step = (epoch - 1) * tta.steps_per_epoch
+
+    def validate(steps_done: int) -> None:
+        tta.clock.stop()
+        probabilities = training.trainer.predict_proba(training.network, training.tensors.x_val)
+        tta.record(first_step + steps_done, loss_and_accuracy(probabilities, splits.val.y)[1])
+        tta.clock.start()
+
+    return Pause(pauses, validate)
 
 
 def train_and_validate(
     training: Training,
     config: RunConfig,
     splits: Splits,
-    seed: int,
     epoch: int,
     reporting: Reporting,
+    tta: TimeToAccuracy,
 ) -> tuple[dict[str, float], EpochResult, float]:
-    """Train epoch `epoch` and validate after it; return its history row, its result and the CPU
-    seconds it took. A non-finite loss is a StageError naming where and what to change."""
-    trainer, train = training.trainer, config.train
-    order = batch_order(len(splits.train.y), seed, epoch)
-    start, cpu_start = time.perf_counter(), process_cpu_seconds()
+    """Train epoch `epoch`, validating where `tta` says and after it; return its history row,
+    its result and the CPU seconds it took. A non-finite loss is a StageError naming where and
+    what to change."""
+    trainer, train, seed = training.trainer, config.train, training.seed
+    order = batch_order(len(splits.train.y), training.order_seed, epoch)
+    pause = validation_pause(training, splits, tta, epoch)
+    before, cpu_start = tta.clock.seconds(), process_cpu_seconds()
     label = f"[{trainer.framework}] seed {seed} epoch {epoch}/{train.epochs}"
+    tta.clock.start()
     try:
         result = train_epoch_in_slices(
-            training, order, ProgressBar(label, reporting.progress_after_seconds)
+            training, order, ProgressBar(label, reporting.progress_after_seconds), pause
         )
     except NonFiniteLoss as exc:
-        steps_per_epoch = -(-len(splits.train.y) // train.batch_size)
-        raise StageError(divergence_message(exc, config, seed, epoch, steps_per_epoch)) from None
-    seconds = time.perf_counter() - start
-    cpu_seconds = process_cpu_seconds() - cpu_start
+        raise StageError(
+            divergence_message(exc, config, seed, epoch, tta.steps_per_epoch)
+        ) from None
+    tta.clock.stop()
+    cpu_seconds = process_cpu_seconds() - cpu_start  # (with the validations within the epoch)
     row = {
         "epoch": epoch,
         "train_loss": result.loss,
         "train_accuracy": result.accuracy,
-        "seconds": seconds,
+        "seconds": tta.clock.seconds() - before,
     }
     if len(splits.val.y):
         val_probabilities = trainer.predict_proba(training.network, training.tensors.x_val)
         row["val_loss"], row["val_accuracy"] = loss_and_accuracy(val_probabilities, splits.val.y)
+        tta.record(epoch * tta.steps_per_epoch, row["val_accuracy"])
     return row, result, cpu_seconds
 
 
@@ -217,19 +354,20 @@ def train_one_seed(
     seed: int,
     reporting: Reporting | None = None,
 ) -> SeedResult:
-    """Train one model from `seed`: every epoch, validation after each, the test at the end;
-    each epoch's row and progress within a long epoch as `reporting` says (default: neither)."""
+    """Train one model from `seed`: every epoch, validation within and after each (time to
+    accuracy), the test at the end; each epoch's row and progress within a long epoch as
+    `reporting` says (default: neither)."""
     reporting = reporting or Reporting()
     train = config.train
     training = start_training(trainer, config, tensors, seed)
+    steps_per_epoch = -(-len(splits.train.y) // train.batch_size)
+    tta = TimeToAccuracy(train.target_accuracy or 1.0, train.eval_every_steps, steps_per_epoch)
     history: list[dict[str, float]] = []
-    first_step_done = 0.0
-    train_seconds = cpu_seconds = 0.0
+    first_step_done = cpu_seconds = 0.0
     for epoch in range(1, train.epochs + 1):
         row, result, epoch_cpu_seconds = train_and_validate(
-            training, config, splits, seed, epoch, reporting
+            training, config, splits, epoch, reporting, tta
         )
-        train_seconds += row["seconds"]
         cpu_seconds += epoch_cpu_seconds
         first_step_done = first_step_done or result.first_step_done
         history.append(row)
@@ -239,6 +377,7 @@ def train_one_seed(
         training.network, tensors.x_test, training=train.dropout_at_test
     )
     test_loss, test_accuracy = loss_and_accuracy(test_probabilities, splits.test.y)
+    train_seconds = tta.clock.seconds()
     return SeedResult(
         seed=seed,
         model=training.network,
@@ -250,6 +389,8 @@ def train_one_seed(
         samples_per_second=train.epochs * len(splits.train.y) / train_seconds,
         first_step_done=first_step_done,
         cpu_seconds=cpu_seconds,
+        curve=tta.curve,
+        target=tta.reached(),
     )
 
 

@@ -46,6 +46,8 @@ from stages.training.summary import (
     mean_history,
     summarize,
     summary_line,
+    time_to_accuracy,
+    write_curve,
     write_history,
 )
 
@@ -78,6 +80,15 @@ def log_seed_result(
             "samples_per_second": result.samples_per_second,
         }
     )
+    for point in result.curve:  # validation accuracy at each global step (time to accuracy)
+        mlflow.log_metric("val_accuracy_by_step", point["val_accuracy"], step=int(point["step"]))
+    if result.target:  # a seed that never reached the target has no such metrics
+        mlflow.log_metrics(
+            {
+                "steps_to_target": result.target.step,
+                "seconds_to_target": result.target.train_seconds,
+            }
+        )
     mlflow.log_artifact(str(model_path), "model")
     mlflow.log_artifacts(str(events), "tensorboard")
 
@@ -108,6 +119,7 @@ class TrainerOutputs:
     metrics: Path
     history: Path
     tensorboard: Path  # a folder: one folder of event files per seed, `seed-<seed>`
+    curve: Path  # every validation on the training clock, per seed: the time-to-accuracy CSV
 
 
 @contextmanager
@@ -268,10 +280,12 @@ def write_outputs(
     np.save(folders.predictions, np.stack([r.probabilities for r in results]))
     rows = mean_history([r.history for r in results])
     write_history(folders.history, rows)
+    write_curve(folders.curve, results)
     with phases.phase("model_logging"), native_stderr_filtered(*REGISTRY_NOISE):
         trainer.log_model(results[0].model, splits.test.x[:5], registered_model_name(framework))
     metrics = replace(
         metrics,
+        **time_to_accuracy(results, context.config.train),
         stage_seconds=phases.since_start(),
         phase_seconds=dict(phases.seconds),
     )

@@ -8,12 +8,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from stages.core.common import (
     peak_rss_mb,
 )
+from stages.core.config import TrainConfig
 from stages.core.contract import Device, Trainer
 from stages.core.layout import registered_model_name
 from stages.core.measure import Latency, count_code_lines
@@ -65,6 +67,11 @@ class TrainerMetrics:
     # the code a user writes to train the network in this framework: the Trainer's module,
     # non-blank and non-comment lines
     trainer_code_lines: int = 0
+    # time to accuracy: validation every eval_every_steps steps, on the training clock
+    target_accuracy: float = 0.0
+    eval_every_steps: int = 0
+    seconds_to_target_per_seed: list[float | None] = field(default_factory=list)  # None: never
+    steps_to_target_per_seed: list[int | None] = field(default_factory=list)
 
     def headline(self) -> dict[str, float]:
         """Return the numeric metrics, for the stage run's MLflow metrics."""
@@ -126,6 +133,30 @@ def trainer_code_lines(trainer: Trainer) -> int:
     in that framework."""
     implementation = type(getattr(trainer, "inner", trainer))
     return count_code_lines(Path(inspect.getfile(implementation)).read_text())
+
+
+def time_to_accuracy(results: list[SeedResult], train: TrainConfig) -> dict[str, Any]:
+    """Return the metrics' time-to-accuracy fields: the target, how often validation ran, and
+    per seed the training seconds and steps to the target (None: never reached)."""
+    return {
+        "target_accuracy": train.target_accuracy,
+        "eval_every_steps": train.eval_every_steps,
+        "seconds_to_target_per_seed": [
+            r.target.train_seconds if r.target else None for r in results
+        ],
+        "steps_to_target_per_seed": [r.target.step if r.target else None for r in results],
+    }
+
+
+CURVE_COLUMNS = ("seed", "step", "train_seconds", "val_accuracy")
+
+
+def write_curve(path: Path, results: list[SeedResult]) -> None:
+    """Write every seed's validations on the training clock as CSV, seeds in order."""
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=CURVE_COLUMNS)
+        writer.writeheader()
+        writer.writerows({"seed": r.seed, **point} for r in results for point in r.curve)
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:

@@ -395,3 +395,36 @@ def test_dvc_exp_run_with_small_floats_passes_check_params_and_both_see_one_valu
     for key in settings:
         assert _get(params, key) == seen_by_dvc[key]["new"], key
     assert params.train.optimizer.name == settings["train.optimizer.name"]
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        (["order", "order"], "seed_parts names a part twice: \\['order', 'order'\\]"),
+        ([], "'train.seed_parts' = \\[\\]"),
+        (["weights"], "'train.seed_parts.0' = 'weights'"),
+    ],
+)
+def test_seed_parts_are_each_source_at_most_once(params_dict, parts, message):
+    params_dict["train"]["seed_parts"] = parts
+    with pytest.raises(ParamsError, match=message):
+        parse_params(params_dict)
+
+
+@pytest.mark.parametrize(("dataset", "target"), [("mnist", 0.97), ("fashion-mnist", 0.85)])
+def test_the_target_accuracy_is_the_datasets_unless_given(params_dict, dataset, target):
+    params_dict["data"]["dataset"] = dataset
+    assert params_dict["train"]["target_accuracy"] is None  # params.yaml leaves it to the data
+    assert parse_params(params_dict).run_config("tf").train.target_accuracy == target
+    params_dict["train"]["target_accuracy"] = 0.5
+    assert parse_params(params_dict).run_config("torch").train.target_accuracy == 0.5
+    for bad in (0.0, 1.5):
+        params_dict["train"]["target_accuracy"] = bad
+        with pytest.raises(ParamsError, match="'train.target_accuracy'"):
+            parse_params(params_dict)
+
+
+def test_validation_steps_are_a_whole_number_from_0(params_dict):
+    params_dict["train"]["eval_every_steps"] = -1
+    with pytest.raises(ParamsError, match="'train.eval_every_steps' = -1"):
+        parse_params(params_dict)

@@ -560,6 +560,26 @@ def test_an_epoch_in_slices_takes_the_same_steps_as_in_one_piece(
         assert sliced["train_accuracy"] == pytest.approx(whole["train_accuracy"], abs=1e-12)
 
 
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_validating_within_epochs_changes_no_step_of_training(params_dict, framework):
+    # time to accuracy costs the validations' time, not a different training: with dropout on,
+    # validation every 2 steps leaves the predictions bit-identical to validation at epoch ends
+    params_dict["train"].update(epochs=2, batch_size=32, target_accuracy=0.5)
+    trainer, tiny = TRAINERS[framework], tiny_splits(num_train=200)  # 7 steps an epoch
+    splits = Splits(tiny.train, tiny.test, tiny.test)  # the test images as a validation split
+    results = {}
+    for every in (0, 2):
+        params_dict["train"]["eval_every_steps"] = every
+        config = parse_params(params_dict).run_config(framework)
+        tensors = to_device_data(trainer, splits, "cpu")
+        results[every] = train_one_seed(trainer, config, splits, tensors, 0)
+    np.testing.assert_array_equal(results[2].probabilities, results[0].probabilities)
+    assert [p["step"] for p in results[0].curve] == [7, 14]
+    assert [p["step"] for p in results[2].curve] == [2, 4, 6, 7, 8, 10, 12, 14]
+    ends = [p for p in results[2].curve if p["step"] in (7, 14)]
+    assert [p["val_accuracy"] for p in ends] == [p["val_accuracy"] for p in results[0].curve]
+
+
 def test_arrays_swapped_under_processed_are_refused_naming_the_file(workspace):
     processed = write_processed(workspace / "processed")
     x_train = processed / "scale" / "x_train.npy"

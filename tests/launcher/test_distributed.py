@@ -276,6 +276,7 @@ def outputs(workspace: Path, tag: str) -> TrainerOutputs:
         out / "metrics.json",
         out / "history.csv",
         out / "tensorboard",
+        out / "accuracy_curve.csv",
     )
 
 

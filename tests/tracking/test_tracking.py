@@ -271,6 +271,7 @@ def test_a_trainer_stage_run_and_its_seed_runs_carry_the_tag_params(workspace, p
         out / "metrics.json",
         out / "history.csv",
         out / "tensorboard",
+        out / "accuracy_curve.csv",
     )
     start = psutil.Process().create_time()
     params = load_params(workspace / "params.yaml")

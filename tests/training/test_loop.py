@@ -3,6 +3,7 @@ seeds, the divergence message, the input checks, the reload check, all-or-nothin
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,9 +18,11 @@ from stages.core.measure import Latency, Phases
 from stages.training.loop import (
     Reporting,
     SeedResult,
+    TimeToAccuracy,
     chance_level_warning,
     check_reload,
     divergence_message,
+    epoch_slices,
     tensorboard_scalars,
     train_one_seed,
 )
@@ -504,3 +507,168 @@ def test_an_epoch_row_becomes_the_same_tensorboard_tags_in_both_frameworks():
         "train/accuracy": 0.8,
         "val/loss": 0.4,
     }  # neither the epoch (the step) nor the seconds; no val/accuracy without the column
+
+
+class ValidatingTrainer(ScriptedTrainer):
+    """Scripted validation accuracies, one per validation; training and validation take known
+    times, so the training clock can be checked."""
+
+    def __init__(self, accuracies, train_seconds=0.02, validate_seconds=0.1):
+        super().__init__()
+        self.accuracies = list(accuracies)
+        self.train_seconds, self.validate_seconds = train_seconds, validate_seconds
+
+    def train_epoch(self, network, optimizer, x, y, order, batch_size):
+        time.sleep(self.train_seconds)
+        return super().train_epoch(network, optimizer, x, y, order, batch_size)
+
+    def predict_proba(self, network, x, training=False):
+        self.calls.append(("predict", len(x), training))
+        if len(x) != 4:  # the test split
+            return np.eye(10, dtype=np.float32)[np.zeros(len(x), int)]
+        time.sleep(self.validate_seconds)
+        right = round(self.accuracies.pop(0) * len(x))  # labels are all 0
+        return np.eye(10, dtype=np.float32)[
+            np.r_[np.zeros(right, int), np.ones(len(x) - right, int)]
+        ]
+
+
+def _tta_config(**train):
+    settings = {"epochs": 2, "batch_size": 1, "eval_every_steps": 4, "target_accuracy": 0.5}
+    return parse_params({"train": settings | train}).run_config("torch")
+
+
+def test_validation_every_n_steps_times_the_target_on_the_training_clock():
+    splits = _splits(train=6, val=4)  # 6 steps an epoch; validation at global steps 4, 8, ends
+    trainer = ValidatingTrainer([0.25, 0.25, 0.5, 1.0])
+    result = train_one_seed(
+        trainer, _tta_config(), splits, to_device_data(trainer, splits, "cpu"), 0
+    )
+    order1, order2 = batch_order(6, 0, 1).tolist(), batch_order(6, 0, 2).tolist()
+    assert (
+        [call for call in trainer.calls if call[0] in ("epoch", "predict")]
+        == [
+            ("epoch", order1[0:4], 1),
+            ("predict", 4, False),  # global step 4
+            ("epoch", order1[4:6], 1),
+            ("predict", 4, False),  # the epoch's end: step 6
+            ("epoch", order2[0:2], 1),
+            ("predict", 4, False),  # step 8
+            ("epoch", order2[2:6], 1),
+            ("predict", 4, False),  # step 12
+            ("predict", 5, False),  # the test split
+        ]
+    )
+    assert [(p["step"], p["val_accuracy"]) for p in result.curve] == [
+        (4, 0.25),
+        (6, 0.25),
+        (8, 0.5),
+        (12, 1.0),
+    ]
+    assert (
+        result.target.step == 8 and result.target.train_seconds == result.curve[2]["train_seconds"]
+    )
+    seconds = [p["train_seconds"] for p in result.curve]
+    assert seconds == sorted(seconds) and seconds[-1] == pytest.approx(result.train_seconds)
+    # 4 training calls of 0.02 s; the 4 validations' 0.4 s are not on the clock (AlgoPerf's)
+    assert 0.08 <= result.train_seconds < 0.25
+    assert result.train_seconds == pytest.approx(sum(row["seconds"] for row in result.history))
+
+
+def test_a_seed_that_never_reaches_the_target_has_no_time_to_it():
+    splits = _splits(train=6, val=4)
+    trainer = ValidatingTrainer([0.25, 0.5, 0.75, 0.75], 0.0, 0.0)
+    config = _tta_config(target_accuracy=1.0)
+    result = train_one_seed(trainer, config, splits, to_device_data(trainer, splits, "cpu"), 0)
+    assert len(result.curve) == 4 and result.target is None  # not its last time
+
+
+def test_with_eval_every_0_validation_is_at_each_epochs_end_only():
+    splits = _splits(train=6, val=4)
+    trainer = ValidatingTrainer([0.5, 1.0], 0.0, 0.0)
+    config = _tta_config(eval_every_steps=0)
+    result = train_one_seed(trainer, config, splits, to_device_data(trainer, splits, "cpu"), 0)
+    assert [call[0] for call in trainer.calls].count("epoch") == 2  # one call an epoch
+    assert [p["step"] for p in result.curve] == [6, 12] and result.target.step == 6
+
+
+def test_pauses_fall_where_the_global_step_is_a_multiple_across_epochs():
+    tta = TimeToAccuracy(0.97, 200, 860)  # MNIST's default: batch 64, 860 steps an epoch
+    assert tta.pauses(1) == (200, 400, 600, 800)
+    assert tta.pauses(2) == (140, 340, 540, 740)  # global 1000, 1200, 1400, 1600
+    assert TimeToAccuracy(0.97, 0, 860).pauses(1) == ()
+    assert TimeToAccuracy(0.97, 430, 860).pauses(1) == (430,)  # the end is validated anyway
+
+
+def test_pauses_cut_an_epoch_where_progress_slices_do_too(monkeypatch):
+    order = np.arange(20)
+    sliced = epoch_slices(order, 2, 4, pauses=(3, 7))  # 10 steps; slices of 4; pauses 3, 7
+    assert [part.tolist() for part in sliced] == [
+        [0, 1, 2, 3, 4, 5],
+        [6, 7],
+        [8, 9, 10, 11, 12, 13],
+        [14, 15],
+        [16, 17, 18, 19],
+    ]
+    assert [p.tolist() for p in epoch_slices(np.arange(5), 2, 1000)] == [[0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize(
+    ("parts", "init", "order", "dropout"),
+    [
+        (["init", "order", "dropout"], 5, 5, 5),  # every source from the run's seed
+        (["order"], 0, 5, 0),  # only the batch order varies: weights and masks of seeds[0]
+        (["dropout"], 0, 0, 5),
+        (["init"], 5, 0, 0),
+    ],
+)
+def test_each_source_of_randomness_has_a_seed_of_its_own(parts, init, order, dropout):
+    config = parse_params(
+        {
+            "train": {"epochs": 1, "batch_size": 4, "seeds": [0, 5], "seed_parts": parts},
+            "model": {"init": "shared"},
+        }
+    ).run_config("torch")
+    splits = _splits()
+    trainer = ScriptedTrainer()
+    built = []
+    trainer.build_model = lambda model, initial_weights=None: built.append(initial_weights) or "n"
+    train_one_seed(trainer, config, splits, to_device_data(trainer, splits, "cpu"), 5)
+    seeds = [call[1] for call in trainer.calls if call[0] == "seed"]
+    # the framework is seeded for the initial weights, and again for the masks only if theirs
+    # differs: with every part from the run's seed, exactly as before seed_parts existed
+    assert seeds == ([init] if dropout == init else [init, dropout])
+    for (kernel, bias), (want_kernel, want_bias) in zip(
+        built[0], shared_weights(config.model, init), strict=True
+    ):
+        np.testing.assert_array_equal(kernel, want_kernel)
+        np.testing.assert_array_equal(bias, want_bias)
+    epochs = [call for call in trainer.calls if call[0] == "epoch"]
+    assert epochs[0][1] == batch_order(6, order, 1).tolist()
+
+
+def test_the_summary_records_each_seeds_time_to_the_target_and_the_curve(tmp_path):
+    from stages.training.loop import Reached
+    from stages.training.summary import time_to_accuracy, write_curve
+
+    reached = replace(
+        seed_result(0, 0.9, 2.0),
+        curve=[{"step": 200, "train_seconds": 0.5, "val_accuracy": 0.9}],
+        target=Reached(200, 0.5),
+    )
+    missed = replace(
+        seed_result(1, 0.8, 2.0), curve=[{"step": 200, "train_seconds": 0.6, "val_accuracy": 0.8}]
+    )
+    train = parse_params({"train": {"target_accuracy": 0.85}}).run_config("tf").train
+    assert time_to_accuracy([reached, missed], train) == {
+        "target_accuracy": 0.85,
+        "eval_every_steps": 200,
+        "seconds_to_target_per_seed": [0.5, None],
+        "steps_to_target_per_seed": [200, None],
+    }
+    write_curve(tmp_path / "curve.csv", [reached, missed])
+    assert (tmp_path / "curve.csv").read_text().splitlines() == [
+        "seed,step,train_seconds,val_accuracy",
+        "0,200,0.5,0.9",
+        "1,200,0.6,0.8",
+    ]
