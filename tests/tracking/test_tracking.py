@@ -206,7 +206,7 @@ def test_a_read_only_artifact_folder_is_one_message_before_the_run(mlflow_store,
 RACER = """
 import sys, time
 from pathlib import Path
-from stages.tracking import stage_run  # the slow import first, so that the store is opened at once
+from stages.tracking.runs import stage_run  # the slow import first, so that the store is opened at once
 Path(sys.argv[1] + '.ready').touch()
 deadline = time.monotonic() + 120
 while not Path('go').exists() and time.monotonic() < deadline:
