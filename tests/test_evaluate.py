@@ -331,6 +331,13 @@ def test_report_sentences_state_the_numbers_of_the_metrics(workspace):
         f"busy and PyTorch {cpu['torch']} (" in report
     )
     assert result["tf"]["tensorboard_tags"] == result["torch"]["tensorboard_tags"] != []
+    assert result["target_accuracy"] is not None  # the trainers timed themselves to it
+    assert "\n".join(tables.time_to_accuracy_markdown(result)) in report
+    assert tables.sooner_sentence(result) in report
+    row = {measure: (tf, torch) for measure, tf, torch in tables.table_rows(result)}
+    assert f"| Seconds to target (median) | {' | '.join(row['Seconds to target (median)'])} |" in (
+        report
+    )
 
 
 def _verdict_result(difference, low, high, code, seeds=4, p=0.0123, tost=(-0.001, 0.004, 0.3)):
