@@ -58,7 +58,8 @@ NO_EXPORT = {  # the export stage runs in every `dvc exp run`; the map needs non
     "export.formats.torch": "[]",
 }
 POLL_SECONDS = 30.0  # between two `dvc exp show`s: each reads every run and takes CPU from them
-# A time-to-accuracy metric is planned for evaluate.json; the table has its column once it is there.
+# evaluate.json[fw]'s median training seconds to train.target_accuracy (null: not reached in the
+# median over seeds); the table has its column when every cell's evaluate.json has it.
 TIME_TO_ACCURACY = "time_to_accuracy_seconds"
 COLORS = {
     "equivalent": "#66bb6a",
@@ -136,10 +137,18 @@ def cells(grid: dict[str, list[str]], results: Results) -> dict[Cell, dict]:
 
 
 def has_time_to_accuracy(evaluations: list[dict]) -> bool:
-    """Return whether every cell's evaluate.json has the time-to-accuracy metric for both."""
+    """Return whether every cell's evaluate.json has the time-to-accuracy metric for both: a
+    target (none when the trainers' metrics predate it) and a key per framework."""
     return bool(evaluations) and all(
-        TIME_TO_ACCURACY in evaluation[fw] for evaluation in evaluations for fw in ("tf", "torch")
+        evaluation.get("target_accuracy") is not None
+        and all(TIME_TO_ACCURACY in evaluation[fw] for fw in ("tf", "torch"))
+        for evaluation in evaluations
     )
+
+
+def seconds_cell(seconds: float | None) -> str:
+    """Return a framework's median seconds to the target, or `not reached` (None)."""
+    return "not reached" if seconds is None else f"{seconds:.1f}"
 
 
 def row(cell: Cell, evaluation: dict, time_to_accuracy: bool) -> str:
@@ -152,7 +161,7 @@ def row(cell: Cell, evaluation: dict, time_to_accuracy: bool) -> str:
         verdict_words(evaluation),
     ]
     if time_to_accuracy:
-        parts += [f"{evaluation[fw][TIME_TO_ACCURACY]:.1f}" for fw in ("tf", "torch")]
+        parts += [seconds_cell(evaluation[fw][TIME_TO_ACCURACY]) for fw in ("tf", "torch")]
     return "| " + " | ".join(parts) + " |"
 
 

@@ -1,7 +1,7 @@
 """Stage `evaluate`: compare the two trainers from their framework-neutral outputs.
 
-Imports neither framework. Reads test probabilities (seeds, N, 10), the trainers' metrics and
-histories and the `export` stage's measurements, and writes `metrics/evaluate.json`,
+Imports neither framework. Reads test probabilities (seeds, N, 10), the trainers' metrics,
+histories and accuracy curves and the `export` stage's measurements, and writes `metrics/evaluate.json`,
 `reports/comparison.md` and the PNGs it shows.
 
 """
@@ -16,7 +16,7 @@ import numpy as np
 import typer
 
 from stages.core.common import StageError, read_json, run_cli, staged_outputs, write_json
-from stages.core.comparison import compare, load_predictions, read_history
+from stages.core.comparison import compare, load_predictions, read_accuracy_curve, read_history
 from stages.core.config import FRAMEWORKS, Framework, load_params
 from stages.core.data import Split, load_splits
 from stages.core.layout import (
@@ -29,6 +29,7 @@ from stages.core.layout import (
     REPORT_FILE,
     REPORT_PAGE,
     SPEED_MEMORY_PLOT,
+    TIME_TO_ACCURACY_PLOT,
 )
 from stages.report.html import html_report
 from stages.report.plots import (
@@ -38,6 +39,7 @@ from stages.report.plots import (
     plot_learning_curves,
     plot_per_class,
     plot_speed_memory,
+    plot_time_to_accuracy,
 )
 from stages.report.tables import markdown_report, print_table
 from stages.tracking.links import DEFAULT_PORT, StageRuns, comparison_url
@@ -50,6 +52,7 @@ class TrainerFiles:
     predictions: Path  # (seeds, N, 10) test probabilities
     metrics: Path
     history: Path  # per-epoch CSV
+    curve: Path  # validation accuracy against training seconds, one row per validation
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Evidence:
     trainer_metrics: dict[Framework, dict[str, Any]]
     probabilities: dict[Framework, np.ndarray]
     histories: dict[Framework, list[dict[str, float]]]
+    curves: dict[Framework, list[dict[str, float]]]  # empty lists: metrics predate the curves
     deployment: dict[str, Any] | None  # the `export` stage's metrics, when given
 
 
@@ -73,7 +77,20 @@ def read_trainer_metrics(files: dict[Framework, TrainerFiles]) -> dict[Framework
             f"train-tf trained seeds {seeds['tf']} but train-torch {seeds['torch']}: the pairs "
             "would not match; rerun `dvc repro` so both train train.seeds"
         )
+    for fw in FRAMEWORKS:
+        check_timed_seeds(metrics[fw], f"train-{fw}")
     return metrics
+
+
+def check_timed_seeds(metrics: dict[str, Any], stage: str) -> None:
+    """Refuse times to target that do not have one entry per trained seed."""
+    seeds = metrics.get("seeds", [])
+    for key in ("seconds_to_target_per_seed", "steps_to_target_per_seed"):
+        if key in metrics and len(metrics[key]) != len(seeds):
+            raise StageError(
+                f"{stage}'s {key} has {len(metrics[key])} entries for {len(seeds)} seeds; "
+                f"rerun `dvc repro {stage}`"
+            )
 
 
 def read_evidence(
@@ -90,8 +107,17 @@ def read_evidence(
         for fw in FRAMEWORKS
     }
     histories = {fw: read_history(files[fw].history) for fw in FRAMEWORKS}
+    curves = {fw: read_curve(files[fw].curve, metrics[fw], f"train-{fw}") for fw in FRAMEWORKS}
     deployment = read_json(export, "export") if export else None
-    return Evidence(meta, test, metrics, probabilities, histories, deployment)
+    return Evidence(meta, test, metrics, probabilities, histories, curves, deployment)
+
+
+def read_curve(path: Path, metrics: dict[str, Any], stage: str) -> list[dict[str, float]]:
+    """Return a trainer's accuracy curve; none from metrics that predate time to accuracy (no
+    target recorded), whose trainer wrote no curve."""
+    if metrics.get("target_accuracy") is None:
+        return []
+    return read_accuracy_curve(path, stage)
 
 
 def run_tags(evidence: Evidence, tag_values: dict[str, str]) -> dict[str, str]:
@@ -111,6 +137,9 @@ def write_plots(
     labels, names = evidence.test.y, evidence.meta["class_names"]
     first = {fw: p[0].argmax(axis=1) for fw, p in evidence.probabilities.items()}  # McNemar pair
     plot_learning_curves(evidence.histories, folder / LEARNING_CURVES_PLOT)
+    plot_time_to_accuracy(
+        evidence.curves, result["target_accuracy"], folder / TIME_TO_ACCURACY_PLOT
+    )
     plot_confusions(labels, first, names, folder / CONFUSIONS_PLOT)
     plot_per_class(result, names, folder / PER_CLASS_PLOT)
     plot_disagreements(evidence.test.x, labels, first, names, folder / DISAGREEMENTS_PLOT)
@@ -156,6 +185,8 @@ def main(
     metrics_torch: Path = typer.Option(Path("metrics/train_torch.json")),
     history_tf: Path = typer.Option(Path("metrics/history_tf.csv")),
     history_torch: Path = typer.Option(Path("metrics/history_torch.csv")),
+    curve_tf: Path = typer.Option(Path("metrics/accuracy_curve_tf.csv")),
+    curve_torch: Path = typer.Option(Path("metrics/accuracy_curve_torch.csv")),
     export: Path | None = typer.Option(None, help="The `export` stage's metrics file."),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="DVC metrics file."),
     report: Path = typer.Option(Path("reports"), help="Folder for comparison.md and its PNGs."),
@@ -166,8 +197,8 @@ def main(
     from stages.tracking.runs import stage_run
 
     files: dict[Framework, TrainerFiles] = {
-        "tf": TrainerFiles(predictions_tf, metrics_tf, history_tf),
-        "torch": TrainerFiles(predictions_torch, metrics_torch, history_torch),
+        "tf": TrainerFiles(predictions_tf, metrics_tf, history_tf, curve_tf),
+        "torch": TrainerFiles(predictions_torch, metrics_torch, history_torch, curve_torch),
     }
     evidence = read_evidence(data, files, export)
     margin = config.evaluate.equivalence_margin

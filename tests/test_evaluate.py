@@ -102,10 +102,47 @@ def test_each_verdict_on_constructed_accuracies(tf, torch, margin, code):
         assert result["seeds_to_decide"] > len(tf)
 
 
+TARGET = 0.6  # the tiny curves' target: seeds reach it at their second validation, bar the last
+CURVE = {"reaching": (0.40, 0.70, 0.90), "missing": (0.30, 0.40, 0.50)}  # val accuracy per step
+
+
+def write_accuracy_curve(out, scale):
+    """Give a trainer's output folder a tiny accuracy curve and its metrics the times to target,
+    in the trainers' format, unless the trainer wrote them: validations at steps 2, 4, 6 taking
+    `scale` seconds a step; every seed reaches TARGET at step 4, except the last of several."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    curve = out / "accuracy_curve.csv"
+    if curve.exists() or "target_accuracy" in metrics:
+        return curve
+    seeds = metrics["seeds"]
+    lines = ["seed,step,train_seconds,val_accuracy"]
+    reached = []
+    for index, seed in enumerate(seeds):
+        missing = len(seeds) > 1 and index == len(seeds) - 1
+        accuracies = CURVE["missing" if missing else "reaching"]
+        lines += [
+            f"{seed},{step},{scale * step},{a}"
+            for step, a in zip((2, 4, 6), accuracies, strict=True)
+        ]
+        reached.append(None if missing else 4)
+    curve.write_text("\n".join(lines) + "\n")
+    metrics |= {
+        "target_accuracy": TARGET,
+        "eval_every_steps": 2,
+        "seconds_to_target_per_seed": [None if r is None else scale * r for r in reached],
+        "steps_to_target_per_seed": reached,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    return curve
+
+
 def run_evaluate(workspace):
     """Train both frameworks on tiny data, run `evaluate`, and return its metrics."""
-    for framework in ("tf", "torch"):
-        run_trainer(workspace, framework, framework)
+    curves = {}
+    for framework, scale in (("tf", 1.5), ("torch", 1.0)):
+        curves[framework] = write_accuracy_curve(
+            run_trainer(workspace, framework, framework), scale
+        )
     run_stage(
         evaluate.main,
         data=workspace / "processed",
@@ -115,6 +152,8 @@ def run_evaluate(workspace):
         metrics_torch=workspace / "torch/metrics.json",
         history_tf=workspace / "tf/history.csv",
         history_torch=workspace / "torch/history.csv",
+        curve_tf=curves["tf"],
+        curve_torch=curves["torch"],
         metrics=workspace / "evaluate.json",
         report=workspace / "reports",
         params=workspace / "params.yaml",
@@ -292,6 +331,13 @@ def test_report_sentences_state_the_numbers_of_the_metrics(workspace):
         f"busy and PyTorch {cpu['torch']} (" in report
     )
     assert result["tf"]["tensorboard_tags"] == result["torch"]["tensorboard_tags"] != []
+    assert result["target_accuracy"] is not None  # the trainers timed themselves to it
+    assert "\n".join(tables.time_to_accuracy_markdown(result)) in report
+    assert tables.sooner_sentence(result) in report
+    row = {measure: (tf, torch) for measure, tf, torch in tables.table_rows(result)}
+    assert f"| Seconds to target (median) | {' | '.join(row['Seconds to target (median)'])} |" in (
+        report
+    )
 
 
 def _verdict_result(difference, low, high, code, seeds=4, p=0.0123, tost=(-0.001, 0.004, 0.3)):
@@ -509,3 +555,193 @@ def test_one_seed_has_no_run_to_run_baseline():
     assert tables.self_agreement_sentence(result).startswith(
         "With one seed per framework there is no run-to-run baseline"
     )
+
+
+REPORTED = SPEED | {"trainer_code_lines": 40}  # what the report's claims need besides speed
+
+
+def _timed(seconds, steps=None, target=0.97):
+    """Trainer metrics of len(seconds) seeds with these seconds (and steps) to `target`."""
+    return REPORTED | {
+        "seeds": list(range(len(seconds))),
+        "target_accuracy": target,
+        "eval_every_steps": 100,
+        "seconds_to_target_per_seed": seconds,
+        "steps_to_target_per_seed": steps or [None if s is None else int(10 * s) for s in seconds],
+    }
+
+
+def _compare_timed(tf, torch):
+    """Return compare() of four seeds each whose trainers' metrics are `tf` and `torch`."""
+    labels = np.arange(100) % 10
+    probabilities = {
+        fw: np.stack([_fake(labels, 0.9, s) for s in range(4)]) for fw in ("tf", "torch")
+    }
+    return compare(labels, probabilities, {"tf": tf, "torch": torch})
+
+
+@pytest.mark.parametrize(
+    ("seconds", "median", "low", "high", "reaching"),
+    [
+        ([5.0, None, 3.0, 4.0], 4.5, 3.0, 5.0, 3),  # median of [3, 4, 5, inf]
+        ([None, None, 1.0, 2.0], None, 1.0, 2.0, 2),  # median of [1, 2, inf, inf]: infinite
+        ([None, None, None, None], None, None, None, 0),
+        ([7.0, 1.0, 2.0, 30.0], 4.5, 1.0, 30.0, 4),
+    ],
+)
+def test_time_to_accuracy_counts_a_seed_that_never_reached_it_as_infinity(
+    seconds, median, low, high, reaching
+):
+    result = _compare_timed(_timed(seconds), _timed([1.0] * 4))
+    tf = result["tf"]
+    assert result["target_accuracy"] == 0.97
+    assert tf["time_to_accuracy_seconds"] == median
+    assert (tf["time_to_accuracy_seconds_low"], tf["time_to_accuracy_seconds_high"]) == (low, high)
+    assert tf["seeds_reaching_target"] == reaching and tf["seeds_timed"] == 4
+    # steps are ten per second here: the same rule gives ten times the seconds
+    assert tf["steps_to_accuracy"] == (None if median is None else 10 * median)
+    assert tf["steps_to_accuracy_low"] == (None if low is None else int(10 * low))
+    assert tf["steps_to_accuracy_high"] == (None if high is None else int(10 * high))
+    assert tf["eval_every_steps"] == 100
+    assert "Infinity" not in json.dumps(result)  # never reached: null, not infinity
+
+
+def test_two_different_targets_are_refused_naming_both():
+    with pytest.raises(
+        common.StageError,
+        match=r"train-tf timed itself to validation accuracy 0.97 but train-torch to 0.98: .*"
+        r"rerun `dvc repro`",
+    ):
+        _compare_timed(_timed([1.0] * 4), _timed([1.0] * 4, target=0.98))
+
+
+def test_metrics_from_before_time_to_accuracy_still_compare_and_say_so():
+    result = _compare_timed(REPORTED, REPORTED)
+    assert result["target_accuracy"] is None
+    for fw in ("tf", "torch"):
+        assert result[fw]["time_to_accuracy_seconds"] is None
+        assert result[fw]["time_to_accuracy_seconds_low"] is None
+        assert result[fw]["steps_to_accuracy"] is None
+        assert result[fw]["seeds_reaching_target"] == 0
+    row = {measure: (tf, torch) for measure, tf, torch in tables.table_rows(result)}
+    assert row["Seconds to target (median)"] == ("n/a", "n/a")
+    section = "\n".join(tables.time_to_accuracy_markdown(result))
+    assert section == (
+        "## Time to accuracy\n\nTime to accuracy was not recorded: the trainers' metrics "
+        "predate it; rerun `dvc repro` to measure it.\n\n![](time_to_accuracy.png)\n"
+    )
+    assert section in tables.markdown_report(result, "mnist")
+    # one target recorded, the other not: two different targets
+    with pytest.raises(common.StageError, match="0.97 but train-torch to None"):
+        _compare_timed(_timed([1.0] * 4), SPEED)
+
+
+def test_the_time_to_accuracy_section_states_the_numbers_word_for_word():
+    result = _compare_timed(
+        _timed([5.0, None, 3.0, 4.0], steps=[500, None, 300, 400]),
+        _timed([2.0, 2.6, None, 1.5], steps=[200, 260, None, 150]),
+    )
+    report = tables.markdown_report(result, "mnist")
+    assert (
+        "## Time to accuracy\n\n"
+        "Target: 97.00% validation accuracy. Clock: training seconds, stopped while the model is "
+        "validated (AlgoPerf's rule), the same for both frameworks. Each trainer validates every "
+        "100 steps and at the end of each epoch; a seed's time is that of its first validation at "
+        "or above the target, and a seed that never reaches it counts as never (+∞) in the "
+        "median, not as its last time.\n\n"
+        "| Framework | Seeds reaching the target | Training seconds to target, median [min, max] "
+        "| Steps to target, median [min, max] |\n"
+        "|---|---:|---:|---:|\n"
+        "| TensorFlow/Keras | 3/4 | 4.5 [3.0, 5.0] | 450 [300, 500] |\n"
+        "| PyTorch | 3/4 | 2.3 [1.5, 2.6] | 230 [150, 260] |\n\n"
+        "PyTorch reached 97.00% validation accuracy sooner: a median of 2.3 training seconds "
+        "against 4.5 for TensorFlow/Keras, 2.0x sooner.\n\n"
+        "![](time_to_accuracy.png)\n"
+    ) in report
+    row = {measure: (tf, torch) for measure, tf, torch in tables.table_rows(result)}
+    assert row["Seconds to target (median)"] == ("4.5 s", "2.3 s")
+
+
+@pytest.mark.parametrize(
+    ("tf", "torch", "sentence", "cells"),
+    [
+        (
+            [None, None, 1.0, 2.0],
+            [3.0, 3.0, 3.0, 3.0],
+            "Only PyTorch reached 97.00% validation accuracy in the median over seeds (3.0 "
+            "training seconds); TensorFlow/Keras did not: 2 of 4 TensorFlow/Keras seeds reached it.",
+            ("2/4", "median not reached [1.0, 2.0]", "median not reached [10, 20]"),
+        ),
+        (
+            [None] * 4,
+            [None, 1.0, None, None],
+            "Neither framework reached 97.00% validation accuracy in the median over seeds: 0 of 4 "
+            "TensorFlow/Keras seeds and 1 of 4 PyTorch seeds reached it.",
+            ("0/4", "not reached", "not reached"),
+        ),
+        (
+            [3.0, 3.2, 3.4, 3.6],
+            [3.1, 3.3, 3.5, 3.7],
+            "TensorFlow/Keras reached 97.00% validation accuracy sooner: a median of 3.3 training "
+            "seconds against 3.4 for PyTorch, under 1.1x apart: about the same.",
+            ("4/4", "3.3 [3.0, 3.6]", "33 [30, 36]"),
+        ),
+        (
+            [2.0] * 4,
+            [2.0] * 4,
+            "Both frameworks reached 97.00% validation accuracy in a median of 2.0 training seconds.",
+            ("4/4", "2.0 [2.0, 2.0]", "20 [20, 20]"),
+        ),
+    ],
+)
+def test_which_framework_reached_the_target_sooner(tf, torch, sentence, cells):
+    result = _compare_timed(_timed(tf), _timed(torch))
+    assert tables.sooner_sentence(result) == sentence
+    assert tables.time_to_accuracy_rows(result)[0] == ("TensorFlow/Keras", *cells)
+
+
+def test_accuracy_curves_are_read_or_their_absence_explained(tmp_path):
+    path = tmp_path / "curve.csv"
+    with pytest.raises(
+        common.StageError, match=r"curve.csv not found; run `dvc repro` to train both frameworks"
+    ):
+        comparison.read_accuracy_curve(path, "train-tf")
+    assert evaluate.read_curve(path, SPEED, "train-tf") == []  # metrics from before the curves
+    with pytest.raises(common.StageError, match="not found"):
+        evaluate.read_curve(path, _timed([1.0]), "train-tf")
+    path.write_text("seed,step,train_seconds,val_accuracy\n0,50,1.5,0.91\n0,100,2.5,0.97\n")
+    assert comparison.read_accuracy_curve(path, "train-tf") == [
+        {"seed": 0, "step": 50, "train_seconds": 1.5, "val_accuracy": 0.91},
+        {"seed": 0, "step": 100, "train_seconds": 2.5, "val_accuracy": 0.97},
+    ]
+    path.write_text("seed,step,val_accuracy\n0,50,0.91\n")
+    with pytest.raises(
+        common.StageError, match=r"lacks the column\(s\) train_seconds .*rerun `dvc repro train-tf`"
+    ):
+        comparison.read_accuracy_curve(path, "train-tf")
+
+
+def test_times_to_target_need_one_entry_per_seed():
+    evaluate.check_timed_seeds(_timed([1.0, None]), "train-torch")
+    short = _timed([1.0, None]) | {"seeds": [0, 1, 2]}
+    with pytest.raises(
+        common.StageError,
+        match=r"train-torch's seconds_to_target_per_seed has 2 entries for 3 seeds; "
+        r"rerun `dvc repro train-torch`",
+    ):
+        evaluate.check_timed_seeds(short, "train-torch")
+
+
+@pytest.mark.parametrize("target", [0.6, None])
+def test_the_time_to_accuracy_figure_is_written(tmp_path, target):
+    from stages.report.plots import plot_time_to_accuracy
+
+    rows = [
+        {"seed": seed, "step": step, "train_seconds": step / 10, "val_accuracy": accuracy}
+        for seed in (0, 1)
+        for step, accuracy in ((50, 0.4), (100, 0.7))
+    ]
+    curves = {"tf": rows, "torch": rows} if target else {"tf": [], "torch": []}
+    path = tmp_path / layout.TIME_TO_ACCURACY_PLOT
+    plot_time_to_accuracy(curves, target, path)
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -297,12 +297,20 @@ def test_the_verdict_table_has_a_row_per_finished_cell_in_grid_order():
 
 def test_the_table_has_time_to_accuracy_columns_only_when_evaluate_json_has_it():
     timed = json.loads(json.dumps(EVALUATION))
+    for framework in ("tf", "torch"):  # evaluate.json from trainer metrics without a target
+        timed[framework][verdict_map.TIME_TO_ACCURACY] = None
+    text = verdict_map.table({"a": ["1"]}, {("1",): timed}, "cmd", 1, 1)
+    assert "Time to accuracy is not in metrics/evaluate.json yet, so it has no column." in text
+    timed["target_accuracy"] = 0.97
     for framework, seconds in (("tf", 12.0), ("torch", 9.5)):
         timed[framework][verdict_map.TIME_TO_ACCURACY] = seconds
     text = verdict_map.table({"a": ["1"]}, {("1",): timed}, "cmd", 1, 1)
     assert "not in metrics/evaluate.json" not in text
     assert "| TF seconds to accuracy | PyTorch seconds to accuracy |" in text
     assert text.splitlines()[-1].endswith("| inconclusive | 12.0 | 9.5 |")
+    timed["torch"][verdict_map.TIME_TO_ACCURACY] = None  # the median seed never reached it
+    text = verdict_map.table({"a": ["1"]}, {("1",): timed}, "cmd", 1, 1)
+    assert text.splitlines()[-1].endswith("| inconclusive | 12.0 | not reached |")
 
 
 def test_the_verdict_map_colours_each_cell_by_its_verdict(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from collections.abc import Iterable
 from itertools import combinations, product
 from pathlib import Path
@@ -38,6 +39,7 @@ SPEED_KEYS = (
 
 
 SAME_SPEED_WITHIN = 1.1  # ratios closer to 1 than this are "about the same": run-to-run noise
+CURVE_COLUMNS = ("seed", "step", "train_seconds", "val_accuracy")  # accuracy_curve_<fw>.csv
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -46,6 +48,22 @@ def read_history(path: Path) -> list[dict[str, float]]:
         raise StageError(f"{path} not found; run `dvc repro` to train both frameworks")
     with open(path) as rows:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(rows)]
+
+
+def read_accuracy_curve(path: Path, stage: str) -> list[dict[str, float]]:
+    """Return the rows of a trainer's accuracy curve CSV: one per validation, with its seed, step,
+    training seconds (the clock stopped during validation) and validation accuracy."""
+    if not path.exists():
+        raise StageError(f"{path} not found; run `dvc repro` to train both frameworks")
+    with open(path) as rows:
+        reader = csv.DictReader(rows)
+        missing = [column for column in CURVE_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise StageError(
+                f"{path} lacks the column(s) {', '.join(missing)} of an accuracy curve "
+                f"({','.join(CURVE_COLUMNS)}); rerun `dvc repro {stage}`"
+            )
+        return [{column: float(row[column]) for column in CURVE_COLUMNS} for row in reader]
 
 
 def load_predictions(path: Path, num_test: int, seeds: int, stage: str) -> np.ndarray:
@@ -74,6 +92,7 @@ def compare(
 
     Seeds are paired by position in train.seeds: TensorFlow's i-th seed against PyTorch's i-th.
     """
+    target = target_accuracy(trainer_metrics)  # first: two targets make the times incomparable
     predicted = {fw: p.argmax(axis=2) for fw, p in probabilities.items()}  # (seeds, N)
     scored = {fw: [loss_and_accuracy(p, labels) for p in probabilities[fw]] for fw in FRAMEWORKS}
     accuracy = {fw: [acc for _, acc in scored[fw]] for fw in FRAMEWORKS}
@@ -84,6 +103,7 @@ def compare(
     return {
         "tf": per_framework["tf"],
         "torch": per_framework["torch"],
+        "target_accuracy": target,
         **accuracy_numbers(accuracy, margin_points),
         **paired_numbers(labels, predicted, trainer_metrics["tf"].get("seeds")),
         "speedup_torch_over_tf": _ratio(
@@ -128,6 +148,50 @@ def framework_numbers(
         "tensorboard_tags": metrics.get("tensorboard_tags", []),
         "self_agreement": mean_agreement(combinations(predicted, 2)),
         "test_accuracy_sd": float(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else math.nan,
+        **time_to_accuracy(metrics),
+    }
+
+
+def target_accuracy(trainer_metrics: dict[Framework, dict[str, Any]]) -> float | None:
+    """Return the validation accuracy both trainers timed themselves to (None when their metrics
+    predate time to accuracy); refuse two different targets."""
+    targets = {fw: trainer_metrics[fw].get("target_accuracy") for fw in FRAMEWORKS}
+    if targets["tf"] != targets["torch"]:
+        raise StageError(
+            f"train-tf timed itself to validation accuracy {targets['tf']} but train-torch to "
+            f"{targets['torch']}: the times would not compare; rerun `dvc repro` so both train "
+            "to train.target_accuracy"
+        )
+    return targets["tf"]
+
+
+def _median_to_target(values: list[float | None]) -> float | None:
+    """Return the median over seeds, a seed that never reached the target counting as +infinity
+    (never as its last time): None when that median is infinite, or without seeds."""
+    if not values:
+        return None
+    median = statistics.median(math.inf if v is None else float(v) for v in values)
+    return None if math.isinf(median) else float(median)
+
+
+def time_to_accuracy(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Return one framework's time to accuracy over its seeds: the median training seconds and
+    steps to the target, the range over the seeds that reached it, and how many did (None and 0
+    for metrics from before time to accuracy)."""
+    seconds = metrics.get("seconds_to_target_per_seed") or []
+    steps = metrics.get("steps_to_target_per_seed") or []
+    reached = [float(s) for s in seconds if s is not None]
+    reached_steps = [int(s) for s in steps if s is not None]
+    return {
+        "time_to_accuracy_seconds": _median_to_target(seconds),
+        "time_to_accuracy_seconds_low": min(reached) if reached else None,
+        "time_to_accuracy_seconds_high": max(reached) if reached else None,
+        "steps_to_accuracy": _median_to_target(steps),
+        "steps_to_accuracy_low": min(reached_steps) if reached_steps else None,
+        "steps_to_accuracy_high": max(reached_steps) if reached_steps else None,
+        "seeds_reaching_target": len(reached),
+        "seeds_timed": len(seconds),
+        "eval_every_steps": metrics.get("eval_every_steps"),
     }
 
 

@@ -10,12 +10,14 @@ SAMPLES_FILE = "samples.png"  # `normalize`'s grid of sample images
 REPORT_FILE = "comparison.md"
 REPORT_PAGE = "comparison.html"
 LEARNING_CURVES_PLOT = "learning_curves.png"
+TIME_TO_ACCURACY_PLOT = "time_to_accuracy.png"
 CONFUSIONS_PLOT = "confusion_matrices.png"
 PER_CLASS_PLOT = "per_class_accuracy.png"
 DISAGREEMENTS_PLOT = "disagreements.png"
 SPEED_MEMORY_PLOT = "speed_memory.png"
 PLOTS = (
     LEARNING_CURVES_PLOT,
+    TIME_TO_ACCURACY_PLOT,
     CONFUSIONS_PLOT,
     PER_CLASS_PLOT,
     DISAGREEMENTS_PLOT,

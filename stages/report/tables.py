@@ -19,6 +19,7 @@ from stages.core.layout import (
     PER_CLASS_PLOT,
     RUNTIMES,
     SPEED_MEMORY_PLOT,
+    TIME_TO_ACCURACY_PLOT,
 )
 from stages.report.claims import blog_claims, claims_markdown
 from stages.report.plots import NATIVE
@@ -137,6 +138,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:  # pragma: no m
         ("Test accuracy (mean ± 95% CI)", accuracy("tf"), accuracy("torch")),
         ("Test loss", *fmt("test_loss", "{:.4f}")),
         ("Training time, 1 run (median)", *fmt("train_seconds", "{:.1f} s")),
+        ("Seconds to target (median)", *(seconds_to_target(result, fw) for fw in FRAMEWORKS)),
         ("Training throughput", *fmt("samples_per_second", "{:,.0f} samples/s")),
         ("Time to first step", *fmt("seconds_to_first_step", "{:.1f} s")),
         ("Peak memory (RSS)", *fmt("peak_rss_mb", "{:,} MiB")),
@@ -160,6 +162,113 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:  # pragma: no m
         ("Data-parallel workers", *(workers(fw) for fw in FRAMEWORKS)),
     ]
     return rows
+
+
+def seconds_to_target(result: dict[str, Any], fw: str) -> str:
+    """Return the console cell of a framework's median training seconds to the target."""
+    seconds = result[fw].get("time_to_accuracy_seconds")
+    if seconds is not None:
+        return f"{seconds:.1f} s"
+    return "n/a" if result.get("target_accuracy") is None else "not reached"
+
+
+def _to_target(numbers: dict[str, Any], key: str, pattern: str) -> str:
+    """Return "median [min, max]" of a framework's seconds or steps to the target."""
+    low, high = numbers.get(f"{key}_low"), numbers.get(f"{key}_high")
+    if low is None:
+        return "not reached"
+    median = numbers.get(key)
+    shown = "median not reached" if median is None else pattern.format(median)
+    return f"{shown} [{pattern.format(low)}, {pattern.format(high)}]"
+
+
+def time_to_accuracy_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Return one row per framework: seeds reaching the target, seconds and steps to it."""
+    return [
+        (
+            LABELS[fw],
+            f"{result[fw]['seeds_reaching_target']}/{result[fw]['seeds_timed']}",
+            _to_target(result[fw], "time_to_accuracy_seconds", "{:.1f}"),
+            _to_target(result[fw], "steps_to_accuracy", "{:,.0f}"),
+        )
+        for fw in FRAMEWORKS
+    ]
+
+
+def sooner_sentence(result: dict[str, Any]) -> str:
+    """Return which framework reached the target sooner in median training seconds, or which
+    did not reach it."""
+    target = f"{100 * result['target_accuracy']:.2f}% validation accuracy"
+    seconds = {fw: result[fw]["time_to_accuracy_seconds"] for fw in FRAMEWORKS}
+    reached = [fw for fw in FRAMEWORKS if seconds[fw] is not None]
+    if len(reached) == 2 and seconds["tf"] == seconds["torch"]:
+        return (
+            f"Both frameworks reached {target} in a median of {seconds['tf']:.1f} training seconds."
+        )
+    if len(reached) == 2:
+        first, second = sorted(FRAMEWORKS, key=lambda fw: seconds[fw])
+        factor = _times(seconds[first], seconds[second])
+        return (
+            f"{LABELS[first]} reached {target} sooner: a median of {seconds[first]:.1f} training "
+            f"seconds against {seconds[second]:.1f} for {LABELS[second]}, "
+            + (
+                f"{factor} sooner."
+                if factor
+                else f"under {SAME_SPEED_WITHIN}x apart: about the same."
+            )
+        )
+    missed = [fw for fw in FRAMEWORKS if fw not in reached]
+    counts = " and ".join(
+        f"{result[fw]['seeds_reaching_target']} of {result[fw]['seeds_timed']} {LABELS[fw]} seeds"
+        for fw in missed
+    )
+    if reached:
+        return (
+            f"Only {LABELS[reached[0]]} reached {target} in the median over seeds "
+            f"({seconds[reached[0]]:.1f} training seconds); {LABELS[missed[0]]} did not: "
+            f"{counts} reached it."
+        )
+    return f"Neither framework reached {target} in the median over seeds: {counts} reached it."
+
+
+def time_to_accuracy_markdown(result: dict[str, Any]) -> list[str]:
+    """Return the Time to accuracy section: the target, the clock, the table, who was sooner."""
+    lines = ["## Time to accuracy", ""]
+    if result.get("target_accuracy") is None:
+        return [
+            *lines,
+            "Time to accuracy was not recorded: the trainers' metrics predate it; rerun "
+            "`dvc repro` to measure it.",
+            "",
+            f"![]({TIME_TO_ACCURACY_PLOT})",
+            "",
+        ]
+    every = result["tf"].get("eval_every_steps")
+    validated = f"every {every:,} steps and " if every else ""
+    return [
+        *lines,
+        f"Target: {100 * result['target_accuracy']:.2f}% validation accuracy. Clock: training "
+        "seconds, stopped while the model is validated (AlgoPerf's rule), the same for both "
+        f"frameworks. Each trainer validates {validated}at the end of each epoch; a seed's time "
+        "is that of its first validation at or above the target, and a seed that never reaches "
+        "it counts as never (+∞) in the median, not as its last time.",
+        "",
+        *_markdown(
+            (
+                "Framework",
+                "Seeds reaching the target",
+                "Training seconds to target, median [min, max]",
+                "Steps to target, median [min, max]",
+            ),
+            time_to_accuracy_rows(result),
+            "lrrr",
+        ),
+        "",
+        sooner_sentence(result),
+        "",
+        f"![]({TIME_TO_ACCURACY_PLOT})",
+        "",
+    ]
 
 
 def cpu_sentence(result: dict[str, Any]) -> str:
@@ -373,6 +482,7 @@ def figures_markdown(result: dict[str, Any]) -> list[str]:  # pragma: no mutate 
         "",
         f"![]({LEARNING_CURVES_PLOT})",
         "",
+        *time_to_accuracy_markdown(result),
         f"## Confusion matrices (seed {result['mcnemar_seed']})",
         "",
         f"![]({CONFUSIONS_PLOT})",
