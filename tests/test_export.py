@@ -432,6 +432,8 @@ def test_stage_exports_serves_and_reports_both_frameworks(in_trained, staged, tm
         metrics_torch=in_trained / "torch/metrics.json",
         history_tf=in_trained / "tf/history.csv",
         history_torch=in_trained / "torch/history.csv",
+        curve_tf=in_trained / "tf/accuracy_curve.csv",
+        curve_torch=in_trained / "torch/accuracy_curve.csv",
         export=options["metrics"],
         metrics=tmp_path / "evaluate.json",
         report=tmp_path / "reports",
