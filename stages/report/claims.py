@@ -48,8 +48,9 @@ def code_claim(result: dict[str, Any]) -> Claim:
     """Return whether the Keras trainer is the shorter one."""
     tf, torch = result["tf"]["code_lines"], result["torch"]["code_lines"]
     measured = (
-        f"trainer code: {tf} lines for TensorFlow/Keras, {torch} for PyTorch (the table's "
-        "code row; non-blank, non-comment lines)"
+        f"Trainer module: {tf} lines for TensorFlow/Keras, {torch} for PyTorch (the table's "
+        "code row: stages/frameworks/<fw>_trainer.py, the Trainer alone; non-blank, "
+        "non-comment lines)"
     )
     blog = "Keras is simpler: less code for the same network"
     if max(tf, torch) / max(min(tf, torch), 1) < SAME_WITHIN:

@@ -11,14 +11,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from stages.core.common import StageError
-from stages.report.claims import blog_claims, claims_markdown
-from stages.report.tables import (
-    agreement_sentence,
-    deployment_markdown,
-    markdown_table,
-    self_agreement_sentence,
-    verdict,
-)
+from stages.report.tables import comparison_markdown, deployment_markdown, sooner_sentence
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DEPLOYMENT_START, DEPLOYMENT_END = "<!-- deployment:start -->", "<!-- deployment:end -->"
@@ -102,17 +95,12 @@ def results_section(
             f"### The comparison (`dvc repro` with data.dataset={dataset}, "
             f"{result['seeds']} seeds, CPU)",
             "",
-            verdict(result),
-            "",
-            markdown_table(result),
-            "",
-            agreement_sentence(result),
-            "",
-            self_agreement_sentence(result),
-            "",
-            "#### The blog's claims, checked",
-            "",
-            claims_markdown(blog_claims(result, deployment)),
+            *comparison_markdown(result, deployment, "####"),
+            *(
+                ["", f"Time to accuracy: {sooner_sentence(result)}"]
+                if result.get("target_accuracy")
+                else []
+            ),
         ]
     )
 

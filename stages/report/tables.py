@@ -442,13 +442,13 @@ def deployment_markdown(deployment: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(
-    result: dict[str, Any], dataset: str, deployment: dict[str, Any] | None = None
-) -> str:  # pragma: no mutate block
-    """Return reports/comparison.md: the table, the verdict, and the plots."""
-    lines = [
-        f"# TensorFlow vs PyTorch on {dataset}",
-        "",
+def comparison_markdown(
+    result: dict[str, Any], deployment: dict[str, Any] | None, level: str
+) -> list[str]:  # pragma: no mutate block
+    """Return the comparison as the report and the README show it: the verdict, the table, the
+    agreement between the frameworks and within each, and the blog's claims under a heading of
+    `level` ("##", "####")."""
+    return [
         verdict(result),
         "",
         markdown_table(result),
@@ -457,9 +457,20 @@ def markdown_report(
         "",
         self_agreement_sentence(result),
         "",
-        "## The blog's claims, checked",
+        f"{level} The blog's claims, checked",
         "",
         claims_markdown(blog_claims(result, deployment)),
+    ]
+
+
+def markdown_report(
+    result: dict[str, Any], dataset: str, deployment: dict[str, Any] | None = None
+) -> str:  # pragma: no mutate block
+    """Return reports/comparison.md: the table, the verdict, and the plots."""
+    lines = [
+        f"# TensorFlow vs PyTorch on {dataset}",
+        "",
+        *comparison_markdown(result, deployment, "##"),
         "",
         *figures_markdown(result),
     ]

@@ -64,7 +64,7 @@ def test_code_claim(tf_lines, torch_lines, verdict):
     claim = code_claim(result)
     assert claim.verdict == verdict
     assert claim.measured.startswith(
-        f"trainer code: {tf_lines} lines for TensorFlow/Keras, {torch_lines}"
+        f"Trainer module: {tf_lines} lines for TensorFlow/Keras, {torch_lines}"
     )
 
 
