@@ -308,9 +308,8 @@ def busy_port(monkeypatch):
         offered.append(port)
         return port
 
-    monkeypatch.setattr(ports, "free_port", first_busy)
-    # and where the launchers took the name: TensorFlow's (processes), PyTorch's (torch_parallel)
-    monkeypatch.setattr("stages.launcher.processes.free_port", first_busy)
+    monkeypatch.setattr(ports, "free_port", first_busy)  # TensorFlow's launcher calls it there
+    # and where PyTorch's adapter took the name
     monkeypatch.setattr("stages.frameworks.torch_parallel.free_port", first_busy)
     yield offered, held.getsockname()[1]
     held.close()
