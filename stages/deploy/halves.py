@@ -28,9 +28,8 @@ from stages.deploy.exports import (
 )
 
 HALF_TIMEOUT_SECONDS = 900  # one framework's exports, checks and measurements
-PACKAGE_ROOT = (
-    Path(__file__).resolve().parents[2]
-)  # where `python -m stages.frameworks.*_export` is
+# where `python -m stages.frameworks.*_export` is found: the folder holding `stages`
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_half(
