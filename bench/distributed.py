@@ -187,7 +187,7 @@ def main(
     if not (arrays / "x.npy").exists():
         from speed import load  # bench/speed.py: the same arrays, as `normalize` writes them
 
-        from stages.normalize import apply_scheme
+        from stages.core.preprocess import apply_scheme
 
         images, labels = load(raw)
         arrays.mkdir(exist_ok=True)

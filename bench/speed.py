@@ -269,7 +269,7 @@ def main(
         return
     out.mkdir(parents=True, exist_ok=True)  # before the run, not after it
     names = [n for n in CONFIGS if not only or n in only.split(",")]
-    from stages.normalize import apply_scheme
+    from stages.core.preprocess import apply_scheme
 
     images, labels = load(raw)
     arrays.mkdir(exist_ok=True)

@@ -57,8 +57,8 @@ def profile(raw: Path, steps: int) -> dict:
 
     from stages.core.config import load_params
     from stages.core.data import batch_order
+    from stages.core.preprocess import apply_scheme
     from stages.frameworks.torch_trainer import TorchTrainer
-    from stages.normalize import apply_scheme
 
     backend = TorchTrainer()
     config = load_params(ROOT / "params.yaml").run_config("torch")

@@ -1,161 +1,25 @@
 """Stage `evaluate`: compare the two trainers from their framework-neutral outputs.
 
 Imports neither framework. Reads test probabilities (seeds, N, 10), the trainers' metrics,
-histories and accuracy curves and the `export` stage's measurements, and writes `metrics/evaluate.json`,
-`reports/comparison.md` and the PNGs it shows.
-
+histories and accuracy curves and the `export` stage's measurements (`stages.core.evidence`),
+compares them (`stages.core.comparison`), and writes `metrics/evaluate.json`,
+`reports/comparison.md` and the PNGs it shows (`stages.report.writing`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 
-from stages.core.common import StageError, read_json, run_cli, staged_outputs, write_json
-from stages.core.comparison import compare, load_predictions, read_accuracy_curve, read_history
+from stages.core.common import run_cli, staged_outputs, write_json
+from stages.core.comparison import compare
 from stages.core.config import FRAMEWORKS, Framework, load_params
-from stages.core.data import Split, load_splits
-from stages.core.layout import (
-    CONFUSIONS_PLOT,
-    DEPLOYMENT_PLOT,
-    DISAGREEMENTS_PLOT,
-    LEARNING_CURVES_PLOT,
-    META_FILE,
-    PER_CLASS_PLOT,
-    REPORT_FILE,
-    REPORT_PAGE,
-    SPEED_MEMORY_PLOT,
-    TIME_TO_ACCURACY_PLOT,
-)
-from stages.report.html import html_report
-from stages.report.plots import (
-    plot_confusions,
-    plot_deployment,
-    plot_disagreements,
-    plot_learning_curves,
-    plot_per_class,
-    plot_speed_memory,
-    plot_time_to_accuracy,
-)
-from stages.report.tables import markdown_report, print_table
+from stages.core.evidence import TrainerFiles, read_evidence, run_tags
+from stages.report.tables import print_table
+from stages.report.writing import write_plots, write_report
 from stages.tracking.links import DEFAULT_PORT, StageRuns, comparison_url
-
-
-@dataclass(frozen=True)
-class TrainerFiles:
-    """What one trainer stage wrote that the comparison reads."""
-
-    predictions: Path  # (seeds, N, 10) test probabilities
-    metrics: Path
-    history: Path  # per-epoch CSV
-    curve: Path  # validation accuracy against training seconds, one row per validation
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """Everything the comparison is computed from, read and checked."""
-
-    meta: dict[str, Any]  # `normalize`'s meta.json
-    test: Split
-    trainer_metrics: dict[Framework, dict[str, Any]]
-    probabilities: dict[Framework, np.ndarray]
-    histories: dict[Framework, list[dict[str, float]]]
-    curves: dict[Framework, list[dict[str, float]]]  # empty lists: metrics predate the curves
-    deployment: dict[str, Any] | None  # the `export` stage's metrics, when given
-
-
-def read_trainer_metrics(files: dict[Framework, TrainerFiles]) -> dict[Framework, dict[str, Any]]:
-    """Return each trainer's metrics, checked to have trained the same seeds."""
-    metrics = {fw: read_json(files[fw].metrics, f"train-{fw}") for fw in FRAMEWORKS}
-    seeds = {fw: metrics[fw].get("seeds", []) for fw in FRAMEWORKS}
-    if seeds["tf"] != seeds["torch"]:
-        raise StageError(
-            f"train-tf trained seeds {seeds['tf']} but train-torch {seeds['torch']}: the pairs "
-            "would not match; rerun `dvc repro` so both train train.seeds"
-        )
-    for fw in FRAMEWORKS:
-        check_timed_seeds(metrics[fw], f"train-{fw}")
-    return metrics
-
-
-def check_timed_seeds(metrics: dict[str, Any], stage: str) -> None:
-    """Refuse times to target that do not have one entry per trained seed."""
-    seeds = metrics.get("seeds", [])
-    for key in ("seconds_to_target_per_seed", "steps_to_target_per_seed"):
-        if key in metrics and len(metrics[key]) != len(seeds):
-            raise StageError(
-                f"{stage}'s {key} has {len(metrics[key])} entries for {len(seeds)} seeds; "
-                f"rerun `dvc repro {stage}`"
-            )
-
-
-def read_evidence(
-    data: Path, files: dict[Framework, TrainerFiles], export: Path | None
-) -> Evidence:
-    """Return the test set, both trainers' outputs and the export stage's metrics, checked."""
-    meta = read_json(data / META_FILE, "normalize")
-    test = load_splits(data, next(iter(meta["constants"])), meta).test
-    metrics = read_trainer_metrics(files)
-    probabilities = {
-        fw: load_predictions(
-            files[fw].predictions, len(test.y), len(metrics[fw].get("seeds", [])), f"train-{fw}"
-        )
-        for fw in FRAMEWORKS
-    }
-    histories = {fw: read_history(files[fw].history) for fw in FRAMEWORKS}
-    curves = {fw: read_curve(files[fw].curve, metrics[fw], f"train-{fw}") for fw in FRAMEWORKS}
-    deployment = read_json(export, "export") if export else None
-    return Evidence(meta, test, metrics, probabilities, histories, curves, deployment)
-
-
-def read_curve(path: Path, metrics: dict[str, Any], stage: str) -> list[dict[str, float]]:
-    """Return a trainer's accuracy curve; none from metrics that predate time to accuracy (no
-    target recorded), whose trainer wrote no curve."""
-    if metrics.get("target_accuracy") is None:
-        return []
-    return read_accuracy_curve(path, stage)
-
-
-def run_tags(evidence: Evidence, tag_values: dict[str, str]) -> dict[str, str]:
-    """Return the evaluate run's tags: the runs it compares, and mlflow.tag_params' values."""
-    metrics = evidence.trainer_metrics
-    tags = {f"{fw}_run_id": metrics[fw].get("mlflow_run_id", "") for fw in FRAMEWORKS}
-    tags |= tag_values
-    if evidence.deployment:
-        tags["export_run_id"] = evidence.deployment.get("mlflow_run_id", "")
-    return tags
-
-
-def write_plots(
-    folder: Path, evidence: Evidence, result: dict[str, Any]
-) -> None:  # pragma: no mutate block
-    """Save the report's figures into `folder`."""
-    labels, names = evidence.test.y, evidence.meta["class_names"]
-    first = {fw: p[0].argmax(axis=1) for fw, p in evidence.probabilities.items()}  # McNemar pair
-    plot_learning_curves(evidence.histories, folder / LEARNING_CURVES_PLOT)
-    plot_time_to_accuracy(
-        evidence.curves, result["target_accuracy"], folder / TIME_TO_ACCURACY_PLOT
-    )
-    plot_confusions(labels, first, names, folder / CONFUSIONS_PLOT)
-    plot_per_class(result, names, folder / PER_CLASS_PLOT)
-    plot_disagreements(evidence.test.x, labels, first, names, folder / DISAGREEMENTS_PLOT)
-    plot_speed_memory(result, folder / SPEED_MEMORY_PLOT)
-    if evidence.deployment:
-        plot_deployment(evidence.deployment, folder / DEPLOYMENT_PLOT)
-
-
-def write_report(folder: Path, evidence: Evidence, result: dict[str, Any]) -> None:
-    """Write the markdown report and its self-contained HTML page into `folder`."""
-    dataset = evidence.meta["dataset"]
-    markdown = markdown_report(result, dataset, evidence.deployment)
-    (folder / REPORT_FILE).write_text(markdown)
-    (folder / REPORT_PAGE).write_text(
-        html_report(markdown, folder, f"TensorFlow vs PyTorch on {dataset}")
-    )
 
 
 def log_run(result: dict[str, Any], report: Path) -> None:  # pragma: no mutate block

@@ -139,7 +139,7 @@ def run_stage(main, **options) -> None:
 
 def write_processed(folder: Path, scheme: str = "scale") -> Path:
     """Write what `normalize` would write for the tiny dataset (scheme `scale`, 100 validation)."""
-    from stages.normalize import apply_scheme, split_validation
+    from stages.core.preprocess import apply_scheme, split_validation
 
     arrays = tiny_arrays()
     images, labels = arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"]

@@ -12,8 +12,8 @@ import yaml
 from stages import download
 from stages.core.common import StageError
 from stages.core.dataset import STEMS, Dataset
+from stages.core.fetch import Network, _local_path, _short, fetch_dataset, offline_hint, sources_for
 from stages.core.idx import IdxError
-from stages.download import Network, _local_path, _short, fetch_dataset, offline_hint, sources_for
 from tests.conftest import DEBIAN_FASHION, ROOT, run_stage
 
 FAST = Network(timeout_seconds=0.5, retries=1, backoff_seconds=0.01)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from stages import evaluate
 from stages.__main__ import app
-from stages.core import common, comparison, layout
+from stages.core import common, comparison, evidence, layout
 from stages.core.comparison import compare
 from stages.core.measure import count_code_lines
 from stages.core.stats import difference, mcnemar_exact, mean_interval
@@ -706,9 +706,9 @@ def test_accuracy_curves_are_read_or_their_absence_explained(tmp_path):
         common.StageError, match=r"curve.csv not found; run `dvc repro` to train both frameworks"
     ):
         comparison.read_accuracy_curve(path, "train-tf")
-    assert evaluate.read_curve(path, SPEED, "train-tf") == []  # metrics from before the curves
+    assert evidence.read_curve(path, SPEED, "train-tf") == []  # metrics from before the curves
     with pytest.raises(common.StageError, match="not found"):
-        evaluate.read_curve(path, _timed([1.0]), "train-tf")
+        evidence.read_curve(path, _timed([1.0]), "train-tf")
     path.write_text("seed,step,train_seconds,val_accuracy\n0,50,1.5,0.91\n0,100,2.5,0.97\n")
     assert comparison.read_accuracy_curve(path, "train-tf") == [
         {"seed": 0, "step": 50, "train_seconds": 1.5, "val_accuracy": 0.91},
@@ -722,14 +722,14 @@ def test_accuracy_curves_are_read_or_their_absence_explained(tmp_path):
 
 
 def test_times_to_target_need_one_entry_per_seed():
-    evaluate.check_timed_seeds(_timed([1.0, None]), "train-torch")
+    evidence.check_timed_seeds(_timed([1.0, None]), "train-torch")
     short = _timed([1.0, None]) | {"seeds": [0, 1, 2]}
     with pytest.raises(
         common.StageError,
         match=r"train-torch's seconds_to_target_per_seed has 2 entries for 3 seeds; "
         r"rerun `dvc repro train-torch`",
     ):
-        evaluate.check_timed_seeds(short, "train-torch")
+        evidence.check_timed_seeds(short, "train-torch")
 
 
 @pytest.mark.parametrize("target", [0.6, None])

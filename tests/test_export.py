@@ -25,7 +25,7 @@ from stages.core.common import StageError
 from stages.core.config import LoadTestConfig, Params, ParamsError, load_params, parse_params
 from stages.core.layout import FILE_NAMES
 from stages.core.ports import free_port
-from stages.deploy import exports, serving
+from stages.deploy import exports, halves, serving
 from stages.frameworks import tf_export, torch_export
 from tests.conftest import ROOT, run_stage, stage_env
 from tests.frameworks.test_trainers import run_trainer, write_processed
@@ -347,7 +347,7 @@ def _assert_nothing_written(root: Path, tag: str) -> None:
 
 
 def test_corrupted_export_fails_the_stage_and_leaves_no_outputs(in_trained, staged, monkeypatch):
-    monkeypatch.setattr(export, "run_half", _fake_halves(staged, corrupt="torch"))
+    monkeypatch.setattr(halves, "run_half", _fake_halves(staged, corrupt="torch"))
     failed_before = len(stage_runs("FAILED"))
     with pytest.raises(
         StageError,
@@ -367,8 +367,8 @@ def test_server_that_never_starts_fails_the_stage_stopped_and_no_outputs(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pid_file = tmp_path / "server.pid"
     hang = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
-    monkeypatch.setattr(export, "run_half", _fake_halves(staged))
-    monkeypatch.setattr(export, "serve_command", lambda *_: [sys.executable, "-c", hang])
+    monkeypatch.setattr(halves, "run_half", _fake_halves(staged))
+    monkeypatch.setattr(serving, "serve_command", lambda *_: [sys.executable, "-c", hang])
     options = export_options(in_trained, "hang") | {"params": tmp_path / "params.yaml"}
     start = time.perf_counter()
     with pytest.raises(
@@ -455,7 +455,7 @@ def test_halves_import_only_their_own_framework():
     for framework, other in (("tf", "torch"), ("torch", "tensorflow")):
         source = (ROOT / f"stages/frameworks/{framework}_export.py").read_text()
         assert f"import {other}" not in source
-    for module in ("export", "deploy/exports", "deploy/serving"):
+    for module in ("export", "deploy/exports", "deploy/halves", "deploy/results", "deploy/serving"):
         source = (ROOT / f"stages/{module}.py").read_text()
         assert "import torch" not in source and "import tensorflow" not in source
         assert "import keras" not in source
@@ -606,10 +606,12 @@ def test_served_answers_are_refused_for_another_class_or_beyond_the_tolerance(
     with fake_model_server(served, lambda image: 0.0) as port:
         server = serving.Server(port, tmp_path / "serve.log")
         if refusal is None:
-            result = export.load_test_levels(
+            result = serving.load_test_levels(
                 "models:/m/1", server, 1.0, numbered_images(12), expected, load
             )
             assert result["concurrency_2"]["disagreements"] == 0
             return
         with pytest.raises(StageError, match=refusal):
-            export.load_test_levels("models:/m/1", server, 1.0, numbered_images(12), expected, load)
+            serving.load_test_levels(
+                "models:/m/1", server, 1.0, numbered_images(12), expected, load
+            )

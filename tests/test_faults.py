@@ -18,7 +18,7 @@ import yaml
 from stages.core import common
 from stages.core import dataset as core_dataset
 from stages.core.config import ParamsError, parse_params
-from stages.download import Network, fetch_dataset, verify
+from stages.core.fetch import Network, fetch_dataset, verify
 from stages.tracking.runs import stage_run
 from tests.conftest import stage_env, tiny_arrays, write_idx_folder, write_processed
 

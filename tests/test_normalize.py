@@ -9,7 +9,7 @@ import pytest
 
 from stages import download, normalize
 from stages.core.common import StageError
-from stages.normalize import apply_scheme, class_counts, scheme_constants, split_validation
+from stages.core.preprocess import apply_scheme, class_counts, scheme_constants, split_validation
 from tests.conftest import run_stage
 
 

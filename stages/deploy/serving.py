@@ -4,18 +4,20 @@
 it on a free loopback port, waits a bounded time for `GET /ping`, and stops its whole process
 group on every exit path. `answers` is the one readiness probe of the HTTP servers (/ping, /health).
 `load_test` sends a fixed number of one-image requests at a fixed concurrency under a time limit
-and checks every answer against the trained model's probabilities.
+and checks every answer against the trained model's probabilities. `serve_and_load_test` does
+it for both registered models of the `export` stage: `load_test_levels` at each concurrency.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,11 @@ from typing import Any
 import numpy as np
 
 from stages.core.common import StageError
+from stages.core.config import FRAMEWORKS, Framework, LoadTestConfig
+from stages.core.layout import registered_model_name
+from stages.core.ports import free_port
 from stages.core.processes import Command, OwnedProcess, Readiness, owned
-from stages.deploy.exports import agreement
+from stages.deploy.exports import PROBABILITY_TOLERANCE, agreement
 from stages.tracking.runs import model_version, run_exists
 
 HOST = "127.0.0.1"
@@ -245,3 +250,101 @@ def load_test(
             pool.submit(_send, sending, tally)
     seconds = time.perf_counter() - started
     return {"concurrency": concurrency, **_summary(tally, reference[indices], seconds)}
+
+
+def serve_and_load_test(
+    uris: dict[Framework, str],
+    images: dict[Framework, np.ndarray],
+    references: dict[Framework, np.ndarray],
+    load: LoadTestConfig,
+    env: Mapping[str, str],
+    logs: dict[Framework, Path],
+) -> dict[Framework, dict[str, Any]]:
+    """Serve each model (the servers start together, so their start-ups overlap), then load-test
+    them one at a time while the other idles; stop them; raise on wrong answers."""
+    mlflow_executable = Path(sys.executable).parent / "mlflow"
+    with ExitStack() as servers:
+        started = {}
+        for fw, uri in uris.items():
+            port = free_port()
+            command = serve_command(mlflow_executable, uri, port)
+            started[fw] = servers.enter_context(started_server(command, env, port, logs[fw]))
+        ready = {
+            fw: wait_until_ready(process, server, load.server_start_seconds)
+            for fw, (server, process) in started.items()
+        }
+        return {
+            fw: load_test_levels(
+                uris[fw], started[fw][0], ready[fw], images[fw], references[fw], load
+            )
+            for fw in uris
+        }
+
+
+def load_test_levels(
+    model_uri: str,
+    server: Server,
+    start_seconds: float,
+    images: np.ndarray,
+    reference: np.ndarray,
+    load: LoadTestConfig,
+) -> dict[str, Any]:
+    """Run the load test at each concurrency against a ready server; raise on wrong answers."""
+    print(
+        f"serving {model_uri} on 127.0.0.1:{server.port} (answered /ping after "
+        f"{start_seconds:.1f} s)"
+    )
+    levels = {}
+    for concurrency in load.concurrency:
+        level = load_test(
+            server.port, images, reference, load.requests, concurrency, load.time_limit_seconds
+        )
+        levels[f"concurrency_{concurrency}"] = level
+        print(
+            f"  concurrency {concurrency}: {level['answered']}/{level['requests']} answered, "
+            f"p50 {level['latency_p50_ms']:.1f} ms, {level['throughput_requests_per_second']:.0f}"
+            " requests/s",
+            flush=True,
+        )
+    for level in levels.values():
+        if level["answered"] == 0:
+            raise StageError(
+                f"{model_uri} served over HTTP answered none of {level['requests']} requests "
+                f"(concurrency {level['concurrency']}): {level['first_error']}; server output:\n"
+                + server.log.read_text(errors="replace")[-1500:]
+            )
+        if level["disagreements"] or not level["max_abs_difference"] <= PROBABILITY_TOLERANCE:
+            raise StageError(
+                f"{model_uri} served over HTTP answers unlike the trained model: another class on "
+                f"{level['disagreements']} of {level['answered']} requests, probabilities off by up "
+                f"to {level['max_abs_difference']:.3g} (tolerance {PROBABILITY_TOLERANCE:g})"
+            )
+    return {"model_uri": model_uri, "start_seconds": start_seconds, **levels}
+
+
+def registered_uris(tags: dict[str, str]) -> dict[Framework, str]:
+    """Return the `models:/` URI of the model version each trainer run registered."""
+    return {
+        fw: registered_version(registered_model_name(fw), tags[f"{fw}_run_id"], f"train-{fw}")
+        for fw in FRAMEWORKS
+    }
+
+
+def serve_logged(
+    uris: dict[Framework, str],
+    images: dict[Framework, np.ndarray],
+    references: dict[Framework, np.ndarray],
+    load: LoadTestConfig,
+    env: Mapping[str, str],
+    scratch: Path,
+) -> dict[Framework, dict[str, Any]]:
+    """Serve and load-test both models (serve_and_load_test), logging the servers' output."""
+    import mlflow
+
+    logs = {fw: scratch / f"serve-{fw}.log" for fw in FRAMEWORKS}
+    try:
+        return serve_and_load_test(uris, images, references, load, env, logs)
+    finally:
+        for log in logs.values():
+            if log.exists():
+                mlflow.log_artifact(str(log), "serving")

@@ -17,9 +17,9 @@ from stages.core.common import StageError
 from stages.core.config import parse_params
 from stages.core.contract import Trainer
 from stages.core.data import Split, Splits, expected_parameters, shared_weights, to_device_data
+from stages.core.preprocess import apply_scheme
 from stages.frameworks.tf_trainer import KerasTrainer
 from stages.frameworks.torch_trainer import TorchTrainer
-from stages.normalize import apply_scheme
 from stages.training.loop import train_one_seed
 from tests.conftest import run_trainer, tiny_arrays, write_processed
 
