@@ -662,7 +662,7 @@ def test_the_summary_records_each_seeds_time_to_the_target_and_the_curve(tmp_pat
     train = parse_params({"train": {"target_accuracy": 0.85}}).run_config("tf").train
     assert time_to_accuracy([reached, missed], train) == {
         "target_accuracy": 0.85,
-        "eval_every_steps": 200,
+        "eval_every_steps": 0,
         "seconds_to_target_per_seed": [0.5, None],
         "steps_to_target_per_seed": [200, None],
     }
