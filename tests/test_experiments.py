@@ -311,6 +311,9 @@ def test_the_table_has_time_to_accuracy_columns_only_when_evaluate_json_has_it()
     timed["torch"][verdict_map.TIME_TO_ACCURACY] = None  # the median seed never reached it
     text = verdict_map.table({"a": ["1"]}, {("1",): timed}, "cmd", 1, 1)
     assert text.splitlines()[-1].endswith("| inconclusive | 12.0 | not reached |")
+    del timed["torch"][verdict_map.TIME_TO_ACCURACY]  # `dvc exp show` leaves a null out
+    text = verdict_map.table({"a": ["1"]}, {("1",): timed}, "cmd", 1, 1)
+    assert text.splitlines()[-1].endswith("| inconclusive | 12.0 | not reached |")
 
 
 def test_the_verdict_map_colours_each_cell_by_its_verdict(tmp_path):

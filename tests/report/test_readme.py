@@ -27,6 +27,7 @@ RESULT_FILES = (
     "bench/step_profile.md",
     "bench/distributed.md",
     "experiments/blog_gap.md",
+    "experiments/verdict_map.md",
     "tests/mutation.md",
 )
 
