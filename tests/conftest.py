@@ -168,6 +168,20 @@ def write_processed(folder: Path, scheme: str = "scale") -> Path:
     return folder
 
 
+def trainer_outputs(out: Path):
+    """Return a trainer stage's outputs, every one inside the folder `out`."""
+    from stages.training.stage import TrainerOutputs
+
+    return TrainerOutputs(
+        out / "model",
+        out / "predictions.npy",
+        out / "metrics.json",
+        out / "history.csv",
+        out / "tensorboard",
+        out / "accuracy_curve.csv",
+    )
+
+
 def run_trainer(
     workspace: Path, framework: str, tag: str = "out", system_metrics_seconds: float = 1.0
 ) -> Path:
@@ -177,21 +191,14 @@ def run_trainer(
     from stages.core.config import load_params
     from stages.frameworks.tf_trainer import KerasTrainer
     from stages.frameworks.torch_trainer import TorchTrainer
-    from stages.training.stage import TrainerJob, TrainerOutputs, run_trainer_stage
+    from stages.training.stage import TrainerJob, run_trainer_stage
 
     processed = workspace / "processed"
     if not processed.exists():
         write_processed(processed)
     out = workspace / tag
     trainer = {"tf": KerasTrainer, "torch": TorchTrainer}[framework]()
-    outputs = TrainerOutputs(
-        out / "model",
-        out / "predictions.npy",
-        out / "metrics.json",
-        out / "history.csv",
-        out / "tensorboard",
-        out / "accuracy_curve.csv",
-    )
+    outputs = trainer_outputs(out)
     params = load_params(workspace / "params.yaml")
     start = psutil.Process().create_time()
     job = TrainerJob(

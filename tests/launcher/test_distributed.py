@@ -46,7 +46,7 @@ from stages.launcher.stage import run_stage
 from stages.launcher.workers import DistributedTrainer, ParallelTrainer
 from stages.training.stage import TrainerJob, TrainerOutputs
 from stages.training.summary import trainer_code_lines
-from tests.conftest import DEBIAN_FASHION, ROOT, copy_repo, write_processed
+from tests.conftest import DEBIAN_FASHION, ROOT, copy_repo, trainer_outputs, write_processed
 from tests.frameworks.test_trainers import tiny_splits
 from tests.launcher import distributed_tasks
 from tests.launcher.distributed_tasks import Experiment, FailingParallel, WriteRecordingParallel
@@ -269,15 +269,7 @@ def stage_workspace(workspace: Path, params_dict: dict, **train) -> Path:
 
 
 def outputs(workspace: Path, tag: str) -> TrainerOutputs:
-    out = workspace / tag
-    return TrainerOutputs(
-        out / "model",
-        out / "predictions.npy",
-        out / "metrics.json",
-        out / "history.csv",
-        out / "tensorboard",
-        out / "accuracy_curve.csv",
-    )
+    return trainer_outputs(workspace / tag)
 
 
 def stage_runs(name: str) -> dict[str, str]:

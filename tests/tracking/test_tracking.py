@@ -252,30 +252,15 @@ def test_processes_starting_together_on_a_fresh_store_all_succeed(tmp_path):
 
 
 def test_a_trainer_stage_run_and_its_seed_runs_carry_the_tag_params(workspace, params_dict):
-    import psutil
     import yaml
 
-    from stages.core.config import load_params
-    from stages.frameworks.torch_trainer import TorchTrainer
-    from stages.training.stage import TrainerJob, TrainerOutputs, run_trainer_stage
-    from tests.conftest import write_processed
+    from tests.conftest import run_trainer, write_processed
 
     params_dict["mlflow"]["tag_params"] = ["train.learning_rate", "train.optimizer.name"]
     params_dict["train"]["epochs"] = 1
     (workspace / "params.yaml").write_text(yaml.safe_dump(params_dict))
     write_processed(workspace / "processed")
-    out = workspace / "out"
-    outputs = TrainerOutputs(
-        out / "model",
-        out / "predictions.npy",
-        out / "metrics.json",
-        out / "history.csv",
-        out / "tensorboard",
-        out / "accuracy_curve.csv",
-    )
-    start = psutil.Process().create_time()
-    params = load_params(workspace / "params.yaml")
-    run_trainer_stage(TorchTrainer(), TrainerJob(workspace / "processed", outputs, params, start))
+    run_trainer(workspace, "torch")
     experiment = mlflow.get_experiment_by_name("tf-vs-torch")
     runs = mlflow.MlflowClient().search_runs([experiment.experiment_id])
     assert {run.info.run_name for run in runs} == {"train-torch", "train-torch-seed-0"}
