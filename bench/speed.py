@@ -1,11 +1,17 @@
 """Training-speed benchmark: the blog's two scripts against our trainers, and what each knob does.
 
     python bench/speed.py --raw data/raw --repeats 3
+    python bench/speed.py --raw data/raw --repeats 3 --workload cnn
 
 Every configuration trains the blog's network for 5 epochs on the full 60,000 training images, in
 a fresh process of its own (so imports, caches and peak memory don't leak between them), and
 reports wall-clock training seconds and the process's peak RSS. Results: bench/results.json and
 the table in bench/results.md, medians over --repeats, ratios against baselines of the same run.
+
+`--workload cnn` times the convolutional network (model.kind=cnn) for CNN_EPOCHS instead: each
+trainer against the script a user of its framework would write for the same network (Keras's
+model.fit on numpy arrays; a PyTorch DataLoader loop), with the arithmetic floor from PyTorch's
+measured convolution rate. Results: bench/results_cnn.{json,md}.
 """
 
 from __future__ import annotations
@@ -49,6 +55,21 @@ CONFIGS = {
     "keras-fit-b64-spe": ("model.fit at batch 64, steps_per_execution=100", 64),
     "keras-fit-b64-spe-jit": ("model.fit at batch 64, steps_per_execution=100, jit_compile", 64),
 }
+
+
+CNN_EPOCHS = 1  # a CNN epoch is ~30x an MLP epoch's arithmetic: one keeps the run to minutes
+CNN_CONFIGS = {
+    # name: (what it is, batch size); the same network, Adam at 1e-3, batch 64 in all four
+    "cnn-keras-fit": ("Keras: model.fit on numpy arrays, as Keras's MNIST convnet example", 64),
+    "cnn-torch-dataloader": ("PyTorch: a DataLoader over a TensorDataset, the tutorial loop", 64),
+    "cnn-ours-tf": ("train-tf with model.kind=cnn", 64),
+    "cnn-ours-torch": ("train-torch with model.kind=cnn", 64),
+}
+CNN_TARGETS = {  # configuration: the idiomatic script of its framework it must not be slower than
+    "cnn-ours-tf": "cnn-keras-fit",
+    "cnn-ours-torch": "cnn-torch-dataloader",
+}
+CONV_BATCH = 256  # the convolution rate is measured on the CNN's largest layer at this batch
 
 
 def load(raw: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -121,10 +142,82 @@ def keras_fit(raw: Path, batch_size: int, steps_per_execution: int = 1, jit: boo
     return time.perf_counter() - start
 
 
+def keras_cnn_fit(arrays: Path) -> float:
+    """Train the CNN as a Keras user would: a Sequential model, compile, fit on numpy arrays."""
+    import keras
+
+    x, y = np.load(arrays / "x.npy")[..., None], np.load(arrays / "y.npy")  # (N, 28, 28, 1)
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    start = time.perf_counter()
+    model.fit(x, y, epochs=CNN_EPOCHS, batch_size=64, verbose=0)
+    return time.perf_counter() - start
+
+
+def torch_cnn_dataloader(arrays: Path) -> float:
+    """Train the CNN as a PyTorch user would: nn.Sequential, a DataLoader, the usual loop."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.from_numpy(np.load(arrays / "x.npy")).unsqueeze(1)  # (N, 1, 28, 28)
+    y = torch.from_numpy(np.load(arrays / "y.npy"))
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(1600, 10),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for _ in range(CNN_EPOCHS):
+        for images, labels in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - start
+
+
+def run_config_of(framework: str, kind: str):
+    """Return the RunConfig users run (params.yaml) for `framework`, with model.kind=`kind`."""
+    from stages.core.config import parse_params, read_params_file
+
+    params = read_params_file(ROOT / "params.yaml")
+    params["model"]["kind"] = kind  # type: ignore[index]
+    return parse_params(params).run_config(framework)
+
+
 def ours(
-    raw: Path, framework: str, variant: str = "", batch_size: int = 64, arrays: Path = ARRAYS
+    raw: Path,
+    framework: str,
+    variant: str = "",
+    batch_size: int = 64,
+    arrays: Path = ARRAYS,
+    kind: str = "mlp",
 ) -> float:
-    from stages.core.config import load_params
     from stages.core.data import batch_order
 
     if framework == "tf":
@@ -135,7 +228,7 @@ def ours(
         from stages.frameworks.torch_trainer import TorchTrainer
 
         backend = TorchTrainer()
-    config = load_params(ROOT / "params.yaml").run_config(framework)  # the defaults users run
+    config = run_config_of(framework, kind)  # the defaults users run
     if variant == "1-thread" and framework == "tf":  # must precede TensorFlow's first op
         import tensorflow as tf
 
@@ -168,7 +261,7 @@ def ours(
     if variant == "step-per-call":
         train_epoch = _tf_step_per_call
     start = time.perf_counter()
-    for epoch in range(1, EPOCHS + 1):
+    for epoch in range(1, (CNN_EPOCHS if kind == "cnn" else EPOCHS) + 1):
         train_epoch(model, optimizer, xs, ys, batch_order(len(y), 0, epoch), batch_size)
     return time.perf_counter() - start
 
@@ -195,6 +288,12 @@ def _tf_step_per_call(model, optimizer, x, y, order, batch_size):
 
 
 def run_config(name: str, raw: Path, arrays: Path = ARRAYS) -> float:
+    if name == "cnn-keras-fit":
+        return keras_cnn_fit(arrays)
+    if name == "cnn-torch-dataloader":
+        return torch_cnn_dataloader(arrays)
+    if name.startswith("cnn-ours-"):
+        return ours(raw, name.removeprefix("cnn-ours-"), "", 64, arrays, kind="cnn")
     if name == "blog-torch":
         return blog_torch(raw)
     if name == "blog-keras":
@@ -229,10 +328,32 @@ def matmul_gflops() -> float:
     return statistics.median(rates)
 
 
+def conv_gflops() -> float:
+    """Return PyTorch's float32 convolution rate on this machine (all cores), in GFLOP/s, at the
+    CNN's largest layer: 32 -> 64 channels, 3x3, on 13x13 maps, a batch of CONV_BATCH."""
+    import torch
+    from torch.nn import functional as F
+
+    x, weight = torch.randn(CONV_BATCH, 32, 13, 13), torch.randn(64, 32, 3, 3)
+    flops = 2 * CONV_BATCH * 11 * 11 * 64 * 32 * 9
+    for _ in range(3):
+        F.conv2d(x, weight)
+    rates = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(5):
+            F.conv2d(x, weight)
+        rates.append(5 * flops / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
 def child(name: str, raw: Path, arrays: Path = ARRAYS) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if name == "matmul":
         print(json.dumps({"gflops": matmul_gflops()}))
+        return
+    if name == "conv":
+        print(json.dumps({"gflops": conv_gflops()}))
         return
     seconds = run_config(name, raw, arrays)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -251,34 +372,9 @@ def measure(name: str, raw: Path, arrays: Path = ARRAYS) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(
-    raw: Path = typer.Option(Path("data/raw"), help="Folder with the four IDX .gz files."),
-    repeats: int = typer.Option(3, help="Runs per configuration; medians are reported."),
-    only: str = typer.Option("", help="Comma-separated configurations (default: all)."),
-    out: Path = typer.Option(ROOT / "bench", help="Where results.json and results.md go."),
-    table_only: bool = typer.Option(False, help="Rewrite results.md from results.json only."),
-    arrays: Path = typer.Option(ARRAYS, help="Where the normalized arrays are written."),
-    child_name: str = typer.Option("", "--child", hidden=True),
-) -> None:
-    """Run every configuration --repeats times and write the table."""
-    if child_name:
-        child(child_name, raw, arrays)
-        return
-    if table_only:
-        (out / "results.md").write_text(table(json.loads((out / "results.json").read_text())))
-        return
-    out.mkdir(parents=True, exist_ok=True)  # before the run, not after it
-    names = [n for n in CONFIGS if not only or n in only.split(",")]
-    from stages.core.preprocess import apply_scheme
-
-    images, labels = load(raw)
-    arrays.mkdir(exist_ok=True)
-    np.save(arrays / "x.npy", apply_scheme(images, 0.0, 1.0))  # what `normalize` would write
-    np.save(arrays / "y.npy", labels.astype(np.int64))
-    gflops = measure("matmul", raw, arrays)["gflops"]
-    samples = 60_000 * EPOCHS
-    floor = samples * FLOPS_PER_SAMPLE / (gflops * 1e9)
-    results = {}
+def interleaved(names: list[str], repeats: int, raw: Path, arrays: Path) -> dict:
+    """Return each configuration's median seconds and peak RSS over `repeats` interleaved runs."""
+    results: dict[str, list[dict]] = {}
     for repeat in range(repeats):
         for name in names:  # interleaved, so drift in the machine hits every configuration alike
             measured = measure(name, raw, arrays)
@@ -288,7 +384,7 @@ def main(
                 f"{measured['peak_rss_mb']:.0f} MiB",
                 flush=True,
             )
-    summary = {
+    return {
         name: {
             "seconds": statistics.median(r["seconds"] for r in runs),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
@@ -296,17 +392,62 @@ def main(
         }
         for name, runs in results.items()
     }
+
+
+def cnn_flops_per_image() -> int:
+    """Return one training image's FLOPs through the CNN: forward, and backward at twice that."""
+    from stages.core.network import forward_flops
+
+    return 3 * forward_flops(run_config_of("torch", "cnn").model)
+
+
+def main(
+    raw: Path = typer.Option(Path("data/raw"), help="Folder with the four IDX .gz files."),
+    repeats: int = typer.Option(3, help="Runs per configuration; medians are reported."),
+    only: str = typer.Option("", help="Comma-separated configurations (default: all)."),
+    out: Path = typer.Option(ROOT / "bench", help="Where the results .json and .md go."),
+    table_only: bool = typer.Option(False, help="Rewrite the .md from the .json only."),
+    arrays: Path = typer.Option(ARRAYS, help="Where the normalized arrays are written."),
+    workload: str = typer.Option(
+        "mlp", help="mlp: the blog's network (results.md) | cnn: model.kind=cnn (results_cnn.md)."
+    ),
+    child_name: str = typer.Option("", "--child", hidden=True),
+) -> None:
+    """Run every configuration --repeats times and write the table."""
+    if child_name:
+        child(child_name, raw, arrays)
+        return
+    if workload not in ("mlp", "cnn"):
+        raise typer.BadParameter(f"--workload {workload!r}: use mlp or cnn")
+    stem, write = ("results", table) if workload == "mlp" else ("results_cnn", cnn_table)
+    if table_only:
+        (out / f"{stem}.md").write_text(write(json.loads((out / f"{stem}.json").read_text())))
+        return
+    out.mkdir(parents=True, exist_ok=True)  # before the run, not after it
+    configs = CONFIGS if workload == "mlp" else CNN_CONFIGS
+    names = [n for n in configs if not only or n in only.split(",")]
+    from stages.core.preprocess import apply_scheme
+
+    images, labels = load(raw)
+    arrays.mkdir(exist_ok=True)
+    np.save(arrays / "x.npy", apply_scheme(images, 0.0, 1.0))  # what `normalize` would write
+    np.save(arrays / "y.npy", labels.astype(np.int64))
+    rate = "matmul" if workload == "mlp" else "conv"
+    gflops = measure(rate, raw, arrays)["gflops"]
+    epochs = EPOCHS if workload == "mlp" else CNN_EPOCHS
+    per_image = FLOPS_PER_SAMPLE if workload == "mlp" else cnn_flops_per_image()
     payload = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "matmul_gflops": gflops,
-        "floor_seconds": floor,
-        "epochs": EPOCHS,
-        "training_samples": 60_000,
-        "configs": summary,
+        f"{rate}_gflops": gflops,
+        "floor_seconds": len(labels) * epochs * per_image / (gflops * 1e9),
+        "flops_per_image": per_image,
+        "epochs": epochs,
+        "training_samples": len(labels),
+        "configs": interleaved(names, repeats, raw, arrays),
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / "results.md").write_text(table(payload))
-    print(table(payload))
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(write(payload))
+    print(write(payload))
 
 
 def versus(baseline: dict | None, result: dict) -> str:
@@ -363,6 +504,57 @@ def table(payload: dict) -> str:
             f"| `{name}`: {description} | {batch} | {result['seconds']:.1f} | {speedup} | "
             f"{result['seconds'] / payload['floor_seconds']:.1f} | "
             f"{result['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def cnn_targets(configs: dict) -> list[str]:
+    """Return the verdict on each trainer against its framework's idiomatic script, as one
+    paragraph and a blank line; nothing when no pair was measured."""
+    lines = []
+    for name, baseline in CNN_TARGETS.items():
+        if name in configs and baseline in configs:
+            ratio = configs[baseline]["seconds"] / configs[name]["seconds"]
+            verdict = "met" if ratio >= 1 else "not met"
+            lines.append(
+                f"Target: `{name}` no slower than `{baseline}`: {versus(configs[baseline], configs[name])}"
+                f" ({ratio:.2f}x), {verdict}."
+            )
+    return [" ".join(lines), ""] if lines else []
+
+
+def cnn_table(payload: dict) -> str:
+    """Return the CNN's results as markdown: images per second, the ratio against the same
+    framework's idiomatic script, and how far each is from the arithmetic floor."""
+    configs = payload["configs"]
+    samples = payload["training_samples"] * payload["epochs"]
+    lines = [
+        f"Measured by `python bench/speed.py --workload cnn` on {payload['machine']}: the CNN "
+        f"(model.kind=cnn, 34,826 parameters), {payload['epochs']} epoch(s) over "
+        f"{payload['training_samples']:,} images at batch 64, Adam, median of "
+        f"{max(c['runs'] for c in configs.values())} interleaved runs each. PyTorch's convolution "
+        f"rate at the CNN's largest layer is {payload['conv_gflops']:.0f} GFLOP/s, so the "
+        f"arithmetic floor ({payload['flops_per_image'] / 1e6:.1f} MFLOP per training image) is "
+        f"{payload['floor_seconds']:.1f} s.",
+        "",
+        *cnn_targets(configs),
+        "| configuration | batch | seconds | images/s | vs idiomatic (same framework) | x floor "
+        "| peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    idiomatic = {"tf": configs.get("cnn-keras-fit"), "torch": configs.get("cnn-torch-dataloader")}
+    for name, (description, batch) in CNN_CONFIGS.items():
+        if name not in configs:
+            continue
+        result = configs[name]
+        if name in CNN_TARGETS:
+            ratio = versus(idiomatic["tf" if name.endswith("tf") else "torch"], result)
+        else:
+            ratio = "baseline"
+        lines.append(
+            f"| `{name}`: {description} | {batch} | {result['seconds']:.1f} | "
+            f"{samples / result['seconds']:,.0f} | {ratio} | "
+            f"{result['seconds'] / payload['floor_seconds']:.1f} | {result['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

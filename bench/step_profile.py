@@ -1,17 +1,26 @@
 """Where one `train-torch` step's time goes, against the time per step the speed targets allow.
 
     python bench/step_profile.py --raw data/raw
+    python bench/step_profile.py --raw data/raw --workload cnn
 
 Trains the default network at batch 64 with the stage's own functions: one warm-up epoch, one
 timed epoch, then --steps more steps under torch.profiler. Times the step's two large matrix
 multiplies alone and this machine's large-matrix rate in the same process. The per-step budgets
 take the blog loop's seconds from bench/results.json (run bench/speed.py first). Writes
 bench/step_profile.{json,md}.
+
+`--workload cnn` profiles one step of the CNN (model.kind=cnn) in each framework, each in a
+process of its own, timing the parts of a step the same way in both: the batch gather, the
+forward pass with the loss, the backward pass, the optimizer's update, and what the trainer's
+loop adds around them; against the arithmetic floor at PyTorch's convolution rate. Writes
+bench/step_profile_cnn.{json,md}.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -104,6 +113,157 @@ def profile(raw: Path, steps: int) -> dict:
     }
 
 
+CNN_PARTS = {  # part of a CNN step: how it is timed, at batch 64, in both frameworks
+    "gather": "batch gather (the 64 images and labels by index)",
+    "forward": "forward: convolutions, pooling, dense, loss",
+    "backward": "backward: the gradients",
+    "update": "optimizer's update (Adam)",
+    "between": "the trainer's loop around them (graph or Python dispatch, bookkeeping)",
+}
+
+
+def cnn_parts(framework: str, raw: Path, steps: int) -> dict:
+    """Return µs per CNN training step in `framework`: the trainer's own, and each part timed
+    alone (forward; forward and backward; the whole update), all at batch 64."""
+    from speed import load, run_config_of
+
+    from stages.core.data import batch_order
+    from stages.core.preprocess import apply_scheme
+
+    if framework == "tf":
+        from stages.frameworks.tf_trainer import KerasTrainer as Backend
+    else:
+        from stages.frameworks.torch_trainer import TorchTrainer as Backend  # type: ignore
+    backend, config = Backend(), run_config_of(framework, "cnn")
+    images, labels = load(raw)
+    backend.describe_device("cpu", config.train.allow_tf32)
+    backend.seed_everything(0, True)
+    x = backend.to_device(apply_scheme(images, 0.0, 1.0), "cpu")
+    y = backend.to_device(labels.astype(np.int64), "cpu")
+    model = backend.build_model(config.model)
+    optimizer = backend.make_optimizer(config.train, model)
+    order = batch_order(len(labels), 0, 1)[: steps * BATCH]
+    backend.train_epoch(model, optimizer, x, y, order, BATCH)  # warm-up: traces, allocations
+    start = time.perf_counter()
+    backend.train_epoch(model, optimizer, x, y, order, BATCH)
+    step_us = (time.perf_counter() - start) / steps * 1e6
+    index = order[:BATCH]
+    timed = (_tf_parts if framework == "tf" else _torch_parts)(model, optimizer, x, y, index)
+    parts = {
+        "gather": timed["gather"],
+        "forward": timed["forward"],
+        "backward": timed["forward_backward"] - timed["forward"],
+        "update": timed["step"] - timed["forward_backward"],
+    }
+    parts["between"] = step_us - timed["gather"] - timed["step"]
+    return {"step_us": step_us, "parts_us": parts}
+
+
+def _tf_parts(model, optimizer, x, y, index) -> dict[str, float]:
+    import tensorflow as tf
+
+    index = tf.constant(index)
+    xb, yb = tf.gather(x, index), tf.gather(y, index)
+    variables = model.trainable_variables
+
+    def loss_of(xb, yb):
+        logits = model(xb, training=True)
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
+
+    @tf.function
+    def gradients(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_of(xb, yb)
+        return tape.gradient(loss, variables)
+
+    @tf.function
+    def step(xb, yb):
+        optimizer.apply_gradients(zip(gradients(xb, yb), variables, strict=True))
+
+    gather, forward = tf.function(lambda: tf.gather(x, index)), tf.function(loss_of)
+    return {
+        "gather": microseconds(lambda: gather(), 500),
+        "forward": microseconds(lambda: forward(xb, yb), 100),
+        "forward_backward": microseconds(lambda: gradients(xb, yb), 100),
+        "step": microseconds(lambda: step(xb, yb), 100),
+    }
+
+
+def _torch_parts(model, optimizer, x, y, index) -> dict[str, float]:
+    import torch
+    from torch.nn import functional as F
+
+    index = torch.from_numpy(index)
+    xb, yb = x.index_select(0, index), y.index_select(0, index)
+    model.train()
+
+    def forward_backward():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+
+    def step():
+        forward_backward()
+        optimizer.step()
+
+    return {
+        "gather": microseconds(lambda: (x.index_select(0, index), y.index_select(0, index)), 500),
+        "forward": microseconds(lambda: F.cross_entropy(model(xb), yb), 100),
+        "forward_backward": microseconds(forward_backward, 100),
+        "step": microseconds(step, 100),
+    }
+
+
+def cnn_profile(raw: Path, steps: int) -> dict:
+    """Return each framework's CNN step parts, each measured in a fresh process, and the floor."""
+    from speed import CONV_BATCH, cnn_flops_per_image, conv_gflops
+
+    result: dict = {"batch": BATCH, "conv_batch": CONV_BATCH}
+    for framework in ("tf", "torch"):
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", framework, "--raw", str(raw)]
+            + ["--steps", str(steps)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+            timeout=1800,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the {framework} profile failed:\n{done.stderr[-2000:]}")
+        result[framework] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["conv_gflops"] = conv_gflops()
+    result["floor_step_us"] = BATCH * cnn_flops_per_image() / (result["conv_gflops"] * 1e9) * 1e6
+    return result
+
+
+def cnn_table(result: dict) -> str:
+    """Return the CNN step's parts side by side, and each framework's distance from the floor."""
+    tf, torch, floor = result["tf"], result["torch"], result["floor_step_us"]
+    lines = [
+        f"Measured by `python bench/step_profile.py --workload cnn`: one CNN training step "
+        f"(model.kind=cnn) at batch {result['batch']} takes {tf['step_us']:,.0f} µs in train-tf "
+        f"and {torch['step_us']:,.0f} µs in train-torch; the arithmetic floor at PyTorch's "
+        f"convolution rate ({result['conv_gflops']:.0f} GFLOP/s at the CNN's largest layer) is "
+        f"{floor:,.0f} µs, so the steps are {tf['step_us'] / floor:.1f}x and "
+        f"{torch['step_us'] / floor:.1f}x the floor. Each part is timed alone, the same way in "
+        "both frameworks: forward; forward and backward; the whole update; the loop is the "
+        "trainer's step minus those.",
+        "",
+        "| part of one CNN training step | TensorFlow/Keras µs | share | PyTorch µs | share |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, part in CNN_PARTS.items():
+        a, b = tf["parts_us"][key], torch["parts_us"][key]
+        lines.append(
+            f"| {part} | {a:,.0f} | {100 * a / tf['step_us']:.0f}% | {b:,.0f} | "
+            f"{100 * b / torch['step_us']:.0f}% |"
+        )
+    lines.append(
+        f"| the trainer's step | {tf['step_us']:,.0f} | 100% | {torch['step_us']:,.0f} | 100% |"
+    )
+    return "\n".join(lines) + "\n"
+
+
 def table(result: dict, bench: dict | None) -> str:
     """Return the step breakdown and the budgets as markdown."""
     from speed import EPOCHS, FLOPS_PER_SAMPLE
@@ -136,9 +296,24 @@ def main(
     raw: Path = typer.Option(Path("data/raw"), help="Folder with the four IDX .gz files."),
     steps: int = typer.Option(400, help="Steps to profile."),
     out: Path = typer.Option(ROOT / "bench", help="Where step_profile.{json,md} go."),
+    workload: str = typer.Option(
+        "mlp", help="mlp: train-torch's step (step_profile.md) | cnn: both (step_profile_cnn.md)."
+    ),
+    child_framework: str = typer.Option("", "--child", hidden=True),
 ) -> None:
     """Profile one epoch's steps and write the breakdown."""
+    if child_framework:
+        print(json.dumps(cnn_parts(child_framework, raw, steps)))
+        return
+    if workload not in ("mlp", "cnn"):
+        raise typer.BadParameter(f"--workload {workload!r}: use mlp or cnn")
     out.mkdir(parents=True, exist_ok=True)  # before the run, not after it
+    if workload == "cnn":
+        result = cnn_profile(raw, steps)
+        (out / "step_profile_cnn.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "step_profile_cnn.md").write_text(cnn_table(result))
+        print(cnn_table(result))
+        return
     result = profile(raw, steps)
     results = out / "results.json"
     bench = json.loads(results.read_text()) if results.exists() else None

@@ -64,7 +64,7 @@ def main(
         scratch = Path(scratch_dir)
         env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()  # where `models:/` resolves
         # checked before any export work: a deleted version fails the stage at once
-        uris = registered_uris(tags) if config.export.serve else {}
+        uris = registered_uris(tags, config.model.kind) if config.export.serve else {}
         log_settings(config, seed)
         outs: dict[Framework, Path] = {"tf": tmp_tf, "torch": tmp_torch}
         files = half_files(trained, test_images, outs, scratch)

@@ -85,6 +85,38 @@ def test_speed_targets_say_met_or_not_from_the_same_run():
     assert speed.targets({"ours-tf": {"seconds": 1.0}}) == []  # no baseline measured, no claim
 
 
+def test_cnn_speed_table_gives_images_per_second_the_idiomatic_ratio_and_the_floor():
+    payload = {
+        "machine": "test",
+        "conv_gflops": 50.0,
+        "floor_seconds": 10.0,
+        "flops_per_image": 14_645_760,
+        "epochs": 1,
+        "training_samples": 60_000,
+        "configs": {
+            "cnn-keras-fit": {"seconds": 60.0, "peak_rss_mb": 1500, "runs": 3},
+            "cnn-torch-dataloader": {"seconds": 40.0, "peak_rss_mb": 900, "runs": 3},
+            "cnn-ours-tf": {"seconds": 50.0, "peak_rss_mb": 1400, "runs": 3},
+            "cnn-ours-torch": {"seconds": 50.0, "peak_rss_mb": 950, "runs": 3},
+        },
+    }
+    text = speed.cnn_table(payload)
+    row = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
+    assert "| 64 | 50.0 | 1,200 | 1.2x faster | 5.0 | 1400 |" in row["cnn-ours-tf"]
+    assert "| 64 | 50.0 | 1,200 | 1.2x slower | 5.0 | 950 |" in row["cnn-ours-torch"]
+    assert "| 64 | 60.0 | 1,000 | baseline | 6.0 | 1500 |" in row["cnn-keras-fit"]
+    assert "`cnn-ours-tf` no slower than `cnn-keras-fit`: 1.2x faster (1.20x), met." in text
+    assert (
+        "`cnn-ours-torch` no slower than `cnn-torch-dataloader`: 1.2x slower (0.80x), not met"
+        in text
+    )
+    assert "floor (14.6 MFLOP per training image) is 10.0 s" in text
+
+
+def test_cnn_flops_per_image_are_three_forward_passes():
+    assert speed.cnn_flops_per_image() == 3 * 4_881_920
+
+
 def test_stage_time_table_judges_the_pipeline_and_each_first_step():
     phases = {"imports": 3.0, "setup": 0.5, "mlflow_start": 2.0, "training": 25.0}
     payload = {
@@ -188,6 +220,23 @@ def test_speed_bench_runs_on_tiny_data(tmp_path, tiny_raw, results_untouched):
 
 
 @pytest.mark.slow
+def test_cnn_speed_bench_runs_on_tiny_data(tmp_path, tiny_raw, results_untouched):
+    done = run_script(
+        "speed.py",
+        *("--raw", str(tiny_raw), "--repeats", "1", "--workload", "cnn"),
+        *("--out", str(tmp_path), "--arrays", str(tmp_path / "arrays")),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    text = (tmp_path / "results_cnn.md").read_text()
+    assert [row.split("`")[1] for row in table_rows(text)] == list(speed.CNN_CONFIGS)
+    assert "Target: `cnn-ours-tf` no slower than `cnn-keras-fit`" in text
+    payload = json.loads((tmp_path / "results_cnn.json").read_text())
+    assert payload["conv_gflops"] > 0 and payload["training_samples"] == 400
+    assert not (tmp_path / "results.md").exists()  # the MLP's table is another run's
+
+
+@pytest.mark.slow
 def test_step_profile_runs_on_tiny_data(tmp_path, tiny_raw, results_untouched):
     done = run_script(
         "step_profile.py",
@@ -198,6 +247,40 @@ def test_step_profile_runs_on_tiny_data(tmp_path, tiny_raw, results_untouched):
     text = (tmp_path / "step_profile.md").read_text()
     assert len(table_rows(text)) == len(step_profile.PARTS) + 2
     assert json.loads((tmp_path / "step_profile.json").read_text())["training_samples"] == 400
+
+
+def test_cnn_step_table_shares_add_up_in_both_frameworks():
+    parts = {"gather": 10.0, "forward": 300.0, "backward": 500.0, "update": 90.0, "between": 100.0}
+    result = {
+        "batch": 64,
+        "tf": {"step_us": 1000.0, "parts_us": parts},
+        "torch": {"step_us": 2000.0, "parts_us": {k: 2 * v for k, v in parts.items()}},
+        "conv_gflops": 50.0,
+        "floor_step_us": 250.0,
+    }
+    text = step_profile.cnn_table(result)
+    assert "so the steps are 4.0x and 8.0x the floor" in text
+    assert "| backward: the gradients | 500 | 50% | 1,000 | 50% |" in text
+    assert "| the trainer's step | 1,000 | 100% | 2,000 | 100% |" in text
+    assert len(table_rows(text)) == len(step_profile.CNN_PARTS) + 1
+
+
+@pytest.mark.slow
+def test_cnn_step_profile_runs_on_tiny_data(tmp_path, tiny_raw, results_untouched):
+    done = run_script(
+        "step_profile.py",
+        *("--raw", str(tiny_raw), "--steps", "4", "--workload", "cnn", "--out", str(tmp_path)),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    result = json.loads((tmp_path / "step_profile_cnn.json").read_text())
+    for framework in ("tf", "torch"):
+        assert set(result[framework]["parts_us"]) == set(step_profile.CNN_PARTS)
+        assert result[framework]["parts_us"]["forward"] > 0
+    assert (
+        "the arithmetic floor at PyTorch's convolution rate"
+        in (tmp_path / "step_profile_cnn.md").read_text()
+    )
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """The experiment scripts: the shared queue module (experiments/dvc_queue.py) on its own,
 experiments/blog_gap.py end to end through `dvc exp run --queue` and `dvc queue start` in a git
 copy of the repository, with a step that succeeds and a step that fails, and
-experiments/verdict_map.py's table and map on constructed results and through a real sweep."""
+experiments/verdict_map.py's table and map on constructed results and through a real sweep, and
+experiments/workload.py's table on constructed results and through the queue with the CNN."""
 
 import json
 import math
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import blog_gap  # noqa: E402
 import dvc_queue  # noqa: E402
 import verdict_map  # noqa: E402
+import workload  # noqa: E402
 from dvc_queue import Failure, Results, Sweep  # noqa: E402
 
 needs_fashion = pytest.mark.skipif(
@@ -492,3 +494,78 @@ def test_the_verdict_map_sweeps_two_cells_through_the_dvc_queue_and_tags_their_r
         timeout=60,
     ).stdout
     assert changed == "", changed
+
+
+def _evaluation(difference, verdict="inconclusive", seconds=(2.0, 1.0), speed=(30_000, 60_000)):
+    """evaluate.json as the workload table reads it."""
+    return EVALUATION | {
+        "accuracy_difference": difference,
+        "verdict": verdict,
+        "tf": EVALUATION["tf"] | {"train_seconds": seconds[0], "samples_per_second": speed[0]},
+        "torch": EVALUATION["torch"]
+        | {"train_seconds": seconds[1], "samples_per_second": speed[1]},
+    }
+
+
+def test_workload_cells_are_every_kind_on_every_dataset():
+    assert workload.cells(["mlp", "cnn"], ["fashion-mnist"]) == [
+        ("workload-mlp-fashion-mnist", "mlp", "fashion-mnist"),
+        ("workload-cnn-fashion-mnist", "cnn", "fashion-mnist"),
+    ]
+
+
+def test_a_workload_row_gives_accuracy_verdict_time_and_throughput():
+    text = workload.row("cnn", "fashion-mnist", _evaluation(0.01))
+    assert text == (
+        "| fashion-mnist | CNN (34,826 parameters) | 85.00 ± 1.00 | 84.00 ± 1.00 | "
+        "+1.00 [+0.00, +2.00] (inconclusive) | 2.0 / 1.0 | 30,000 / 60,000 |"
+    )
+
+
+@pytest.mark.parametrize(
+    ("differences", "verdicts", "sentence"),
+    [
+        (
+            (0.01, 0.02),
+            ("tf_better", "inconclusive"),
+            "the same in every cell (TensorFlow ahead in 2 of 2)",
+        ),
+        (
+            (-0.01, -0.02),
+            ("inconclusive",) * 2,
+            "the same in every cell (TensorFlow ahead in 0 of 2)",
+        ),
+        (
+            (0.01, -0.02),
+            ("inconclusive", "torch_better"),
+            "not the same in every cell (TensorFlow ahead in 1 of 2)",
+        ),
+    ],
+)
+def test_the_workload_table_says_whether_the_sign_holds_across_cells(
+    differences, verdicts, sentence
+):
+    evaluations = [_evaluation(d, v) for d, v in zip(differences, verdicts, strict=True)]
+    text = workload.sign_sentence(evaluations)
+    assert sentence in text
+    decided = sum(v != "inconclusive" for v in verdicts)
+    assert f"tells the difference from zero in {decided} of 2" in text
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_the_workload_table_runs_the_cnn_through_the_dvc_queue(repo, tmp_path):
+    out = tmp_path / "workload.md"
+    args = ["--dataset", "fashion-mnist", "--kind", "cnn", "--timeout-minutes", "15"]
+    done = run_python(repo, "experiments/workload.py", *args, "--out", str(out), timeout=1000)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| fashion-mnist")]
+    assert len(rows) == 1 and "| CNN (34,826 parameters) |" in rows[0]
+    assert "Sign of TF − PyTorch: the same in every cell" in out.read_text()
+    assert "`python experiments/workload.py --dataset fashion-mnist --kind cnn`" in out.read_text()
+    trained = {
+        (run.info.run_name, run.data.params.get("model.kind"))
+        for run in runs(repo)
+        if run.data.tags.get("dvc_exp_name") == "workload-cnn-fashion-mnist"
+    }
+    assert {("train-tf", "cnn"), ("train-torch", "cnn")} <= trained, trained

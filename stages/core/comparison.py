@@ -92,7 +92,8 @@ def compare(
 
     Seeds are paired by position in train.seeds: TensorFlow's i-th seed against PyTorch's i-th.
     """
-    target = target_accuracy(trainer_metrics)  # first: two targets make the times incomparable
+    kind = model_kind(trainer_metrics)  # first: an MLP against a CNN is no comparison
+    target = target_accuracy(trainer_metrics)  # two targets make the times incomparable
     predicted = {fw: p.argmax(axis=2) for fw, p in probabilities.items()}  # (seeds, N)
     scored = {fw: [loss_and_accuracy(p, labels) for p in probabilities[fw]] for fw in FRAMEWORKS}
     accuracy = {fw: [acc for _, acc in scored[fw]] for fw in FRAMEWORKS}
@@ -103,6 +104,7 @@ def compare(
     return {
         "tf": per_framework["tf"],
         "torch": per_framework["torch"],
+        "model_kind": kind,
         "target_accuracy": target,
         **accuracy_numbers(accuracy, margin_points),
         **paired_numbers(labels, predicted, trainer_metrics["tf"].get("seeds")),
@@ -150,6 +152,19 @@ def framework_numbers(
         "test_accuracy_sd": float(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else math.nan,
         **time_to_accuracy(metrics),
     }
+
+
+def model_kind(trainer_metrics: dict[Framework, dict[str, Any]]) -> str:
+    """Return the model.kind both trainers trained; refuse two different kinds."""
+    # metrics that predate model.kind are the MLP's, the only network there was
+    kinds = {fw: trainer_metrics[fw].get("model_kind", "mlp") for fw in FRAMEWORKS}
+    if kinds["tf"] != kinds["torch"]:
+        raise StageError(
+            f"train-tf trained model.kind {kinds['tf']} but train-torch {kinds['torch']}: a "
+            "comparison needs the same network in both; rerun `dvc repro` so both train "
+            "params.yaml's model.kind"
+        )
+    return kinds["tf"]
 
 
 def target_accuracy(trainer_metrics: dict[Framework, dict[str, Any]]) -> float | None:

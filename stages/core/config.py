@@ -19,7 +19,7 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 
 from stages.core.common import StageError
-from stages.core.dataset import DATASETS
+from stages.core.dataset import DATASETS, IMAGE_SHAPE
 
 Framework = Literal["tf", "torch"]
 
@@ -88,13 +88,72 @@ class NormalizeConfig(_Frozen):
     seed: Annotated[Int, Field(ge=0)] = 0
 
 
+class CnnConfig(_Frozen):
+    """The convolutional network (`model.kind: cnn`); the defaults are Keras's MNIST example."""
+
+    filters: Annotated[list[Annotated[Int, Field(ge=1, le=1024)]], Field(min_length=1)] = [32, 64]
+    kernel_size: Annotated[Int, Field(ge=1, le=9)] = 3
+    pool_size: Annotated[Int, Field(ge=1, le=4)] = 2
+    dropout_rate: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.5
+
+
+ModelKind = Literal["mlp", "cnn"]
+
+
+MODEL_KINDS: tuple[ModelKind, ...] = ("mlp", "cnn")
+
+
+_MLP_ONLY = ("hidden_units", "dropout_rate")  # the settings only the MLP reads
+
+
 class ModelConfig(_Frozen):
+    """One spec that both trainers build (stages/core/network.py); a setting of the kind not
+    chosen is refused, so a sweep over it cannot silently train the same network twice."""
+
+    kind: ModelKind = "mlp"
     hidden_units: Annotated[list[Annotated[Int, Field(ge=1, le=65536)]], Field(min_length=1)] = [
         128
     ]
-    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # hidden layers, convolutions
     dropout_rate: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.2
     init: Init = "glorot"
+    cnn: CnnConfig = CnnConfig()
+
+    @model_validator(mode="after")
+    def _settings_apply(self) -> ModelConfig:
+        defaults = ModelConfig.model_fields
+        if self.kind == "cnn":
+            for key in _MLP_ONLY:
+                if getattr(self, key) != defaults[key].default:
+                    raise ValueError(
+                        f"{key}={getattr(self, key)!r} has no effect with kind cnn; it applies to "
+                        f"kind mlp only. Leave it at {defaults[key].default!r} and set "
+                        "model.cnn.* instead (model.cnn.dropout_rate is the CNN's dropout)"
+                    )
+            _check_feature_map(self.cnn)
+        elif self.cnn != CnnConfig():
+            changed = [
+                key for key, value in self.cnn if value != CnnConfig.model_fields[key].default
+            ]
+            raise ValueError(
+                f"model.cnn.{changed[0]}={getattr(self.cnn, changed[0])!r} has no effect with kind "
+                "mlp; it applies to kind cnn only. Set model.kind: cnn or leave model.cnn at its "
+                "defaults"
+            )
+        return self
+
+
+def _check_feature_map(cnn: CnnConfig) -> None:
+    # each block: a 'valid' convolution shrinks a side by kernel_size - 1, pooling divides it
+    side = min(IMAGE_SHAPE)
+    for block, _ in enumerate(cnn.filters, start=1):
+        side = (side - cnn.kernel_size + 1) // cnn.pool_size
+        if side < 1:
+            raise ValueError(
+                f"model.cnn: after block {block} of {len(cnn.filters)} (filters {cnn.filters}, "
+                f"kernel_size {cnn.kernel_size}, pool_size {cnn.pool_size}) nothing of the 28x28 "
+                "image is left; use fewer filters entries or a smaller kernel_size or pool_size"
+            )
 
 
 class OptimizerConfig(_Frozen):

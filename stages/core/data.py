@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,8 @@ from stages.core.common import (
     file_sha256,
     load_npy,
 )
-from stages.core.config import ModelConfig
-from stages.core.contract import Trainer, Weights
-from stages.core.dataset import ARRAY_DIGESTS, IMAGE_SHAPE, IMAGE_SIZE, NUM_CLASSES
+from stages.core.contract import Trainer
+from stages.core.dataset import ARRAY_DIGESTS, IMAGE_SHAPE, NUM_CLASSES
 from stages.core.layout import META_FILE, SPLITS, images_file, labels_file
 
 
@@ -123,29 +121,6 @@ def to_device_data(trainer: Trainer, splits: Splits, device: str) -> DeviceData:
         x_val=trainer.to_device(splits.val.x, device),
         x_test=trainer.to_device(splits.test.x, device),
     )
-
-
-def layer_sizes(model: ModelConfig) -> list[int]:
-    """Return the width of every layer, input to logits: [784, *hidden_units, 10]."""
-    return [IMAGE_SIZE, *model.hidden_units, NUM_CLASSES]
-
-
-def expected_parameters(model: ModelConfig) -> int:
-    """Return the number of trainable parameters of the network described by `model`."""
-    sizes = layer_sizes(model)
-    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in pairwise(sizes))
-
-
-def shared_weights(model: ModelConfig, seed: int) -> Weights:
-    """Return Glorot-uniform (kernel (fan_in, fan_out), zero bias) pairs drawn once with numpy."""
-    rng = np.random.default_rng(seed)
-    sizes = layer_sizes(model)
-    weights = []
-    for fan_in, fan_out in pairwise(sizes):
-        limit = np.sqrt(6.0 / (fan_in + fan_out))
-        kernel = rng.uniform(-limit, limit, size=(fan_in, fan_out)).astype(np.float32)
-        weights.append((kernel, np.zeros(fan_out, dtype=np.float32)))
-    return weights
 
 
 def batch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:

@@ -24,7 +24,7 @@ PLOTS = (
     SPEED_MEMORY_PLOT,
 )
 DEPLOYMENT_PLOT = "deployment.png"  # only with the `export` stage's metrics
-MODEL_NAME = "mnist-mlp-{framework}"  # one registered MLflow model per framework
+MODEL_NAME = "mnist-{kind}-{framework}"  # one registered MLflow model per model.kind and framework
 
 
 def images_file(split: str) -> str:
@@ -42,9 +42,10 @@ def model_file(seed: int, suffix: str) -> str:
     return f"seed-{seed}{suffix}"
 
 
-def registered_model_name(framework: str) -> str:
-    """Return the name of a framework's registered MLflow model."""
-    return MODEL_NAME.format(framework=framework)
+def registered_model_name(framework: str, kind: str) -> str:
+    """Return the name of the registered MLflow model of a framework and model.kind, so the MLP's
+    versions and the CNN's never mix: mnist-mlp-tf, mnist-cnn-torch, ..."""
+    return MODEL_NAME.format(kind=kind, framework=framework)
 
 
 # The `export` stage's files, one per deployment format, and how a reader names each

@@ -322,10 +322,10 @@ def load_test_levels(
     return {"model_uri": model_uri, "start_seconds": start_seconds, **levels}
 
 
-def registered_uris(tags: dict[str, str]) -> dict[Framework, str]:
+def registered_uris(tags: dict[str, str], kind: str) -> dict[Framework, str]:
     """Return the `models:/` URI of the model version each trainer run registered."""
     return {
-        fw: registered_version(registered_model_name(fw), tags[f"{fw}_run_id"], f"train-{fw}")
+        fw: registered_version(registered_model_name(fw, kind), tags[f"{fw}_run_id"], f"train-{fw}")
         for fw in FRAMEWORKS
     }
 

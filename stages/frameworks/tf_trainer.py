@@ -24,8 +24,19 @@ import numpy as np
 from stages.core.common import StageError, native_stderr_filtered
 from stages.core.config import ModelConfig, TrainConfig
 from stages.core.contract import Device, EpochResult, NonFiniteLoss, Trainer, Weights, shared
-from stages.core.data import layer_sizes
 from stages.core.dataset import IMAGE_SHAPE
+from stages.core.network import (
+    Activation,
+    Channels,
+    Conv,
+    Dense,
+    Dropout,
+    Flatten,
+    Layer,
+    MaxPool,
+    Shape,
+    layers_and_inputs,
+)
 
 # TensorFlow's C++ start-up lines and a tf.data attribute notice during model logging are
 # informational, and printed before any setting can silence them.
@@ -116,6 +127,29 @@ def _predict(network: keras.Model, training: bool):
     return compiled[key]
 
 
+def keras_layer(layer: Layer, shape: Shape) -> keras.Layer:
+    """Return `layer` as a Keras layer reading one image of `shape` (channels last); mirrors
+    `torch_trainer.torch_layer`. Layout: channels last (NHWC), set explicitly."""
+    match layer:
+        case Channels():  # (N, 28, 28) -> (N, 28, 28, 1)
+            return keras.layers.Reshape((*shape, 1))
+        case Conv(filters, kernel_size):  # Keras's default padding, 'valid', said explicitly
+            return keras.layers.Conv2D(
+                filters, kernel_size, padding="valid", data_format="channels_last"
+            )
+        case MaxPool(pool_size):
+            return keras.layers.MaxPooling2D(pool_size, data_format="channels_last")
+        case Flatten():  # (h, w, c) order: the layout core.network's shared weights are in
+            return keras.layers.Flatten(data_format="channels_last")
+        case Dense(units):
+            return keras.layers.Dense(units)
+        case Activation(name):
+            return keras.layers.Activation(name)
+        case Dropout(rate):
+            return keras.layers.Dropout(rate)
+    raise TypeError(f"no Keras layer for {layer!r}")
+
+
 class EventWriter:
     """Scalars into TensorBoard event files with TensorFlow's own `tf.summary`; mirrors
     `torch_trainer.EventWriter` (`core.contract.EventWriter`)."""
@@ -192,24 +226,22 @@ class KerasTrainer(Trainer[keras.Model, keras.optimizers.Optimizer, tf.Tensor]):
     def build_model(
         self, model: ModelConfig, initial_weights: Weights | None = None
     ) -> keras.Model:
-        """Return Flatten -> [Dense -> activation -> Dropout] per hidden layer -> Dense (logits)."""
+        """Return the network `core.network.layers(model)` describes, as logits."""
         # Keras's default initialisation is Glorot-uniform with zero biases: `framework` == `glorot`
-        sizes = layer_sizes(model)
-        layers: list[keras.Layer] = [keras.Input(shape=IMAGE_SHAPE), keras.layers.Flatten()]
-        for units in sizes[1:-1]:
-            layers += [
-                keras.layers.Dense(units),
-                keras.layers.Activation(model.activation),
-                keras.layers.Dropout(model.dropout_rate),
+        network = keras.Sequential(
+            [
+                keras.Input(shape=IMAGE_SHAPE),
+                *(keras_layer(layer, shape) for layer, shape in layers_and_inputs(model)),
             ]
-        layers.append(keras.layers.Dense(sizes[-1]))
-        network = keras.Sequential(layers)
-        dense = [layer for layer in network.layers if isinstance(layer, keras.layers.Dense)]
-        if model.init == "shared":
-            for index, layer in enumerate(dense):
-                layer.set_weights(
-                    list(shared(initial_weights)[index])
-                )  # kernel (in, out), bias (out,)
+        )
+        weighted = [
+            layer
+            for layer in network.layers
+            if isinstance(layer, keras.layers.Conv2D | keras.layers.Dense)
+        ]
+        if model.init == "shared":  # Keras's layout: core.network's own
+            for layer, (kernel, bias) in zip(weighted, shared(initial_weights), strict=True):
+                layer.set_weights([kernel, bias])
         return network
 
     def make_optimizer(

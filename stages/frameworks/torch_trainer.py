@@ -16,7 +16,6 @@ import sys
 import time
 import types
 from collections.abc import Mapping
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,42 @@ from torch.nn import functional as F
 from stages.core.common import StageError
 from stages.core.config import ModelConfig, TrainConfig
 from stages.core.contract import Device, EpochResult, NonFiniteLoss, Trainer, Weights, shared
-from stages.core.data import layer_sizes
+from stages.core.network import (
+    Activation,
+    Channels,
+    Conv,
+    Dense,
+    Dropout,
+    Flatten,
+    Layer,
+    MaxPool,
+    Shape,
+    layers_and_inputs,
+    torch_layout,
+)
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+
+
+def torch_layer(layer: Layer, shape: Shape) -> nn.Module:
+    """Return `layer` as a PyTorch module reading one image of `shape` (channels last);
+    mirrors `tf_trainer.keras_layer`. Layout: channels first (NCHW)."""
+    match layer:
+        case Channels():  # (N, 28, 28) -> (N, 1, 28, 28): the rows' axis becomes (1, rows)
+            return nn.Unflatten(1, (1, shape[0]))
+        case Conv(filters, kernel_size):  # PyTorch pads by 0 by default too; said explicitly
+            return nn.Conv2d(shape[-1], filters, kernel_size, padding=0)
+        case MaxPool(pool_size):
+            return nn.MaxPool2d(pool_size)
+        case Flatten():  # (c, h, w) order: core.network.torch_layout reorders Keras's (h, w, c)
+            return nn.Flatten()
+        case Dense(units):
+            return nn.Linear(shape[0], units)
+        case Activation(name):
+            return ACTIVATIONS[name]()
+        case Dropout(rate):
+            return nn.Dropout(rate)
+    raise TypeError(f"no PyTorch layer for {layer!r}")
 
 
 class EventWriter:
@@ -126,27 +158,27 @@ class TorchTrainer(Trainer[nn.Module, torch.optim.Optimizer, torch.Tensor]):
         torch._C._set_deterministic_algorithms(deterministic, warn_only=False)
 
     def build_model(self, model: ModelConfig, initial_weights: Weights | None = None) -> nn.Module:
-        """Return Flatten -> [Linear -> activation -> Dropout] per hidden layer -> Linear (logits)."""
-        sizes = layer_sizes(model)
-        layers: list[nn.Module] = [nn.Flatten()]
-        for fan_in, units in pairwise(sizes[:-1]):
-            layers += [
-                nn.Linear(fan_in, units),
-                ACTIVATIONS[model.activation](),
-                nn.Dropout(model.dropout_rate),
-            ]
-        layers.append(nn.Linear(sizes[-2], sizes[-1]))
-        network = nn.Sequential(*layers)
-        dense = [layer for layer in network if isinstance(layer, nn.Linear)]
+        """Return the network `core.network.layers(model)` describes, as logits."""
+        network = nn.Sequential(
+            *(torch_layer(layer, shape) for layer, shape in layers_and_inputs(model))
+        )
+        # (weight, bias) of every Conv2d and Linear, input to logits: each has a bias here
+        weighted = [
+            (layer.weight, layer.bias)
+            for layer in network
+            if isinstance(layer, nn.Conv2d | nn.Linear) and layer.bias is not None
+        ]
         with torch.no_grad():
-            for index, layer in enumerate(dense):
-                if model.init == "glorot":
-                    nn.init.xavier_uniform_(layer.weight)
-                    nn.init.zeros_(layer.bias)
-                elif model.init == "shared":
-                    kernel, bias = shared(initial_weights)[index]
-                    layer.weight.copy_(torch.from_numpy(kernel.T))  # (in, out) -> (out, in)
-                    layer.bias.copy_(torch.from_numpy(bias))
+            if model.init == "shared":  # Keras's layout converted, in core.network alone
+                for (weight, bias), (kernel, initial_bias) in zip(
+                    weighted, torch_layout(model, shared(initial_weights)), strict=True
+                ):
+                    weight.copy_(torch.from_numpy(kernel))
+                    bias.copy_(torch.from_numpy(initial_bias))
+            elif model.init == "glorot":  # Keras's default; PyTorch's is Kaiming-uniform
+                for weight, bias in weighted:
+                    nn.init.xavier_uniform_(weight)
+                    nn.init.zeros_(bias)
         return network
 
     def make_optimizer(self, train: TrainConfig, network: nn.Module) -> torch.optim.Optimizer:

@@ -143,6 +143,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:  # pragma: no m
         ("Time to first step", *fmt("seconds_to_first_step", "{:.1f} s")),
         ("Peak memory (RSS)", *fmt("peak_rss_mb", "{:,} MiB")),
         ("CPU utilisation while training (mean)", *fmt("cpu_utilisation_percent", "{:.0f} %")),
+        ("Network (model.kind)", *(result["model_kind"] for _ in FRAMEWORKS)),
         ("Parameters", *fmt("parameters", "{:,}")),
         ("Model file", *fmt("model_file_bytes", "{:,} bytes")),
         (
@@ -463,12 +464,23 @@ def comparison_markdown(
     ]
 
 
+MODEL_KINDS = {  # model.kind as a reader names the network
+    "mlp": "the MLP (Dense 128)",
+    "cnn": "the CNN (two convolutions)",
+}
+
+
+def report_title(result: dict[str, Any], dataset: str) -> str:
+    """Return the report's title: the frameworks, the network and the dataset."""
+    return f"TensorFlow vs PyTorch: {MODEL_KINDS[result['model_kind']]} on {dataset}"
+
+
 def markdown_report(
     result: dict[str, Any], dataset: str, deployment: dict[str, Any] | None = None
 ) -> str:  # pragma: no mutate block
     """Return reports/comparison.md: the table, the verdict, and the plots."""
     lines = [
-        f"# TensorFlow vs PyTorch on {dataset}",
+        f"# {report_title(result, dataset)}",
         "",
         *comparison_markdown(result, deployment, "##"),
         "",

@@ -27,7 +27,7 @@ from stages.report.plots import (
     plot_speed_memory,
     plot_time_to_accuracy,
 )
-from stages.report.tables import markdown_report
+from stages.report.tables import markdown_report, report_title
 
 
 def write_plots(
@@ -53,6 +53,4 @@ def write_report(folder: Path, evidence: Evidence, result: dict[str, Any]) -> No
     dataset = evidence.meta["dataset"]
     markdown = markdown_report(result, dataset, evidence.deployment)
     (folder / REPORT_FILE).write_text(markdown)
-    (folder / REPORT_PAGE).write_text(
-        html_report(markdown, folder, f"TensorFlow vs PyTorch on {dataset}")
-    )
+    (folder / REPORT_PAGE).write_text(html_report(markdown, folder, report_title(result, dataset)))

@@ -11,22 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 from tqdm import tqdm
 
 from stages.core.common import (
     StageError,
 )
-from stages.core.config import ModelConfig, RunConfig, TrainConfig
+from stages.core.config import SEED_PARTS, ModelConfig, RunConfig, TrainConfig
 from stages.core.contract import EpochResult, NonFiniteLoss, Trainer
-from stages.core.data import (
-    DeviceData,
-    Splits,
-    batch_order,
-    loss_and_accuracy,
-    shared_weights,
-)
+from stages.core.data import DeviceData, Splits, batch_order, loss_and_accuracy
 from stages.core.dataset import NUM_CLASSES
+from stages.core.network import shared_weights
 
 # An epoch longer than this many steps trains in slices of it, to show progress between them;
 # the default (batch 64: 860 steps) is one slice, one train_epoch call as it always was.
@@ -143,15 +137,14 @@ def part_seeds(train: TrainConfig, seed: int) -> PartSeeds:
     """Return the seed of each source for run `seed`: a part in train.seed_parts follows the
     run's seed, a part left out stays at train.seeds[0]."""
     fixed = train.seeds[0]
-    return PartSeeds(
-        *(seed if part in train.seed_parts else fixed for part in ("init", "order", "dropout"))
-    )
+    return PartSeeds(*(seed if part in train.seed_parts else fixed for part in SEED_PARTS))
 
 
 def process_cpu_seconds() -> float:
     """Return the CPU time this process has used so far, user and system, all its threads."""
-    times = psutil.Process().cpu_times()
-    return times.user + times.system
+    # the kernel's per-process clock, in nanoseconds: /proc's counters (psutil) tick every 10 ms,
+    # too coarse for short epochs
+    return time.process_time()
 
 
 def divergence_message(

@@ -275,14 +275,17 @@ def write_outputs(
             trainer.to_device(splits.test.x[:1000], device.kind),
         )
     first_model = folders.model_dir / model_file(results[0].seed, trainer.model_suffix)
-    facts = StageFacts(device, first_model, job.process_start, run.info.run_id)
+    kind = context.config.model.kind
+    facts = StageFacts(device, first_model, job.process_start, run.info.run_id, kind)
     metrics = summarize(trainer, results, latency, facts)
     np.save(folders.predictions, np.stack([r.probabilities for r in results]))
     rows = mean_history([r.history for r in results])
     write_history(folders.history, rows)
     write_curve(folders.curve, results)
     with phases.phase("model_logging"), native_stderr_filtered(*REGISTRY_NOISE):
-        trainer.log_model(results[0].model, splits.test.x[:5], registered_model_name(framework))
+        trainer.log_model(
+            results[0].model, splits.test.x[:5], registered_model_name(framework, kind)
+        )
     metrics = replace(
         metrics,
         **time_to_accuracy(results, context.config.train),
@@ -334,6 +337,9 @@ def run_trainer_stage(
         metrics = write_outputs(context, results, job, tmp)
     from stages.tracking.runs import model_version
 
-    version = model_version(registered_model_name(framework), metrics.mlflow_run_id) or "?"
+    version = (
+        model_version(registered_model_name(framework, metrics.model_kind), metrics.mlflow_run_id)
+        or "?"
+    )
     print(summary_line(metrics, version), flush=True)
     return metrics

@@ -39,6 +39,7 @@ class TrainerMetrics:
     """metrics/train_<framework>.json: what evaluate compares, the same keys in both frameworks."""
 
     framework: str
+    model_kind: str  # model.kind: mlp | cnn
     test_accuracy: float  # mean over seeds
     test_loss: float  # mean over seeds
     test_accuracy_per_seed: list[float]
@@ -85,12 +86,14 @@ class TrainerMetrics:
 @dataclass(frozen=True)
 class StageFacts:
     """What the metrics record of a trainer stage beyond its seeds and latency: the device, the
-    first seed's model file, when the stage's process started, and its MLflow run."""
+    first seed's model file, when the stage's process started, its MLflow run and the kind of
+    network it trained."""
 
     device: Device
     model_file: Path
     process_start: float
     run_id: str
+    model_kind: str
 
 
 def summarize(
@@ -103,6 +106,7 @@ def summarize(
     first_step_wall = time.time() - (time.perf_counter() - first.first_step_done)
     return TrainerMetrics(
         framework=trainer.framework,
+        model_kind=facts.model_kind,
         test_accuracy=float(np.mean([r.test_accuracy for r in results])),
         test_loss=float(np.mean([r.test_loss for r in results])),
         test_accuracy_per_seed=[r.test_accuracy for r in results],
@@ -172,7 +176,7 @@ def summary_line(metrics: TrainerMetrics, version: str) -> str:
     return (
         f"[{metrics.framework}] mean test accuracy {metrics.test_accuracy:.4f} over "
         f"{len(metrics.seeds)} seeds; median {metrics.train_seconds:.1f} s per training run; "
-        f"registered {registered_model_name(metrics.framework)} version {version}"
+        f"registered {registered_model_name(metrics.framework, metrics.model_kind)} version {version}"
     )
 
 

@@ -16,7 +16,8 @@ import yaml
 from stages.core.common import StageError
 from stages.core.config import parse_params
 from stages.core.contract import Trainer
-from stages.core.data import Split, Splits, expected_parameters, shared_weights, to_device_data
+from stages.core.data import Split, Splits, to_device_data
+from stages.core.network import expected_parameters, shared_weights
 from stages.core.preprocess import apply_scheme
 from stages.frameworks.tf_trainer import KerasTrainer
 from stages.frameworks.torch_trainer import TorchTrainer
@@ -74,11 +75,13 @@ def test_the_contract_is_generic_over_each_frameworks_model_optimizer_and_tensor
 
 
 @pytest.mark.parametrize("framework", ["tf", "torch"])
-def test_same_parameter_count_and_output_shape(params_dict, framework):
+@pytest.mark.parametrize(("kind", "parameters"), [("mlp", 101_770), ("cnn", 34_826)])
+def test_same_parameter_count_and_output_shape(params_dict, framework, kind, parameters):
     trainer = TRAINERS[framework]
+    params_dict["model"]["kind"] = kind
     model_config = parse_params(params_dict).model
     model = trainer.build_model(model_config)
-    assert trainer.count_parameters(model) == 101_770 == expected_parameters(model_config)
+    assert trainer.count_parameters(model) == parameters == expected_parameters(model_config)
     probabilities = trainer.predict_proba(
         model, trainer.to_device(np.zeros((3, 28, 28), np.float32), "cpu")
     )
@@ -98,6 +101,48 @@ PARITY = {
 }
 
 
+# The layers each framework builds for the spec, side by side (core.network.layers)
+LAYER_NAMES = {
+    "tf": [
+        "Reshape",
+        "Conv2D",
+        "Activation",
+        "MaxPooling2D",
+        "Conv2D",
+        "Activation",
+        "MaxPooling2D",
+        "Flatten",
+        "Dropout",
+        "Dense",
+    ],
+    "torch": [
+        "Unflatten",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Flatten",
+        "Dropout",
+        "Linear",
+    ],
+}
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_the_cnn_has_the_specs_layers_in_order(params_dict, framework):
+    params_dict["model"]["kind"] = "cnn"
+    network = TRAINERS[framework].build_model(parse_params(params_dict).model)
+    built = network.layers if framework == "tf" else list(network)
+    assert [type(layer).__name__ for layer in built] == LAYER_NAMES[framework]
+    if framework == "tf":  # channels last, no padding, set rather than left to keras.json
+        conv = built[1]
+        assert (conv.padding, conv.data_format) == ("valid", "channels_last")
+    else:
+        assert built[1].padding == (0, 0)
+
+
 def step_losses(params_dict, framework, steps=20):
     """Return the loss of each of `steps` single-batch steps from shared initial weights."""
     config = parse_params(params_dict).run_config(framework)
@@ -114,6 +159,25 @@ def step_losses(params_dict, framework, steps=20):
         for i in range(0, 32 * steps, 32)
     ]
     return first, losses
+
+
+CNN_PARITY = {"sgd": ({"name": "sgd"}, 0.05), "adam": PARITY["adam"]}
+
+
+@pytest.mark.parametrize("name", CNN_PARITY)
+def test_the_cnn_takes_the_same_steps_in_both_frameworks_from_shared_weights(params_dict, name):
+    # the kernels go in as HWIO to Keras and OIHW to PyTorch, and the dense layer reads an
+    # (h, w, c) flatten in one and a (c, h, w) flatten in the other: core.network.torch_layout
+    optimizer, learning_rate = CNN_PARITY[name]
+    params_dict["model"].update(kind="cnn", init="shared", cnn={"dropout_rate": 0.0})
+    params_dict["train"]["optimizer"].update(optimizer)
+    params_dict["train"]["learning_rate"] = learning_rate
+    first_tf, losses_tf = step_losses(params_dict, "tf")
+    first_torch, losses_torch = step_losses(params_dict, "torch")
+    np.testing.assert_allclose(first_tf, first_torch, atol=1e-6)  # the same function at start
+    assert losses_tf[0] == pytest.approx(np.log(10), rel=0.2)
+    np.testing.assert_allclose(losses_tf, losses_torch, rtol=2e-4)
+    assert losses_torch[-1] < losses_torch[0] * 0.75  # and it really trained
 
 
 @pytest.mark.parametrize("name", PARITY)
@@ -373,6 +437,25 @@ def test_stage_is_deterministic_and_writes_every_output(workspace, framework, ca
     assert len(history) == 3  # header + 2 epochs
     suffix = TRAINERS[framework].model_suffix
     assert [p.name for p in (first / "model").iterdir()] == [f"seed-0{suffix}"]
+
+
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_the_cnn_stage_is_deterministic_and_registers_under_its_kind(
+    workspace, params_dict, framework, capsys
+):
+    params_dict["model"]["kind"] = "cnn"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params_dict))
+    first = run_trainer(workspace, framework, "first")
+    assert f"registered mnist-cnn-{framework} version 1" in capsys.readouterr().out
+    second = run_trainer(workspace, framework, "second")
+    np.testing.assert_array_equal(
+        np.load(first / "predictions.npy"), np.load(second / "predictions.npy")
+    )
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert (metrics["model_kind"], metrics["parameters"]) == ("cnn", 34_826)
+    assert metrics["test_accuracy"] > 0.5  # the tiny classes are easy to learn
+    names = {m.name for m in mlflow.MlflowClient().search_registered_models()}
+    assert f"mnist-cnn-{framework}" in names and f"mnist-mlp-{framework}" not in names
 
 
 def test_saved_models_reload_natively(workspace):

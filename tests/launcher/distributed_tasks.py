@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from stages.core.config import parse_params
-from stages.core.data import Splits, shared_weights, to_device_data
+from stages.core.data import Splits, to_device_data
+from stages.core.network import shared_weights
 from stages.launcher.plan import WorkerPlan
 from stages.launcher.workers import DistributedTrainer
 from stages.training.loop import train_one_seed

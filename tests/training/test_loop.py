@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from stages.core.common import StageError, file_sha256, staged_outputs
 from stages.core.config import parse_params
 from stages.core.contract import Device, EpochResult, NonFiniteLoss
-from stages.core.data import Split, Splits, batch_order, load_splits, shared_weights, to_device_data
+from stages.core.data import Split, Splits, batch_order, load_splits, to_device_data
 from stages.core.measure import Latency, Phases
+from stages.core.network import shared_weights
 from stages.training.loop import (
     Reporting,
     SeedResult,
@@ -69,7 +70,7 @@ def test_summary_is_the_mean_accuracy_and_the_median_time_over_seeds(tmp_path):
     model_file = tmp_path / "m.pt"
     model_file.write_bytes(b"x" * 123)
     device = Device("cpu", "test cpu", "1.0", "12.4", 2, workers=4, backend="gloo")
-    facts = StageFacts(device, model_file, 0.0, "run-1")
+    facts = StageFacts(device, model_file, 0.0, "run-1", "mlp")
     summary = summarize(FakeTrainer(), results, Latency(0.1, 0.2, 3.0), facts)
     assert (summary.device_name, summary.framework_version, summary.cuda_version) == (
         "test cpu",
@@ -96,7 +97,7 @@ def test_cpu_utilisation_is_the_epochs_cpu_time_over_their_cores_time(tmp_path, 
     model_file = tmp_path / "m.pt"
     model_file.write_bytes(b"x")
     device = Device("cpu", "test cpu", "1.0", "none", 2)
-    facts = StageFacts(device, model_file, 0, "")
+    facts = StageFacts(device, model_file, 0, "", "mlp")
     summary = summarize(FakeTrainer(), results, Latency(0.1, 0.2, 3.0), facts)
     assert summary.cpu_utilisation_percent == 75.0  # 60 CPU seconds of 2 cores x 40 s
     assert summary.headline()["cpu_utilisation_percent"] == 75.0  # on the stage run too
@@ -290,7 +291,7 @@ def test_time_to_first_step_counts_from_the_process_start(tmp_path):
         **{**seed_result(0, 0.9, 1.0).__dict__, "first_step_done": time.perf_counter() - 2.0}
     )  # the first step ended 2 s ago, and the process started 5 s ago
     device = Device("cpu", "test cpu", "1.0", "none", 2)
-    facts = StageFacts(device, model_file, time.time() - 5.0, "")
+    facts = StageFacts(device, model_file, time.time() - 5.0, "", "mlp")
     summary = summarize(FakeTrainer(), [first], Latency(0.1, 0.2, 3.0), facts)
     assert 2.9 < summary.seconds_to_first_step < 3.5
 
