@@ -317,14 +317,20 @@ def matmul_gflops() -> float:
     import torch
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return gflops_of(lambda: a @ b, 2 * 2048**3)
+
+
+def gflops_of(operation, flops: int) -> float:
+    """Return the median rate of `operation`, `flops` a call, over 5 rounds of 5 calls after 3
+    warm-up calls, in GFLOP/s."""
     for _ in range(3):
-        a @ b
+        operation()
     rates = []
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(5):
-            a @ b
-        rates.append(5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9)
+            operation()
+        rates.append(5 * flops / (time.perf_counter() - start) / 1e9)
     return statistics.median(rates)
 
 
@@ -335,16 +341,7 @@ def conv_gflops() -> float:
     from torch.nn import functional as F
 
     x, weight = torch.randn(CONV_BATCH, 32, 13, 13), torch.randn(64, 32, 3, 3)
-    flops = 2 * CONV_BATCH * 11 * 11 * 64 * 32 * 9
-    for _ in range(3):
-        F.conv2d(x, weight)
-    rates = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(5):
-            F.conv2d(x, weight)
-        rates.append(5 * flops / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
+    return gflops_of(lambda: F.conv2d(x, weight), 2 * CONV_BATCH * 11 * 11 * 64 * 32 * 9)
 
 
 def child(name: str, raw: Path, arrays: Path = ARRAYS) -> None:

@@ -40,10 +40,16 @@ FILES = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Tiny models of both frameworks, trained and registered once in a throwaway MLflow store."""
-    root = tmp_path_factory.mktemp("export")
+    yield from train_both(tmp_path_factory.mktemp("export"), {"hidden_units": [32]})
+    mlflow.set_tracking_uri(None)
+
+
+def train_both(root: Path, model: dict):
+    """Train and register both frameworks' `model` on tiny data in `root`, its own store; yield
+    `root` with the store and working directory still set."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["normalize"]["val_size"] = 100
-    params["model"]["hidden_units"] = [32]
+    params["model"].update(model)
     params["train"].update(epochs=2, seeds=[0], batch_size=32, device="cpu")
     params["export"]["load_test"].update(requests=24, concurrency=[1, 4], time_limit_seconds=60)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -56,7 +62,6 @@ def trained(tmp_path_factory):
         for framework in ("tf", "torch"):
             run_trainer(root, framework, framework)
         yield root
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")
@@ -449,6 +454,26 @@ def test_stage_exports_serves_and_reports_both_frameworks(in_trained, staged, tm
     assert f"| PyTorch | 4 | 24 / 24 | 0 | {level['latency_p50_ms']:.3g} / " in report
     assert f"{1000 * onnx_tf['latency_batch1_p50_ms']:.1f} µs (Keras, tf2onnx)" in report
     assert "| TensorFlow/Keras | trained model (.keras) | Keras |" in report
+
+
+def test_the_cnn_exports_to_every_format_and_is_served_under_its_kind(tmp_path):
+    # every format's verification (the test images within 1e-4) and the HTTP load test hold for
+    # the convolutional network too; its registered models are mnist-cnn-*
+    for root in train_both(tmp_path, {"kind": "cnn"}):
+        options = export_options(root, "cnn")
+        run_stage(export.main, **options)
+        result = json.loads(options["metrics"].read_text())
+        for framework in ("tf", "torch"):
+            assert {p.name for p in options[f"out_{framework}"].iterdir()} == FILES[framework]
+            formats = result[framework]["formats"]
+            assert set(formats) == {"native", *HALVES[framework].formats}
+            for name, row in formats.items():
+                assert row["disagreements"] == 0 and row["max_abs_difference"] <= 1e-4, name
+            served = result[framework]["served"]
+            assert served["model_uri"].startswith(f"models:/mnist-cnn-{framework}/")
+            assert served["concurrency_4"]["answered"] == 24
+            assert served["concurrency_4"]["disagreements"] == 0
+    mlflow.set_tracking_uri(None)
 
 
 def test_halves_import_only_their_own_framework():

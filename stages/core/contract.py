@@ -13,7 +13,7 @@ import numpy as np
 
 from stages.core.config import Framework, ModelConfig, TrainConfig
 
-Weights = list[tuple[np.ndarray, np.ndarray]]  # per dense layer: kernel (fan_in, fan_out), bias
+Weights = list[tuple[np.ndarray, np.ndarray]]  # per Conv/Dense layer: kernel (Keras's layout), bias
 
 
 # What a framework calls a network, an optimizer and a tensor: keras.Model, keras.optimizers.
@@ -96,7 +96,7 @@ class Trainer(Protocol[ModelT, OptimizerT, TensorT]):  # pragma: no mutate block
         ...
 
     def build_model(self, model: ModelConfig, initial_weights: Weights | None = None) -> ModelT:
-        """Return Flatten -> [Dense -> activation -> Dropout] per hidden layer -> Dense (logits)."""
+        """Return the network `core.network.layers(model)` describes, as logits."""
         ...
 
     def make_optimizer(self, train: TrainConfig, network: ModelT) -> OptimizerT:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IMAGE_SHAPE = (28, 28)  # rows, columns of one image
-IMAGE_SIZE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]  # 784 inputs once flattened
 NUM_CLASSES = 10
 SPLIT_FILES = {  # split -> (images stem, labels stem); each file is `<stem>.gz`
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

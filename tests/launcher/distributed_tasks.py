@@ -56,10 +56,12 @@ def one_seed(trainer: Any, experiment: Experiment) -> dict[str, Any]:
 
 
 def equivalence(trainer: DistributedTrainer, experiments: dict[str, Experiment]) -> dict:
-    """In each worker: the SGD steps and the Adam epoch of the equivalence test."""
+    """In each worker: the SGD steps, the Adam epoch and the CNN's steps of the equivalence
+    test."""
     return {
         "sgd": step_losses(trainer, experiments["sgd"]),
         "adam": one_seed(trainer, experiments["adam"]),
+        "cnn": step_losses(trainer, experiments["cnn"]),
         "rank": trainer.plan.rank,
     }
 

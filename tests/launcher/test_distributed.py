@@ -229,8 +229,16 @@ def experiments(params_dict: dict) -> dict[str, Experiment]:
     adam = yaml.safe_load(yaml.safe_dump(params_dict))
     adam["model"].update(init="shared", dropout_rate=0.0)
     adam["train"].update(epochs=1, batch_size=32, workers=2)
+    cnn = yaml.safe_load(yaml.safe_dump(params_dict))
+    cnn["model"].update(kind="cnn", init="shared", cnn={"dropout_rate": 0.0})
+    cnn["train"].update(batch_size=32, learning_rate=0.05, workers=2)
+    cnn["train"]["optimizer"].update(name="sgd", momentum=0.9)
     # 300 samples: the last global batch holds 12 (6 per worker), so short batches are covered
-    return {"sgd": Experiment(sgd, tiny_splits(300)), "adam": Experiment(adam, tiny_splits(300))}
+    return {
+        "sgd": Experiment(sgd, tiny_splits(300)),
+        "adam": Experiment(adam, tiny_splits(300)),
+        "cnn": Experiment(cnn, tiny_splits(300), steps=10),
+    }
 
 
 @pytest.mark.parametrize("framework", ["tf", "torch"])
@@ -239,6 +247,7 @@ def test_two_workers_take_the_same_steps_as_one(params_dict, framework, busy_por
     one = TRAINERS[framework]()
     alone_sgd = distributed_tasks.step_losses(one, runs["sgd"])
     alone_adam = distributed_tasks.one_seed(one, runs["adam"])
+    alone_cnn = distributed_tasks.step_losses(one, runs["cnn"])
 
     two = parallel(framework).launch(TWO_ON_CPU, distributed_tasks.equivalence, runs)
 
@@ -247,6 +256,8 @@ def test_two_workers_take_the_same_steps_as_one(params_dict, framework, busy_por
     assert offered[0] == busy and len(set(offered)) > 1  # the busy port was tried, then another
     np.testing.assert_allclose(two["sgd"], alone_sgd, rtol=STEP_RTOL)
     assert alone_sgd[-1] < alone_sgd[0] * 0.5  # it really trained
+    np.testing.assert_allclose(two["cnn"], alone_cnn, rtol=STEP_RTOL)  # the CNN too
+    assert alone_cnn[-1] < alone_cnn[0] * 0.75
     # Adam after one epoch (10 steps, one of them short): the same loss and the same answers
     history = two["adam"]["history"][0]
     assert history["train_loss"] == pytest.approx(alone_adam["history"][0]["train_loss"], rel=1e-5)

@@ -25,9 +25,12 @@ RESULT_FILES = (
     "bench/results.md",
     "bench/stage_time.md",
     "bench/step_profile.md",
+    "bench/results_cnn.md",
+    "bench/step_profile_cnn.md",
     "bench/distributed.md",
     "experiments/blog_gap.md",
     "experiments/verdict_map.md",
+    "experiments/workload.md",
     "tests/mutation.md",
 )
 
