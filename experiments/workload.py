@@ -93,9 +93,7 @@ def main(
     if unknown:
         raise typer.BadParameter(f"unknown {unknown}: kinds are {KINDS}, datasets {DATASETS}")
     chosen = cells(kind, dataset)
-    experiments = [
-        Experiment(name, {"model.kind": k, "data.dataset": d}) for name, k, d in chosen
-    ]
+    experiments = [Experiment(name, {"model.kind": k, "data.dataset": d}) for name, k, d in chosen]
     names = [experiment.name for experiment in experiments]
     out.parent.mkdir(parents=True, exist_ok=True)  # before the run, not after it
     try:
@@ -108,7 +106,9 @@ def main(
     except QueueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    finished = [(k, d, results.metrics[n][EVALUATION]) for n, k, d in chosen if n in results.metrics]
+    finished = [
+        (k, d, results.metrics[n][EVALUATION]) for n, k, d in chosen if n in results.metrics
+    ]
     options = "".join(f" --dataset {d}" for d in dataset) + "".join(f" --kind {k}" for k in kind)
     command = f"python experiments/workload.py{options}"
     rows = [row(k, d, evaluation) for k, d, evaluation in finished]
