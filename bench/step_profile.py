@@ -10,10 +10,10 @@ take the blog loop's seconds from bench/results.json (run bench/speed.py first).
 bench/step_profile.{json,md}.
 
 `--workload cnn` profiles one step of the CNN (model.kind=cnn) in each framework, each in a
-process of its own, timing the parts of a step the same way in both: the batch gather, the
-forward pass with the loss, the backward pass, the optimizer's update, and what the trainer's
-loop adds around them; against the arithmetic floor at PyTorch's convolution rate. Writes
-bench/step_profile_cnn.{json,md}.
+process of its own, timing the pieces of a step alone, the same way in both: the batch gather,
+the forward pass with the loss, forward and backward, the whole update, and the trainer's step in
+its epoch loop; then PyTorch's ops under torch.profiler. Against the arithmetic floor at
+PyTorch's convolution rate. Writes bench/step_profile_cnn.{json,md}.
 """
 
 from __future__ import annotations
@@ -113,18 +113,19 @@ def profile(raw: Path, steps: int) -> dict:
     }
 
 
-CNN_PARTS = {  # part of a CNN step: how it is timed, at batch 64, in both frameworks
+CNN_PARTS = {  # a piece of a CNN step timed alone, at batch 64, the same way in both frameworks
     "gather": "batch gather (the 64 images and labels by index)",
     "forward": "forward: convolutions, pooling, dense, loss",
-    "backward": "backward: the gradients",
-    "update": "optimizer's update (Adam)",
-    "between": "the trainer's loop around them (graph or Python dispatch, bookkeeping)",
+    "forward_backward": "forward and backward (the gradients)",
+    "step": "forward, backward and Adam's update",
 }
+TOP_OPS = 8  # PyTorch's ops listed by self CPU time
 
 
 def cnn_parts(framework: str, raw: Path, steps: int) -> dict:
-    """Return µs per CNN training step in `framework`: the trainer's own, and each part timed
-    alone (forward; forward and backward; the whole update), all at batch 64."""
+    """Return µs per CNN training step in `framework`: the trainer's own, each piece timed alone
+    (gather; forward; forward and backward; the whole update), all at batch 64, and for PyTorch
+    its ops' self CPU time per step under torch.profiler."""
     from speed import load, run_config_of
 
     from stages.core.data import batch_order
@@ -148,15 +149,22 @@ def cnn_parts(framework: str, raw: Path, steps: int) -> dict:
     backend.train_epoch(model, optimizer, x, y, order, BATCH)
     step_us = (time.perf_counter() - start) / steps * 1e6
     index = order[:BATCH]
-    timed = (_tf_parts if framework == "tf" else _torch_parts)(model, optimizer, x, y, index)
-    parts = {
-        "gather": timed["gather"],
-        "forward": timed["forward"],
-        "backward": timed["forward_backward"] - timed["forward"],
-        "update": timed["step"] - timed["forward_backward"],
-    }
-    parts["between"] = step_us - timed["gather"] - timed["step"]
-    return {"step_us": step_us, "parts_us": parts}
+    parts = (_tf_parts if framework == "tf" else _torch_parts)(model, optimizer, x, y, index)
+    result = {"step_us": step_us, "parts_us": parts}
+    if framework == "torch":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        profiled = order[: min(steps, 40) * BATCH]
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            backend.train_epoch(model, optimizer, x, y, profiled, BATCH)
+        per_step = {
+            e.key: e.self_cpu_time_total / (len(profiled) // BATCH) for e in prof.key_averages()
+        }
+        top = sorted(per_step.items(), key=lambda item: -item[1])[:TOP_OPS]
+        result["ops_us"] = dict(top)
+        result["ops_total_us"] = sum(per_step.values())
+    return result
 
 
 def _tf_parts(model, optimizer, x, y, index) -> dict[str, float]:
@@ -237,7 +245,8 @@ def cnn_profile(raw: Path, steps: int) -> dict:
 
 
 def cnn_table(result: dict) -> str:
-    """Return the CNN step's parts side by side, and each framework's distance from the floor."""
+    """Return the CNN step's pieces side by side, PyTorch's ops, and each framework's distance
+    from the floor."""
     tf, torch, floor = result["tf"], result["torch"], result["floor_step_us"]
     lines = [
         f"Measured by `python bench/step_profile.py --workload cnn`: one CNN training step "
@@ -245,22 +254,29 @@ def cnn_table(result: dict) -> str:
         f"and {torch['step_us']:,.0f} µs in train-torch; the arithmetic floor at PyTorch's "
         f"convolution rate ({result['conv_gflops']:.0f} GFLOP/s at the CNN's largest layer) is "
         f"{floor:,.0f} µs, so the steps are {tf['step_us'] / floor:.1f}x and "
-        f"{torch['step_us'] / floor:.1f}x the floor. Each part is timed alone, the same way in "
-        "both frameworks: forward; forward and backward; the whole update; the loop is the "
-        "trainer's step minus those.",
+        f"{torch['step_us'] / floor:.1f}x the floor. Each piece below is timed alone, the same "
+        "way in both frameworks (a compiled tf.function in TensorFlow, eager calls in PyTorch); "
+        "the trainer's step runs inside its epoch loop, where TensorFlow's graph holds many "
+        "steps, so it can take less than the pieces timed one call at a time.",
         "",
-        "| part of one CNN training step | TensorFlow/Keras µs | share | PyTorch µs | share |",
-        "|---|---:|---:|---:|---:|",
+        "| timed alone, batch 64 | TensorFlow/Keras µs | PyTorch µs | PyTorch / TensorFlow |",
+        "|---|---:|---:|---:|",
     ]
-    for key, part in CNN_PARTS.items():
-        a, b = tf["parts_us"][key], torch["parts_us"][key]
-        lines.append(
-            f"| {part} | {a:,.0f} | {100 * a / tf['step_us']:.0f}% | {b:,.0f} | "
-            f"{100 * b / torch['step_us']:.0f}% |"
-        )
-    lines.append(
-        f"| the trainer's step | {tf['step_us']:,.0f} | 100% | {torch['step_us']:,.0f} | 100% |"
-    )
+    rows = [(part, tf["parts_us"][key], torch["parts_us"][key]) for key, part in CNN_PARTS.items()]
+    rows.append(("the trainer's step, in its epoch", tf["step_us"], torch["step_us"]))
+    for part, a, b in rows:
+        lines.append(f"| {part} | {a:,.0f} | {b:,.0f} | {b / a:.2f} |")
+    if "ops_us" in torch:
+        lines += [
+            "",
+            f"PyTorch's {TOP_OPS} largest ops by self CPU time in one step (torch.profiler, "
+            f"{torch['ops_total_us']:,.0f} µs of ops a step in all):",
+            "",
+            "| PyTorch op | µs per step | share of the ops |",
+            "|---|---:|---:|",
+        ]
+        for op, us in torch["ops_us"].items():
+            lines.append(f"| `{op}` | {us:,.0f} | {100 * us / torch['ops_total_us']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 

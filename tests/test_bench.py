@@ -249,20 +249,27 @@ def test_step_profile_runs_on_tiny_data(tmp_path, tiny_raw, results_untouched):
     assert json.loads((tmp_path / "step_profile.json").read_text())["training_samples"] == 400
 
 
-def test_cnn_step_table_shares_add_up_in_both_frameworks():
-    parts = {"gather": 10.0, "forward": 300.0, "backward": 500.0, "update": 90.0, "between": 100.0}
+def test_cnn_step_table_puts_each_piece_side_by_side_with_the_ratio():
+    parts = {"gather": 10.0, "forward": 300.0, "forward_backward": 800.0, "step": 900.0}
     result = {
         "batch": 64,
         "tf": {"step_us": 1000.0, "parts_us": parts},
-        "torch": {"step_us": 2000.0, "parts_us": {k: 2 * v for k, v in parts.items()}},
+        "torch": {
+            "step_us": 2000.0,
+            "parts_us": {k: 2 * v for k, v in parts.items()},
+            "ops_us": {"aten::convolution_backward": 600.0, "aten::max_pool2d_with_indices": 300.0},
+            "ops_total_us": 1500.0,
+        },
         "conv_gflops": 50.0,
         "floor_step_us": 250.0,
     }
     text = step_profile.cnn_table(result)
     assert "so the steps are 4.0x and 8.0x the floor" in text
-    assert "| backward: the gradients | 500 | 50% | 1,000 | 50% |" in text
-    assert "| the trainer's step | 1,000 | 100% | 2,000 | 100% |" in text
-    assert len(table_rows(text)) == len(step_profile.CNN_PARTS) + 1
+    assert "| forward and backward (the gradients) | 800 | 1,600 | 2.00 |" in text
+    assert "| the trainer's step, in its epoch | 1,000 | 2,000 | 2.00 |" in text
+    assert "| `aten::convolution_backward` | 600 | 40% |" in text
+    assert "1,500 µs of ops a step in all" in text
+    assert len(table_rows(text)) == len(step_profile.CNN_PARTS) + 1 + 1 + 2  # two tables
 
 
 @pytest.mark.slow
@@ -277,6 +284,7 @@ def test_cnn_step_profile_runs_on_tiny_data(tmp_path, tiny_raw, results_untouche
     for framework in ("tf", "torch"):
         assert set(result[framework]["parts_us"]) == set(step_profile.CNN_PARTS)
         assert result[framework]["parts_us"]["forward"] > 0
+    assert len(result["torch"]["ops_us"]) == step_profile.TOP_OPS and "ops_us" not in result["tf"]
     assert (
         "the arithmetic floor at PyTorch's convolution rate"
         in (tmp_path / "step_profile_cnn.md").read_text()
