@@ -81,6 +81,24 @@ def load(raw: Path) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def tutorial_loop(model, loader, epochs: int) -> float:
+    """Train `model` on `loader` as PyTorch's tutorials do (Adam at 1e-3, cross-entropy, one
+    optimizer step per batch) for `epochs`; return the training seconds."""
+    import torch
+    from torch import nn
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for images, labels in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - start
+
+
 def blog_torch(raw: Path) -> float:
     import torch
     from torch import nn
@@ -104,16 +122,7 @@ def blog_torch(raw: Path) -> float:
     model = nn.Sequential(
         nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 10)
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-    loss_fn = nn.CrossEntropyLoss()
-    start = time.perf_counter()
-    for _ in range(EPOCHS):
-        for images, labels in loader:
-            optimizer.zero_grad()
-            loss = loss_fn(model(images), labels)
-            loss.backward()
-            optimizer.step()
-    return time.perf_counter() - start
+    return tutorial_loop(model, loader, EPOCHS)
 
 
 def keras_fit(raw: Path, batch_size: int, steps_per_execution: int = 1, jit: bool = False) -> float:
@@ -189,16 +198,7 @@ def torch_cnn_dataloader(arrays: Path) -> float:
         nn.Dropout(0.5),
         nn.Linear(1600, 10),
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    start = time.perf_counter()
-    for _ in range(CNN_EPOCHS):
-        for images, labels in loader:
-            optimizer.zero_grad()
-            loss = loss_fn(model(images), labels)
-            loss.backward()
-            optimizer.step()
-    return time.perf_counter() - start
+    return tutorial_loop(model, loader, CNN_EPOCHS)
 
 
 def run_config_of(framework: str, kind: str):
